@@ -1,0 +1,474 @@
+"""The agent daemon: register, heartbeat, lease, run, report.
+
+``run()`` is start-up, main loop and shutdown; ``stop()`` only sets a flag and is
+safe to call twice and before ``run()``. Side loops (heartbeat, lease, one task
+per job) are named asyncio tasks. The lease loop waits on whichever comes first:
+a free slot, a stop request, or the plane handing out work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import tether
+from tether import protocol
+from tether.agent.client import PlaneClient, PlaneRefused, PlaneUnavailable, backoff_for
+from tether.agent.health import AgentMetrics, HealthServer
+from tether.agent.runner import Runner, TaskProcess
+from tether.agent.settings import AgentSettings
+from tether.errors import TetherError
+
+log = logging.getLogger("tether.agent")
+
+#: Time a terminated task gets between SIGTERM and SIGKILL.
+KILL_GRACE = timedelta(seconds=10)
+
+
+class AgentStopped(TetherError):
+    """The plane told this agent to stop for good (superseded, or its token refused at start-up)."""
+
+
+@dataclass
+class HeldJob:
+    lease: protocol.Lease
+    process: TaskProcess | None = None
+    task: asyncio.Task[None] | None = None
+    kill_reason: str | None = None
+
+    @property
+    def job_id(self) -> uuid.UUID:
+        return self.lease.job_id
+
+
+@dataclass
+class _Registration:
+    agent_id: uuid.UUID
+    heartbeat_interval: float
+    lease_wait: float
+
+
+@dataclass
+class AgentState:
+    registration: _Registration | None = None
+    cordoned: bool = False
+    last_contact: float = 0.0
+    jobs: dict[uuid.UUID, HeldJob] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        settings: AgentSettings,
+        client: PlaneClient,
+        runner: Runner,
+        metrics: AgentMetrics | None = None,
+        kill_grace: timedelta = KILL_GRACE,
+    ) -> None:
+        self.settings = settings
+        self.kill_grace = kill_grace
+        self.client = client
+        self.runner = runner
+        self.metrics = metrics or AgentMetrics()
+        self.incarnation = uuid.uuid4()
+        self.state = AgentState()
+        self._stop_requested: asyncio.Event | None = None
+        self._force = False
+        self._draining = False
+        self._slot_freed: asyncio.Event | None = None
+        self._health: HealthServer | None = None
+        self._pending_stop = False
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def stop(self, *, force: bool = False) -> None:
+        """Ask the agent to drain and exit; ``force`` ends running tasks now."""
+        self._force = self._force or force
+        self._pending_stop = True
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def run(self) -> int:
+        self._stop_requested = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        if self._pending_stop:
+            self._stop_requested.set()
+        self.metrics.slots.set(self.settings.slots)
+        if self.settings.health_port:
+            self._health = HealthServer(
+                host=self.settings.health_host,
+                port=self.settings.health_port,
+                ready=self.ready,
+                metrics=self.metrics,
+            )
+            await self._health.start()
+        try:
+            if not await self._register_until_done():
+                return 0
+            heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+            leasing = asyncio.create_task(self._lease_loop(), name="lease")
+            stop_wait = asyncio.create_task(self._stop_requested.wait(), name="stop-wait")
+            done, _ = await asyncio.wait({heartbeat, leasing, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            exit_code = 0
+            for task in done:
+                if task is not stop_wait and task.exception() is not None:
+                    exc = task.exception()
+                    log.error("%s", exc)
+                    exit_code = 3 if isinstance(exc, AgentStopped) else 1
+            leasing.cancel()
+            await asyncio.gather(leasing, return_exceptions=True)
+            await self._drain()
+            heartbeat.cancel()
+            stop_wait.cancel()
+            await asyncio.gather(heartbeat, stop_wait, return_exceptions=True)
+            await self._final_heartbeat()
+            return exit_code
+        except AgentStopped as exc:
+            log.error("%s", exc)
+            return 3
+        finally:
+            if self._health is not None:
+                await self._health.stop()
+            await self.client.aclose()
+
+    def ready(self) -> tuple[bool, str]:
+        reg = self.state.registration
+        if reg is None:
+            return False, "not registered with the plane"
+        if self._draining:
+            return False, "draining"
+        silent = time.monotonic() - self.state.last_contact
+        if silent > 3 * reg.heartbeat_interval:
+            return False, f"no answer from the plane for {silent:.0f}s"
+        return True, "ready"
+
+    @property
+    def free_slots(self) -> int:
+        return self.settings.slots - sum(job.lease.pool_slots for job in self.state.jobs.values())
+
+    def _stopping(self) -> bool:
+        return self._stop_requested is not None and self._stop_requested.is_set()
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        assert self._stop_requested is not None
+        try:
+            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    # -- registration -----------------------------------------------------------
+
+    async def _register_until_done(self) -> bool:
+        backoff = backoff_for(self.settings)
+        while not self._stopping():
+            try:
+                await self._register()
+                return True
+            except PlaneUnavailable as exc:
+                self.metrics.plane_errors.labels("unavailable").inc()
+                delay = backoff.next_delay()
+                log.warning("Cannot register yet (%s); retrying in %.1fs", exc, delay)
+            except PlaneRefused as exc:
+                if exc.status == 422:
+                    # The request itself is wrong (e.g. protocol version): retrying cannot help.
+                    raise AgentStopped(f"the plane refused this agent: {exc.detail}") from exc
+                # A refused token or address can be fixed on the plane without restarting us.
+                self.metrics.plane_errors.labels("refused").inc()
+                delay = backoff.next_delay()
+                log.error("Registration refused (%s); retrying in %.1fs", exc, delay)
+            await self._sleep_or_stop(delay)
+        return False
+
+    async def _register(self) -> None:
+        answer = await self.client.agents.register(
+            protocol.RegisterRequest(
+                name=self.settings.name,
+                incarnation=self.incarnation,
+                tether_version=tether.__version__,
+                airflow_version=_airflow_version(),
+                python_version=platform.python_version(),
+                hostname=socket.gethostname()[:256],
+                queues=list(self.settings.queues),
+                slots=self.settings.slots,
+                labels=dict(self.settings.labels),
+            )
+        )
+        self.state.registration = _Registration(
+            agent_id=answer.agent_id,
+            heartbeat_interval=answer.heartbeat_interval,
+            lease_wait=answer.lease_wait,
+        )
+        self.state.cordoned = answer.cordoned
+        self.state.last_contact = time.monotonic()
+        self.metrics.connected.set(1)
+        log.info(
+            "Registered as %s (agent id %s, queues %s, %d slots%s)",
+            self.settings.name,
+            answer.agent_id,
+            ",".join(self.settings.queues),
+            self.settings.slots,
+            ", cordoned" if answer.cordoned else "",
+        )
+
+    async def _on_refused(self, exc: PlaneRefused) -> None:
+        """Act on a 4xx the plane gave to a heartbeat or lease."""
+        if exc.reason == "superseded":
+            raise AgentStopped(f"another process took over this agent's name: {exc.detail}")
+        if exc.status == 404:
+            log.warning("The plane no longer knows this agent (%s); registering again", exc.detail)
+            await self._register()
+            return
+        log.error("The plane refused this agent: %s", exc)
+
+    # -- heartbeat --------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        backoff = backoff_for(self.settings)
+        while True:
+            reg = self.state.registration
+            assert reg is not None
+            interval = reg.heartbeat_interval
+            try:
+                await self._heartbeat()
+                backoff.reset()
+            except PlaneUnavailable as exc:
+                self.metrics.plane_errors.labels("unavailable").inc()
+                self.metrics.connected.set(0)
+                log.warning("Heartbeat failed: %s", exc)
+                interval = min(interval, backoff.next_delay())
+            except PlaneRefused as exc:
+                self.metrics.plane_errors.labels("refused").inc()
+                try:
+                    await self._on_refused(exc)
+                except (PlaneUnavailable, PlaneRefused) as again:
+                    log.warning("Registering again failed: %s", again)
+                interval = min(interval, backoff.next_delay())
+            await asyncio.sleep(interval)
+
+    async def _heartbeat(self) -> None:
+        reg = self.state.registration
+        assert reg is not None
+        started = time.monotonic()
+        answer = await self.client.agents.heartbeat(
+            reg.agent_id,
+            protocol.HeartbeatRequest(
+                incarnation=self.incarnation,
+                running_jobs=[j.job_id for j in self.state.jobs.values() if j.process is not None],
+                free_slots=max(self.free_slots, 0),
+                draining=self._draining,
+                metrics={"running": float(len(self.state.jobs))},
+            ),
+        )
+        self.metrics.heartbeat_seconds.observe(time.monotonic() - started)
+        self.state.last_contact = time.monotonic()
+        self.metrics.connected.set(1)
+        if answer.cordoned != self.state.cordoned:
+            log.info("Agent %s by the plane", "cordoned" if answer.cordoned else "uncordoned")
+            self.state.cordoned = answer.cordoned
+            if not answer.cordoned:
+                self._wake_lease_loop()
+        reg.heartbeat_interval = answer.heartbeat_interval
+        for command in answer.commands:
+            held = self.state.jobs.get(command.job_id)
+            if held is not None and held.process is not None:
+                log.warning("Killing job %s at the plane's request: %s", command.job_id, command.reason)
+                held.kill_reason = command.reason
+                held.process.kill()
+
+    async def _final_heartbeat(self) -> None:
+        if self.state.registration is None:
+            return
+        try:
+            await asyncio.wait_for(self._heartbeat(), 5)
+        except (TetherError, TimeoutError) as exc:
+            log.info("Could not send the last heartbeat: %s", exc)
+
+    # -- leasing ----------------------------------------------------------------
+
+    def _wake_lease_loop(self) -> None:
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+
+    async def _wait_for_capacity(self, timeout: float) -> None:
+        assert self._slot_freed is not None
+        self._slot_freed.clear()
+        try:
+            await asyncio.wait_for(self._slot_freed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _lease_loop(self) -> None:
+        backoff = backoff_for(self.settings)
+        while not self._stopping():
+            reg = self.state.registration
+            assert reg is not None
+            free = self.free_slots
+            if free < 1 or self.state.cordoned:
+                await self._wait_for_capacity(reg.heartbeat_interval)
+                continue
+            asked_at = time.monotonic()
+            try:
+                answer = await self.client.agents.lease(
+                    reg.agent_id,
+                    protocol.LeaseRequest(
+                        incarnation=self.incarnation,
+                        free_slots=free,
+                        queues=list(self.settings.queues),
+                        wait=reg.lease_wait,
+                    ),
+                )
+                backoff.reset()
+                self.state.last_contact = time.monotonic()
+            except PlaneUnavailable as exc:
+                self.metrics.plane_errors.labels("unavailable").inc()
+                delay = backoff.next_delay()
+                log.warning("Lease failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            except PlaneRefused as exc:
+                self.metrics.plane_errors.labels("refused").inc()
+                try:
+                    await self._on_refused(exc)
+                except (PlaneUnavailable, PlaneRefused) as again:
+                    log.warning("Registering again failed: %s", again)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            if not answer.leases and time.monotonic() - asked_at < reg.lease_wait / 2:
+                # The plane answered "nothing" without holding the poll open (cordoned, or
+                # configured without long-polls): pace the next ask instead of spinning.
+                await self._sleep_or_stop(max(reg.lease_wait, 0.05))
+            for lease in answer.leases:
+                held = HeldJob(lease=lease)
+                self.state.jobs[lease.job_id] = held
+                held.task = asyncio.create_task(self._run_job(held), name=f"job-{lease.job_id}")
+            self._update_slot_metrics()
+
+    def _update_slot_metrics(self) -> None:
+        self.metrics.free_slots.set(max(self.free_slots, 0))
+        self.metrics.running.set(sum(1 for j in self.state.jobs.values() if j.process is not None))
+
+    # -- one job ----------------------------------------------------------------
+
+    async def _run_job(self, held: HeldJob) -> None:
+        reg = self.state.registration
+        assert reg is not None
+        job_id = held.job_id
+        try:
+            if self._stopping():
+                log.info("Job %s not started: the agent is stopping; its lease will expire", job_id)
+                return
+            if not await self._pass_start_gate(reg.agent_id, held):
+                return
+            try:
+                held.process = self.runner.spawn(held.lease.workload)
+            except Exception as exc:
+                log.exception("Job %s could not be started", job_id)
+                await self._report(reg.agent_id, job_id, protocol.ReportState.FAILED, None, f"start failed: {exc}")
+                return
+            self._update_slot_metrics()
+            ti = held.lease.workload.get("ti", {})
+            log.info(
+                "Job %s started: %s.%s run=%s try=%s (pid %d)",
+                job_id,
+                ti.get("dag_id"),
+                ti.get("task_id"),
+                ti.get("run_id"),
+                ti.get("try_number"),
+                held.process.pid,
+            )
+            exit_code = await held.process.wait()
+            outcome = protocol.ReportState.SUCCESS if exit_code == 0 else protocol.ReportState.FAILED
+            self.metrics.jobs.labels(outcome.value).inc()
+            log.info("Job %s finished with exit code %d", job_id, exit_code)
+            reason = held.kill_reason or (None if exit_code == 0 else f"exit code {exit_code}")
+            await self._report(reg.agent_id, job_id, outcome, exit_code, reason)
+        finally:
+            self.state.jobs.pop(job_id, None)
+            self._update_slot_metrics()
+            self._wake_lease_loop()
+
+    async def _pass_start_gate(self, agent_id: uuid.UUID, held: HeldJob) -> bool:
+        backoff = backoff_for(self.settings)
+        deadline = held.lease.lease_expires_at.timestamp()
+        while True:
+            try:
+                await self.client.jobs.start(agent_id, held.job_id, protocol.StartRequest(incarnation=self.incarnation))
+                return True
+            except PlaneRefused as exc:
+                log.warning("Job %s not started: the plane refused its start (%s)", held.job_id, exc)
+                return False
+            except PlaneUnavailable as exc:
+                if time.time() >= deadline or self._stopping():
+                    log.warning("Job %s not started: its lease ran out while the plane was unreachable", held.job_id)
+                    return False
+                await asyncio.sleep(min(backoff.next_delay(), max(deadline - time.time(), 0.1)))
+                log.info("Retrying the start of job %s after: %s", held.job_id, exc)
+
+    async def _report(
+        self,
+        agent_id: uuid.UUID,
+        job_id: uuid.UUID,
+        state: protocol.ReportState,
+        exit_code: int | None,
+        reason: str | None,
+    ) -> None:
+        """Deliver an outcome; keep trying while the plane is unreachable."""
+        backoff = backoff_for(self.settings)
+        body = protocol.ReportRequest(incarnation=self.incarnation, state=state, exit_code=exit_code, reason=reason)
+        while True:
+            try:
+                await self.client.jobs.report(agent_id, job_id, body)
+                return
+            except PlaneRefused as exc:
+                log.warning("The plane refused the outcome of job %s: %s", job_id, exc)
+                return
+            except PlaneUnavailable as exc:
+                delay = backoff.next_delay()
+                log.warning("Could not report job %s (%s); retrying in %.1fs", job_id, exc, delay)
+                await asyncio.sleep(delay)
+
+    # -- shutdown ---------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        self._draining = True
+        tasks = [job.task for job in self.state.jobs.values() if job.task is not None]
+        if not tasks:
+            log.info("Stopped; no tasks were running")
+            return
+        timeout = 0.0 if self._force else self.settings.drain_timeout.total_seconds()
+        log.info("Draining: waiting up to %.0fs for %d task(s) to finish", timeout, len(tasks))
+        _, pending = await asyncio.wait(tasks, timeout=timeout) if timeout > 0 else (set(), set(tasks))
+        if not pending:
+            log.info("Drained: every task finished")
+            return
+        log.warning("Drain timeout: terminating %d task(s)", len(pending))
+        for job in list(self.state.jobs.values()):
+            job.kill_reason = "terminated: the agent stopped before the task finished"
+            if job.process is not None:
+                job.process.terminate()
+        grace = self.kill_grace.total_seconds()
+        _, pending = await asyncio.wait(pending, timeout=grace)
+        for job in list(self.state.jobs.values()):
+            if job.process is not None:
+                job.process.kill()
+        if pending:
+            # Reports of killed tasks still go out, but not forever.
+            await asyncio.wait(pending, timeout=grace)
+            for task in pending:
+                task.cancel()
+
+
+def _airflow_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("apache-airflow-task-sdk")
+    except Exception:
+        return "unknown"

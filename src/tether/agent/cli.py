@@ -1,0 +1,114 @@
+"""``tether-agent``: thin command line over ``tether.agent``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import tether
+from tether.agent import settings as agent_settings
+from tether.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tether-agent", description="Tether remote execution agent")
+    parser.add_argument("--version", action="version", version=f"tether-agent {tether.__version__}")
+    parser.add_argument("--verbose", action="store_true", help="Show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="Register with the plane and run tasks until stopped")
+    agent_settings.add_arguments(run)
+    run.add_argument(
+        "--print-settings",
+        action="store_true",
+        help="Validate the settings, print them (token redacted) and exit",
+    )
+    check = commands.add_parser(
+        "check", help="Preflight: verify the token, the plane, the secrets and XCom backends and the DAG bundles"
+    )
+    agent_settings.add_arguments(check)
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = agent_settings.load(args)
+    except ConfigError as exc:
+        print(f"tether-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        return asyncio.run(_check(settings))
+    if args.print_settings:
+        print(json.dumps(settings.redacted(), indent=2))
+        return 0
+    _configure_logging(settings.log_level)
+    return asyncio.run(_run(settings))
+
+
+async def _check(settings: agent_settings.AgentSettings) -> int:
+    from tether.agent.preflight import run_checks
+
+    print(f"tether-agent {tether.__version__} preflight for agent {settings.name!r} -> {settings.plane_url}")
+    results = await run_checks(settings)
+    for result in results:
+        print(result.render())
+    failed = sum(not r.ok for r in results)
+    print(f"preflight: {len(results) - failed} of {len(results)} checks passed")
+    return 1 if failed else 0
+
+
+async def _run(settings: agent_settings.AgentSettings) -> int:
+    from tether.agent.agent import Agent
+    from tether.agent.client import PlaneClient, make_http_client
+    from tether.agent.runner import ForkRunner
+
+    log = logging.getLogger("tether.agent")
+    agent = Agent(
+        settings=settings,
+        client=PlaneClient(make_http_client(settings)),
+        runner=ForkRunner(
+            execution_api_url=settings.execution_api_url,
+            ca_bundle=settings.ca_bundle,
+            client_cert=settings.client_cert,
+            client_key=settings.client_key,
+        ),
+    )
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s received: draining (send it again to stop at once)", sig.name)
+            agent.stop()
+        else:
+            log.warning("%s received again: terminating running tasks now", sig.name)
+            agent.stop(force=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await agent.run()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

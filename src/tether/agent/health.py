@@ -1,0 +1,93 @@
+"""The agent's local HTTP endpoints: ``/healthz``, ``/readyz`` and ``/metrics``.
+
+A few lines on asyncio's own server: three GET routes do not justify a web
+framework, and it must not install signal handlers of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger("tether.agent.health")
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.slots = Gauge("tether_agent_slots", "Task slots of this agent", registry=self.registry)
+        self.free_slots = Gauge("tether_agent_free_slots", "Free task slots", registry=self.registry)
+        self.running = Gauge("tether_agent_running_tasks", "Tasks running now", registry=self.registry)
+        self.jobs = Counter("tether_agent_jobs", "Jobs finished, by outcome", ["outcome"], registry=self.registry)
+        self.plane_errors = Counter(
+            "tether_agent_plane_errors",
+            "Failed calls to the plane, by kind",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.heartbeat_seconds = Histogram(
+            "tether_agent_heartbeat_seconds", "Heartbeat round-trip time", registry=self.registry
+        )
+        self.connected = Gauge("tether_agent_plane_connected", "1 while the plane answers", registry=self.registry)
+
+
+class HealthServer:
+    def __init__(self, *, host: str, port: int, ready: Callable[[], tuple[bool, str]], metrics: AgentMetrics) -> None:
+        self.host = host
+        self.port = port
+        self._ready = ready
+        self._metrics = metrics
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        for sock in self._server.sockets:
+            self.port = int(sock.getsockname()[1])
+            break
+        log.info("Health endpoints on http://%s:%d (/healthz, /readyz, /metrics)", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request_line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            if len(parts) < 2 or parts[0] != "GET":
+                status, body, ctype = 405, b"method not allowed\n", "text/plain"
+            elif path == "/healthz":
+                status, body, ctype = 200, b"ok\n", "text/plain"
+            elif path == "/readyz":
+                ok, why = self._ready()
+                status, body, ctype = (200 if ok else 503), (why + "\n").encode(), "text/plain"
+            elif path == "/metrics":
+                status, body, ctype = 200, generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST
+            else:
+                status, body, ctype = 404, b"not found\n", "text/plain"
+            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,172 @@
+"""Runs one Airflow workload in a child process with the Task SDK supervisor.
+
+The child is forked from the agent, which has already imported the Task SDK, so
+a task does not pay interpreter start-up. The child gets its own process group
+and default signal handlers; its outcome is its exit code, nothing else.
+
+Stopping: ``terminate`` sends SIGTERM to the supervisor, which forwards it to the
+task so ``on_kill`` hooks run; ``kill`` sends SIGKILL to every process of the
+tree, because the task runner lives in a process group of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+#: Exit code the child uses when the supervisor could not even be started.
+EXIT_SETUP_FAILED = 125
+
+
+class TaskProcess(Protocol):
+    pid: int
+
+    async def wait(self) -> int: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Runner(Protocol):
+    def spawn(self, workload: dict[str, Any]) -> TaskProcess: ...
+
+
+@dataclass
+class ForkedTask:
+    pid: int
+    _pidfd: int
+    _exit_code: int | None = None
+
+    async def wait(self) -> int:
+        if self._exit_code is not None:
+            return self._exit_code
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(self._pidfd, on_exit)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(self._pidfd)
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self._pidfd)
+        self._exit_code = os.waitstatus_to_exitcode(status)
+        return self._exit_code
+
+    def terminate(self) -> None:
+        if self._exit_code is None:
+            _signal(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self._exit_code is not None:
+            return
+        try:
+            tree = psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            tree = []
+        _signal(self.pid, signal.SIGKILL)
+        for child in tree:
+            _signal(child.pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def task_sdk_tls_environment(
+    *, ca_bundle: Path | None, client_cert: Path | None, client_key: Path | None
+) -> dict[str, str]:
+    """The agent's TLS options, as the Task SDK's Execution API client reads them.
+
+    One setting serves both connections to the plane: the agent's own and its tasks'.
+    The SDK reads these when it is first imported, so they are set before that.
+    """
+    env = {}
+    if ca_bundle:
+        env["AIRFLOW__API__SSL_CA_FILE"] = str(ca_bundle)
+    if client_cert and client_key:
+        env["AIRFLOW__API__CLIENT_SSL_CERT"] = str(client_cert)
+        env["AIRFLOW__API__CLIENT_SSL_KEY"] = str(client_key)
+    return env
+
+
+class ForkRunner:
+    """Forks a supervisor per workload."""
+
+    def __init__(
+        self,
+        *,
+        execution_api_url: str,
+        ca_bundle: Path | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+    ) -> None:
+        self.execution_api_url = execution_api_url
+        os.environ.update(task_sdk_tls_environment(ca_bundle=ca_bundle, client_cert=client_cert, client_key=client_key))
+        # Import before any fork so every child starts warm.
+        from airflow.sdk.execution_time import supervisor  # noqa: F401
+
+    def spawn(self, workload: dict[str, Any]) -> ForkedTask:
+        from airflow.sdk.api.datamodels._generated import BundleInfo, TaskInstance
+
+        # Parsed in the parent: a malformed workload fails here, visibly, not in a child.
+        ti = TaskInstance.model_validate({k: v for k, v in workload["ti"].items() if k in TaskInstance.model_fields})
+        bundle_info = BundleInfo.model_validate(workload["bundle_info"])
+        kwargs = {
+            "ti": ti,
+            "bundle_info": bundle_info,
+            "dag_rel_path": workload["dag_rel_path"],
+            "token": workload["token"],
+            "server": self.execution_api_url,
+            "log_path": workload.get("log_path"),
+            "sentry_integration": workload.get("sentry_integration") or "",
+        }
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            _child_main(kwargs)
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # the child already did it, or already exited
+        return ForkedTask(pid=pid, _pidfd=os.pidfd_open(pid))
+
+
+def _child_main(kwargs: dict[str, Any]) -> None:  # pragma: no cover - runs in the child
+    code = EXIT_SETUP_FAILED
+    try:
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        from airflow.sdk.execution_time.supervisor import supervise_task
+
+        try:
+            from setproctitle import setproctitle
+
+            ti = kwargs["ti"]
+            setproctitle(f"tether-agent task: {ti.dag_id}.{ti.task_id} run={ti.run_id} try={ti.try_number}")
+        except ImportError:
+            pass
+        code = supervise_task(**kwargs)
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+        code = code if code != EXIT_SETUP_FAILED else EXIT_SETUP_FAILED
+    finally:
+        sys.stderr.flush()
+        os._exit(code)

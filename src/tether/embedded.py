@@ -1,0 +1,302 @@
+"""A whole Tether deployment on one machine: plane processes plus agents.
+
+It runs the real things - ``airflow api-server``, ``airflow scheduler``,
+``airflow dag-processor`` and ``tether-agent run`` - as child processes, each in
+its own process group with its log in the deployment's folder. The quick start
+uses it, and so do the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+BIN = Path(sys.executable).parent
+EXECUTOR = "tether.plane.executor.TetherExecutor"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL to the whole process group after ``timeout``."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
+        return self.popen.returncode
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def spawn(name: str, argv: Sequence[str], env: Mapping[str, str], log_dir: Path) -> ManagedProcess:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as log_file:
+        popen = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return ManagedProcess(name=name, popen=popen, log_path=log_path)
+
+
+@dataclass
+class Plane:
+    """An Airflow 3 plane with Tether installed, rooted in ``home``."""
+
+    home: Path
+    dags_folder: Path
+    sql_alchemy_conn: str
+    port: int = field(default_factory=free_port)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, ManagedProcess] = field(default_factory=dict)
+    jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    #: (certificate, key, CA bundle) to serve the API over HTTPS.
+    tls: tuple[Path, Path, Path] | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "TETHER_"))}
+        env.update(
+            {
+                "AIRFLOW_HOME": str(self.home),
+                "AIRFLOW__CORE__EXECUTOR": EXECUTOR,
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.sql_alchemy_conn,
+                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+                "AIRFLOW__API_AUTH__JWT_SECRET": self.jwt_secret,
+                "AIRFLOW__API__PORT": str(self.port),
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__BASE_URL": self.url,
+                "AIRFLOW__API__WORKERS": "1",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+                "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "task-logs"),
+                "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": "2",
+                "AIRFLOW__TETHER__LEASE_WAIT": "10",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            env["AIRFLOW__API__SSL_CERT"] = str(cert)
+            env["AIRFLOW__API__SSL_KEY"] = str(key)
+            env["AIRFLOW__API__SSL_CA_FILE"] = str(ca)
+        env.update(self.extra_env)
+        return env
+
+    def airflow(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(BIN / "airflow"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"airflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        return result
+
+    def migrate(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.airflow("db", "migrate")
+
+    def create_token(self, name: str) -> str:
+        return self.airflow("tether", "tokens", "create", "--name", name).stdout.strip().splitlines()[-1]
+
+    def start(self, components: Sequence[str] = ("api-server", "scheduler", "dag-processor")) -> None:
+        for component in components:
+            self.start_component(component)
+        self.wait_for_api()
+
+    def start_component(self, component: str) -> ManagedProcess:
+        proc = spawn(component, [str(BIN / "airflow"), component], self.env, self.home / "logs")
+        self.processes[component] = proc
+        return proc
+
+    def wait_for_api(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            api = self.processes.get("api-server")
+            if api is not None and not api.alive():
+                raise RuntimeError(f"the API server exited:\n{api.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                verify: str | bool = str(self.tls[2]) if self.tls else True
+                if httpx.get(f"{self.url}/tether/v1/health", timeout=2, verify=verify).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"the API server did not answer within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.processes.values())):
+            proc.stop()
+
+    @contextlib.contextmanager
+    def db(self) -> Iterator[Engine]:
+        engine = create_engine(self.sql_alchemy_conn)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+    def query(self, sql: str, **params: Any) -> list[Any]:
+        with self.db() as engine, engine.connect() as conn:
+            return list(conn.execute(text(sql), params))
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if self.query("SELECT 1 FROM serialized_dag WHERE dag_id = :d", d=dag_id):
+                    return
+            time.sleep(1)
+        raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout:.0f}s")
+
+    def trigger(self, dag_id: str, run_id: str | None = None) -> str:
+        run_id = run_id or f"tether_{secrets.token_hex(4)}"
+        self.airflow("dags", "trigger", dag_id, "--run-id", run_id)
+        return run_id
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        state = "unknown"
+        while time.monotonic() < deadline:
+            rows = self.query("SELECT state FROM dag_run WHERE dag_id = :d AND run_id = :r", d=dag_id, r=run_id)
+            state = rows[0][0] if rows else "missing"
+            if state in ("success", "failed"):
+                return str(state)
+            time.sleep(0.5)
+        raise TimeoutError(f"DAG run {dag_id}/{run_id} still {state} after {timeout:.0f}s")
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        rows = self.query(
+            "SELECT task_id, map_index, state FROM task_instance WHERE dag_id = :d AND run_id = :r",
+            d=dag_id,
+            r=run_id,
+        )
+        return {(t if m < 0 else f"{t}[{m}]"): s for t, m, s in rows}
+
+
+@dataclass
+class AgentProcess:
+    name: str
+    process: ManagedProcess
+    health_port: int
+
+    def health(self, path: str) -> int:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.health_port}{path}", timeout=2).status_code
+        except httpx.HTTPError:
+            return 0
+
+
+def agent_env(plane: Plane, home: Path, **settings: str) -> dict[str, str]:
+    """The agent's environment: the plane's URL and its token, never its database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "TETHER_"))}
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(plane.dags_folder),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "task-logs"),
+            "TETHER_PLANE_URL": plane.url,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update({f"TETHER_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def start_agent(
+    plane: Plane, name: str, token: str, *, env: Mapping[str, str] | None = None, **settings: str
+) -> AgentProcess:
+    """Start ``tether-agent run``; ``settings`` become TETHER_* variables, ``env`` is added as is."""
+    home = plane.home / "agents" / name
+    home.mkdir(parents=True, exist_ok=True)
+    token_file = home / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    port = int(settings.pop("health_port", 0) or free_port())
+    environment = agent_env(plane, home, name=name, token_file=str(token_file), health_port=str(port), **settings)
+    environment.update(env or {})
+    proc = spawn(f"agent-{name}", [str(BIN / "tether-agent"), "run"], environment, plane.home / "logs")
+    plane.processes[f"agent-{name}"] = proc
+    return AgentProcess(name=name, process=proc, health_port=port)
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+
+
+def copy_example_dags(target: Path) -> Path:
+    source = Path(__file__).parent / "example_dags"
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.glob("*.py"):
+        if path.name != "__init__.py":
+            shutil.copy(path, target / path.name)
+    return target

@@ -1,0 +1,212 @@
+"""The agent API (v1), mounted by the plugin under ``/tether`` in Airflow's API server.
+
+Routes are thin: they authenticate, validate and call the ``Store``. The app is
+built without reading configuration; the store and settings are made on the
+first request (mounted sub-apps get no lifespan events of their own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import tether
+from tether import errors, protocol
+from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
+from tether.plane.api.deps import Address, Ctx, Identity, PlaneContext
+from tether.plane.store import NOTIFY_CHANNEL, Store
+
+log = logging.getLogger("tether.api")
+
+
+def _context_from_airflow() -> PlaneContext:
+    from airflow import settings as airflow_settings
+
+    from tether.plane.config import PlaneSettings
+    from tether.plane.store import airflow_session_factory
+
+    plane_settings = PlaneSettings.from_airflow()
+    store = Store(airflow_session_factory(), settings=plane_settings)
+    dsn = None
+    conn = airflow_settings.SQL_ALCHEMY_CONN or ""
+    if conn.startswith("postgresql"):
+        from sqlalchemy.engine import make_url
+
+        url = make_url(conn)
+        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return PlaneContext.for_store(store, listen_dsn=dsn)
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413 before anything parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _problem(413, f"the request body is over {self.limit} bytes", "body_too_large")(
+                    scope, receive, send
+                )
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await _problem(413, f"the request body is over {self.limit} bytes", "body_too_large")(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _problem(status: int, detail: str, reason: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail, "reason": reason})
+
+
+def create_app(
+    context_factory: Callable[[], PlaneContext] = _context_from_airflow,
+    authorizer: Authorizer = airflow_authorizer,
+) -> FastAPI:
+    app = FastAPI(
+        title="Tether agent API",
+        version=tether.__version__,
+        description="The protocol Tether agents speak to the plane (version 1).",
+        openapi_url="/v1/openapi.json",
+        docs_url="/v1/docs",
+        redoc_url=None,
+    )
+    app.state.tether_context_factory = context_factory
+    app.state.tether_context_lock = asyncio.Lock()
+    app.state.tether_authorizer = authorizer
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        rid = request.headers.get(protocol.REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request.state.request_id = rid
+        started = time.monotonic()
+        response = await call_next(request)
+        response.headers[protocol.REQUEST_ID_HEADER] = rid
+        log.info(
+            "%s %s -> %d in %.1f ms [request_id=%s]",
+            request.method,
+            request.url.path,
+            response.status_code,
+            (time.monotonic() - started) * 1000,
+            rid,
+        )
+        return response
+
+    app.add_middleware(BodyLimit, limit=protocol.MAX_BODY_BYTES)
+
+    @app.exception_handler(errors.PlaneError)
+    async def plane_error(request: Request, exc: errors.PlaneError) -> JSONResponse:
+        log.warning(
+            "refused %s %s: %s [request_id=%s]",
+            request.method,
+            request.url.path,
+            exc.detail,
+            getattr(request.state, "request_id", "-"),
+        )
+        return _problem(exc.status_code, exc.detail, exc.reason)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {err.get('msg')}")
+        return _problem(422, "invalid request: " + "; ".join(problems), "invalid_request")
+
+    @app.get("/v1/health", response_model=protocol.Health, tags=["agent"])
+    async def health() -> protocol.Health:
+        return protocol.Health(version=tether.__version__)
+
+    @app.get("/v1/preflight", response_model=protocol.PreflightResponse, tags=["agent"])
+    async def preflight(ctx: Ctx, identity: Identity, address: Address) -> protocol.PreflightResponse:
+        return protocol.PreflightResponse(
+            token_name=identity.name,
+            address=address,
+            version=tether.__version__,
+            heartbeat_interval=ctx.store.settings.heartbeat_interval.total_seconds(),
+        )
+
+    @app.post("/v1/agents/register", response_model=protocol.RegisterResponse, tags=["agent"])
+    async def register(body: protocol.RegisterRequest, ctx: Ctx, identity: Identity) -> protocol.RegisterResponse:
+        agent = await run_in_threadpool(ctx.store.register, identity, body)
+        settings = ctx.store.settings
+        return protocol.RegisterResponse(
+            agent_id=uuid.UUID(agent.id),
+            heartbeat_interval=settings.heartbeat_interval.total_seconds(),
+            lease_wait=settings.lease_wait.total_seconds(),
+            cordoned=agent.cordoned,
+        )
+
+    @app.post("/v1/agents/{agent_id}/heartbeat", response_model=protocol.HeartbeatResponse, tags=["agent"])
+    async def heartbeat(
+        agent_id: uuid.UUID, body: protocol.HeartbeatRequest, ctx: Ctx, identity: Identity
+    ) -> protocol.HeartbeatResponse:
+        return await run_in_threadpool(ctx.store.heartbeat, identity, str(agent_id), body)
+
+    @app.post("/v1/agents/{agent_id}/lease", response_model=protocol.LeaseResponse, tags=["agent"])
+    async def lease(
+        agent_id: uuid.UUID, body: protocol.LeaseRequest, ctx: Ctx, identity: Identity
+    ) -> protocol.LeaseResponse:
+        settings = ctx.store.settings
+        wait = min(body.wait, settings.lease_wait.total_seconds())
+        deadline = time.monotonic() + wait
+        if ctx.listen_dsn is not None:
+            ctx.wakeup.start_listening(ctx.listen_dsn, NOTIFY_CHANNEL)
+        poll = settings.poll_interval.total_seconds()
+        with ctx.wakeup.subscribe(list(body.queues)) as woken:
+            while True:
+                woken.clear()
+                leases = await run_in_threadpool(ctx.store.claim, identity, str(agent_id), body)
+                remaining = deadline - time.monotonic()
+                if leases or remaining <= 0:
+                    return protocol.LeaseResponse(leases=leases)
+                # With LISTEN in place a new job wakes us; without it, look again on a timer.
+                pause = remaining if ctx.wakeup.listening else min(poll, remaining)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), pause)
+
+    @app.post("/v1/agents/{agent_id}/jobs/{job_id}/start", response_model=protocol.StartResponse, tags=["agent"])
+    async def start(
+        agent_id: uuid.UUID, job_id: uuid.UUID, body: protocol.StartRequest, ctx: Ctx, identity: Identity
+    ) -> protocol.StartResponse:
+        return await run_in_threadpool(ctx.store.start, identity, str(agent_id), str(job_id), body)
+
+    @app.post("/v1/agents/{agent_id}/jobs/{job_id}/report", response_model=protocol.ReportResponse, tags=["agent"])
+    async def report(
+        agent_id: uuid.UUID, job_id: uuid.UUID, body: protocol.ReportRequest, ctx: Ctx, identity: Identity
+    ) -> protocol.ReportResponse:
+        return await run_in_threadpool(ctx.store.report, identity, str(agent_id), str(job_id), body)
+
+    app.include_router(admin_router())
+    return app

@@ -1,0 +1,129 @@
+"""What every route depends on: the plane's context, token authentication, the IP gate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
+
+from tether import errors, protocol
+from tether.plane.api.wakeup import Wakeup
+from tether.plane.netaccess import Network, allowed, client_address
+from tether.plane.store import Store, TokenIdentity
+
+
+@dataclass
+class TokenCache:
+    """Accepted tokens, trusted for ``ttl`` seconds so a revocation bites within that time."""
+
+    ttl: float
+    entries: dict[str, tuple[float, TokenIdentity]] = field(default_factory=dict)
+
+    def get(self, text: str) -> TokenIdentity | None:
+        hit = self.entries.get(text)
+        if hit is None or time.monotonic() - hit[0] > self.ttl:
+            self.entries.pop(text, None)
+            return None
+        return hit[1]
+
+    def put(self, text: str, identity: TokenIdentity) -> None:
+        if len(self.entries) > 10_000:
+            self.entries.clear()
+        self.entries[text] = (time.monotonic(), identity)
+
+
+@dataclass
+class RangeCache:
+    """The allowed IP ranges, re-read at most every ``ttl`` seconds (and at once after a change here)."""
+
+    ttl: float
+    load: Callable[[], list[Network]]
+    _value: list[Network] = field(default_factory=list)
+    _loaded_at: float | None = None
+
+    def get(self) -> list[Network]:
+        if self._loaded_at is None or time.monotonic() - self._loaded_at > self.ttl:
+            self._value = self.load()
+            self._loaded_at = time.monotonic()
+        return self._value
+
+    def invalidate(self) -> None:
+        self._loaded_at = None
+
+
+@dataclass
+class PlaneContext:
+    store: Store
+    wakeup: Wakeup
+    tokens: TokenCache
+    ranges: RangeCache
+    listen_dsn: str | None = None
+
+    @classmethod
+    def for_store(cls, store: Store, *, listen_dsn: str | None = None) -> PlaneContext:
+        ttl = store.settings.token_cache_ttl.total_seconds()
+        return cls(
+            store=store,
+            wakeup=Wakeup(),
+            tokens=TokenCache(ttl=ttl),
+            ranges=RangeCache(ttl=ttl, load=store.allowed_networks),
+            listen_dsn=listen_dsn,
+        )
+
+
+async def context(request: Request) -> PlaneContext:
+    """The plane's store and helpers, made on first use (mounted apps get no lifespan)."""
+    state = request.app.state
+    if getattr(state, "tether", None) is None:
+        async with state.tether_context_lock:
+            if getattr(state, "tether", None) is None:
+                state.tether = await run_in_threadpool(state.tether_context_factory)
+    ctx: PlaneContext = state.tether
+    return ctx
+
+
+async def address_allowed(request: Request, ctx: Annotated[PlaneContext, Depends(context)]) -> str:
+    """Refuse agent calls from outside the allowed IP ranges, naming the address seen."""
+    address = client_address(
+        request.client.host if request.client else None,
+        request.headers.get("X-Forwarded-For"),
+        ctx.store.settings.trusted_proxies,
+    )
+    ranges = await run_in_threadpool(ctx.ranges.get)
+    if not allowed(address, ranges):
+        raise errors.Forbidden(
+            f"agent calls from {address} are not allowed: the address is outside the plane's allowed IP ranges",
+            reason="address_not_allowed",
+        )
+    return address
+
+
+async def authenticated(
+    ctx: Annotated[PlaneContext, Depends(context)],
+    _address: Annotated[str, Depends(address_allowed)],
+    authorization: Annotated[str | None, Header()] = None,
+    x_tether_protocol: Annotated[str | None, Header()] = None,
+) -> TokenIdentity:
+    if x_tether_protocol is not None and x_tether_protocol.strip() != str(protocol.PROTOCOL_VERSION):
+        raise errors.Invalid(
+            f"this plane speaks protocol {protocol.PROTOCOL_VERSION}, the agent sent {x_tether_protocol[:16]!r}",
+            reason="protocol_mismatch",
+        )
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise errors.Unauthorized("an agent token is required (Authorization: Bearer ...)", reason="no_token")
+    text = authorization[7:].strip()
+    cached = ctx.tokens.get(text)
+    if cached is not None:
+        return cached
+    identity = await run_in_threadpool(ctx.store.authenticate, text)
+    ctx.tokens.put(text, identity)
+    return identity
+
+
+Ctx = Annotated[PlaneContext, Depends(context)]
+Identity = Annotated[TokenIdentity, Depends(authenticated)]
+Address = Annotated[str, Depends(address_allowed)]

@@ -1,0 +1,107 @@
+"""``airflow tether ...``: the plane's admin commands.
+
+The definitions below only describe arguments; each command body is imported
+lazily from ``tether.plane.commands`` so ``airflow --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from airflow.cli.cli_config import ActionCommand, Arg, GroupCommand, lazy_load_command
+
+ARG_OUTPUT = Arg(
+    ("-o", "--output"), help="Output format", choices=("table", "json"), default="table", metavar="(table, json)"
+)
+ARG_NAME = Arg(("--name",), help="Name of the token (unique among active tokens)", required=True)
+ARG_DESCRIPTION = Arg(("--description",), help="What the token is for", default=None)
+ARG_EXPIRES = Arg(("--expires-in-days",), help="Days until the token expires (default: never)", type=int, default=None)
+ARG_TOKEN_ID = Arg(("token_id",), help="Id of the token (the part after tether_)")
+ARG_AGENT = Arg(("agent",), help="Name or id of the agent")
+ARG_REASON = Arg(("--reason",), help="Why, for the people who look later", default=None)
+ARG_CIDRS = Arg(("cidrs",), help="IPv4 or IPv6 addresses or CIDR ranges", nargs="+")
+ARG_CIDRS_OPTIONAL = Arg(("cidrs",), help="IPv4 or IPv6 addresses or CIDR ranges (none: allow any)", nargs="*")
+ARG_NAMESPACE = Arg(("--namespace",), help="Kubernetes namespace the agents go to", default="tether-agents")
+ARG_QUEUES = Arg(("--queues",), help="Comma-separated queues the agents serve", default="default")
+ARG_LIMIT = Arg(("--limit",), help="How many entries, newest first", type=int, default=100)
+ARG_TARGET_TYPE = Arg(("--target-type",), help="Only entries about: token, agent or allowed_ip_ranges", default=None)
+ARG_TARGET_ID = Arg(("--target-id",), help="Only entries about this token or agent id", default=None)
+
+
+def _command(name: str, help: str, func: str, *args: Arg) -> ActionCommand:
+    return ActionCommand(name=name, help=help, func=lazy_load_command(f"tether.plane.commands.{func}"), args=args)
+
+
+TOKEN_COMMANDS = (
+    _command(
+        "create",
+        "Create an agent token and print it once",
+        "tokens_create",
+        ARG_NAME,
+        ARG_DESCRIPTION,
+        ARG_EXPIRES,
+        ARG_OUTPUT,
+    ),
+    _command("list", "List agent tokens (never their secrets)", "tokens_list", ARG_OUTPUT),
+    _command("show", "Show one agent token", "tokens_show", ARG_TOKEN_ID, ARG_OUTPUT),
+    _command(
+        "revoke",
+        "Revoke an agent token; agents using it are refused and their tasks failed",
+        "tokens_revoke",
+        ARG_TOKEN_ID,
+        ARG_OUTPUT,
+    ),
+)
+
+AGENT_COMMANDS = (
+    _command("list", "List agents with their health", "agents_list", ARG_OUTPUT),
+    _command("show", "Show one agent", "agents_show", ARG_AGENT, ARG_OUTPUT),
+    _command(
+        "cordon", "Give an agent no new work; running tasks finish", "agents_cordon", ARG_AGENT, ARG_REASON, ARG_OUTPUT
+    ),
+    _command("uncordon", "Give a cordoned agent work again", "agents_uncordon", ARG_AGENT, ARG_OUTPUT),
+    _command(
+        "delete",
+        "Delete an agent's record; a live agent registers again unless its token is revoked",
+        "agents_delete",
+        ARG_AGENT,
+        ARG_OUTPUT,
+    ),
+    _command(
+        "values",
+        "Print a values.yaml for the tether-agent Helm chart, pre-filled for this plane",
+        "agents_values",
+        ARG_NAMESPACE,
+        ARG_QUEUES,
+    ),
+)
+
+RANGE_COMMANDS = (
+    _command("list", "List the ranges agents may call from", "ranges_list", ARG_OUTPUT),
+    _command("set", "Replace the allowed ranges (none: any address)", "ranges_set", ARG_CIDRS_OPTIONAL, ARG_OUTPUT),
+    _command("add", "Allow more ranges", "ranges_add", ARG_CIDRS, ARG_OUTPUT),
+    _command("remove", "Stop allowing ranges", "ranges_remove", ARG_CIDRS, ARG_OUTPUT),
+)
+
+
+def get_cli_commands() -> list[GroupCommand]:
+    return [
+        GroupCommand(
+            name="tether",
+            help="Manage Tether remote execution agents",
+            subcommands=(
+                GroupCommand(name="tokens", help="Manage agent tokens", subcommands=TOKEN_COMMANDS),
+                GroupCommand(name="agents", help="Inspect and manage agents", subcommands=AGENT_COMMANDS),
+                GroupCommand(
+                    name="allowed-ip-ranges", help="Restrict where agents may call from", subcommands=RANGE_COMMANDS
+                ),
+                _command(
+                    "audit",
+                    "Read the audit log of token, agent and IP range changes",
+                    "audit",
+                    ARG_LIMIT,
+                    ARG_TARGET_TYPE,
+                    ARG_TARGET_ID,
+                    ARG_OUTPUT,
+                ),
+            ),
+        )
+    ]

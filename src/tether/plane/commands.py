@@ -1,0 +1,241 @@
+"""Bodies of the ``airflow tether`` commands: format output, call the store.
+
+Each command renders the same models as the REST API (``tether.plane.views``):
+a table for people by default, every field with ``--output json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, NoReturn, TypeVar
+
+from pydantic import BaseModel
+
+from tether import errors
+from tether.plane.config import PlaneSettings
+from tether.plane.store import Store, airflow_session_factory, utcnow
+from tether.plane.views import AgentOut, AuditOut, IpRangeOut, TokenOut
+
+T = TypeVar("T")
+
+TOKEN_COLUMNS = ("id", "name", "token", "state", "created_at", "created_by", "expires_at", "last_used_at")
+AGENT_COLUMNS = (
+    "name",
+    "status",
+    "cordoned",
+    "last_heartbeat",
+    "queues",
+    "slots",
+    "free_slots",
+    "running_jobs",
+    "token_name",
+    "tether_version",
+)
+AUDIT_COLUMNS = ("at", "actor", "action", "target_type", "target_id", "before", "after")
+
+
+def _store() -> Store:
+    return Store(airflow_session_factory(), settings=PlaneSettings.from_airflow())
+
+
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, default=str, sort_keys=True)
+    return str(getattr(value, "value", value))
+
+
+def _emit(models: Sequence[BaseModel], output: str, columns: Sequence[str] | None = None) -> None:
+    if output == "json":
+        print(json.dumps([m.model_dump(mode="json") for m in models], indent=2))
+        return
+    if not models:
+        print("(none)")
+        return
+    headers = list(columns or type(models[0]).model_fields)
+    cells = [[_fmt(getattr(m, h)) for h in headers] for m in models]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _emit_one(model: BaseModel, output: str) -> None:
+    if output == "json":
+        print(json.dumps(model.model_dump(mode="json"), indent=2))
+        return
+    fields = model.model_dump()
+    width = max(len(k) for k in fields)
+    for key, value in fields.items():
+        print(f"{key.ljust(width)}  {_fmt(value)}")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _call(action: Callable[[], T]) -> T:
+    """Run a store action; a refusal is one line on stderr and exit status 1."""
+    try:
+        return action()
+    except errors.TetherError as exc:
+        _fail(str(exc))
+
+
+# -- tokens ---------------------------------------------------------------------
+
+
+def tokens_create(args: argparse.Namespace) -> None:
+    if args.expires_in_days is not None and args.expires_in_days < 1:
+        _fail("--expires-in-days must be 1 or more (leave it out for a token that never expires)")
+    issued, row = _call(
+        lambda: _store().create_token(
+            name=args.name,
+            description=args.description,
+            expires_in=timedelta(days=args.expires_in_days) if args.expires_in_days else None,
+            created_by=_actor(),
+        )
+    )
+    out = TokenOut.from_row(row, utcnow())
+    if args.output == "json":
+        print(json.dumps({**out.model_dump(mode="json"), "secret": issued.text}, indent=2))
+        return
+    print(issued.text)
+    expiry = f"expires {out.expires_at:%Y-%m-%d %H:%M} UTC" if out.expires_at else "never expires"
+    print(
+        f"Agent token {row.name!r} created (id {row.id}, {expiry}). This is the only time it is shown: "
+        "store it now, for example in a Kubernetes Secret.",
+        file=sys.stderr,
+    )
+
+
+def tokens_list(args: argparse.Namespace) -> None:
+    now = utcnow()
+    _emit([TokenOut.from_row(row, now) for row in _call(_store().list_tokens)], args.output, TOKEN_COLUMNS)
+
+
+def tokens_show(args: argparse.Namespace) -> None:
+    _emit_one(TokenOut.from_row(_call(lambda: _store().get_token(args.token_id)), utcnow()), args.output)
+
+
+def tokens_revoke(args: argparse.Namespace) -> None:
+    row = _call(lambda: _store().revoke_token(args.token_id, revoked_by=_actor()))
+    _emit_one(TokenOut.from_row(row, utcnow()), args.output)
+
+
+# -- agents ---------------------------------------------------------------------
+
+
+def agents_list(args: argparse.Namespace) -> None:
+    _emit([AgentOut.from_view(v) for v in _call(_store().agent_views)], args.output, AGENT_COLUMNS)
+
+
+def agents_show(args: argparse.Namespace) -> None:
+    _emit_one(AgentOut.from_view(_call(lambda: _store().agent_view(args.agent))), args.output)
+
+
+def agents_cordon(args: argparse.Namespace) -> None:
+    view = _call(lambda: _store().cordon(args.agent, reason=args.reason, actor=_actor()))
+    _emit_one(AgentOut.from_view(view), args.output)
+
+
+def agents_uncordon(args: argparse.Namespace) -> None:
+    _emit_one(AgentOut.from_view(_call(lambda: _store().uncordon(args.agent, actor=_actor()))), args.output)
+
+
+def agents_delete(args: argparse.Namespace) -> None:
+    _emit_one(AgentOut.from_view(_call(lambda: _store().delete_agent(args.agent, actor=_actor()))), args.output)
+
+
+# -- allowed IP ranges ------------------------------------------------------------
+
+
+def _emit_ranges(output: str, store: Store) -> None:
+    rows = [IpRangeOut.from_row(r) for r in store.allowed_ranges()]
+    _emit(rows, output)
+    if not rows and output != "json":
+        print("The list is empty: agents may call from any address.", file=sys.stderr)
+
+
+def ranges_list(args: argparse.Namespace) -> None:
+    _emit_ranges(args.output, _store())
+
+
+def _change_ranges(args: argparse.Namespace, mode: str) -> None:
+    store = _store()
+    _call(lambda: store.set_allowed_ranges(args.cidrs, actor=_actor(), mode=mode))
+    _emit_ranges(args.output, store)
+
+
+def ranges_set(args: argparse.Namespace) -> None:
+    _change_ranges(args, "set")
+
+
+def ranges_add(args: argparse.Namespace) -> None:
+    _change_ranges(args, "add")
+
+
+def ranges_remove(args: argparse.Namespace) -> None:
+    _change_ranges(args, "remove")
+
+
+# -- audit ------------------------------------------------------------------------
+
+
+def audit(args: argparse.Namespace) -> None:
+    rows = _call(lambda: _store().audit_log(limit=args.limit, target_type=args.target_type, target_id=args.target_id))
+    _emit([AuditOut.from_row(r) for r in rows], args.output, AUDIT_COLUMNS)
+
+
+# -- Helm values --------------------------------------------------------------------
+
+VALUES_TEMPLATE = """\
+# values.yaml for the tether-agent Helm chart, made by `airflow tether agents values`.
+# Fill in the placeholders, then: helm install tether-agent <chart> -n {namespace} -f values.yaml
+
+# The plane's API server, as the agents reach it (outbound HTTPS).
+planeURL: {plane_url}
+
+namespace: {namespace}
+createNamespace: true
+
+# The agent token, from an existing Secret with key `token`. Create the token with
+#   airflow tether tokens create --name {namespace}
+# and the Secret with
+#   kubectl -n {namespace} create secret generic tether-agent-token --from-literal=token=<the token>
+agentTokenSecretName: tether-agent-token
+
+# Secrets and XCom values stay with the agents: both backends are required.
+secretBackend: "<secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend>"
+secretBackendKwargs: {{}}
+xcomBackend: "<XCom backend class, e.g. airflow.providers.common.io.xcom.backend.XComObjectStorageBackend>"
+
+workers:
+  - name: default
+    queues: [{queues}]
+    replicas: 1
+    slots: 4
+"""
+
+
+def agents_values(args: argparse.Namespace) -> None:
+    from airflow.configuration import conf
+
+    plane_url = (conf.get("api", "base_url", fallback="") or "").rstrip("/") or "https://airflow.example.com"
+    queues = ", ".join(q.strip() for q in args.queues.split(",") if q.strip())
+    print(VALUES_TEMPLATE.format(plane_url=plane_url, namespace=args.namespace, queues=queues), end="")

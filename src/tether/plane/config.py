@@ -1,0 +1,119 @@
+"""The ``[tether]`` configuration section: declared once, read once.
+
+``OPTIONS`` is the single declaration: the provider info publishes it to Airflow
+(so ``airflow config list`` shows every option with its type and default) and
+``PlaneSettings.from_airflow`` reads it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from tether.plane.netaccess import Network, parse_cidrs
+
+SECTION = "tether"
+
+OPTIONS: dict[str, dict[str, Any]] = {
+    "heartbeat_interval": {
+        "description": "Seconds between two heartbeats of an agent; the plane dictates it to every agent.\n",
+        "type": "float",
+        "default": "10",
+        "example": "10",
+    },
+    "missed_heartbeats": {
+        "description": "An agent whose last heartbeat is older than this many intervals is UNHEALTHY: "
+        "its unstarted leases go back to the queue and its running jobs are failed.\n",
+        "type": "integer",
+        "default": "3",
+        "example": "3",
+    },
+    "lease_wait": {
+        "description": "Longest time, in seconds, that a lease request is held open while no job is queued.\n",
+        "type": "float",
+        "default": "20",
+        "example": "20",
+    },
+    "lease_timeout": {
+        "description": "Seconds an agent has to confirm a lease through the start gate; an unconfirmed lease "
+        "then returns to the queue without using a retry.\n",
+        "type": "float",
+        "default": "30",
+        "example": "30",
+    },
+    "poll_interval": {
+        "description": "Seconds between two looks for new jobs while a lease request waits. PostgreSQL "
+        "wakes waiting agents at once with LISTEN/NOTIFY and uses this only as a safety net; on SQLite it is "
+        "the only way, so keep it short there.\n",
+        "type": "float",
+        "default": "0.2",
+        "example": "0.2",
+    },
+    "job_retention": {
+        "description": "Seconds a finished job row is kept for inspection before the executor deletes it.\n",
+        "type": "float",
+        "default": "3600",
+        "example": "3600",
+    },
+    "max_agent_tokens": {
+        "description": "Most agent tokens that may be live (neither revoked nor expired) at once.\n",
+        "type": "integer",
+        "default": "50",
+        "example": "50",
+    },
+    "token_cache_ttl": {
+        "description": "Seconds an accepted agent token is trusted without a new database look-up. Keep it "
+        "short: a revoked or expired token is refused once this has passed.\n",
+        "type": "float",
+        "default": "2",
+        "example": "2",
+    },
+    "trusted_proxies": {
+        "description": "Comma-separated addresses or CIDR ranges of reverse proxies whose X-Forwarded-For "
+        "header is believed. Empty: the socket's peer address is the client address.\n",
+        "type": "string",
+        "default": "",
+        "example": "10.0.0.0/8,127.0.0.1",
+    },
+}
+
+
+def _seconds(value: str) -> timedelta:
+    return timedelta(seconds=float(value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlaneSettings:
+    heartbeat_interval: timedelta = timedelta(seconds=10)
+    missed_heartbeats: int = 3
+    lease_wait: timedelta = timedelta(seconds=20)
+    lease_timeout: timedelta = timedelta(seconds=30)
+    poll_interval: timedelta = timedelta(seconds=0.2)
+    job_retention: timedelta = timedelta(hours=1)
+    max_agent_tokens: int = 50
+    token_cache_ttl: timedelta = timedelta(seconds=2)
+    trusted_proxies: tuple[Network, ...] = ()
+
+    @property
+    def health_timeout(self) -> timedelta:
+        return self.heartbeat_interval * self.missed_heartbeats
+
+    @classmethod
+    def from_airflow(cls) -> PlaneSettings:
+        from airflow.configuration import conf
+
+        def get(key: str) -> str:
+            return conf.get(SECTION, key, fallback=OPTIONS[key]["default"]) or ""
+
+        return cls(
+            heartbeat_interval=_seconds(get("heartbeat_interval")),
+            missed_heartbeats=int(get("missed_heartbeats")),
+            lease_wait=_seconds(get("lease_wait")),
+            lease_timeout=_seconds(get("lease_timeout")),
+            poll_interval=_seconds(get("poll_interval")),
+            job_retention=_seconds(get("job_retention")),
+            max_agent_tokens=int(get("max_agent_tokens")),
+            token_cache_ttl=_seconds(get("token_cache_ttl")),
+            trusted_proxies=tuple(parse_cidrs(item for item in get("trusted_proxies").split(",") if item.strip())),
+        )

@@ -1,0 +1,160 @@
+"""``TetherExecutor``: hands Airflow workloads to remote agents through the metadata DB.
+
+The executor never talks to agents. ``queue_workload`` writes a job row in the
+scheduler's own transaction (so a rolled-back scheduling decision leaves no job
+behind); agents claim rows through the agent API; ``sync`` turns the rows' state
+changes into executor events and sweeps leases and agents that went silent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from airflow.executors import workloads
+from airflow.executors.base_executor import BaseExecutor
+from airflow.models.taskinstancekey import TaskInstanceKey
+from airflow.utils.state import TaskInstanceState
+
+from tether.plane.config import PlaneSettings
+from tether.plane.store import Store
+from tether.protocol import JobState
+
+if TYPE_CHECKING:
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy.orm import Session
+
+#: Sweeping and purging need not run on every scheduler loop.
+_SWEEP_EVERY = timedelta(seconds=1)
+_PURGE_EVERY = timedelta(minutes=5)
+_MISSING_GRACE = timedelta(seconds=60)
+
+
+def _default_store() -> Store:
+    from tether.plane.store import airflow_session_factory
+
+    return Store(airflow_session_factory(), settings=PlaneSettings.from_airflow())
+
+
+class TetherExecutor(BaseExecutor):
+    """Runs task instances on Tether agents."""
+
+    supports_ad_hoc_ti_run = True
+    serve_logs = False
+
+    def __init__(self, *args: Any, store: Store | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._store = store
+        # ti id -> (key, last state reported to the scheduler)
+        self._tracked: dict[str, tuple[TaskInstanceKey, JobState]] = {}
+        self._missing_since: dict[str, float] = {}
+        self._next_sweep = 0.0
+        self._next_purge = 0.0
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = _default_store()
+        return self._store
+
+    def start(self) -> None:
+        self.log.info("Tether executor started (parallelism %d)", self.parallelism)
+
+    def queue_workload(self, workload: workloads.All, session: Session) -> None:  # type: ignore[override]
+        if not isinstance(workload, workloads.ExecuteTask):
+            raise TypeError(f"TetherExecutor cannot run {type(workload).__name__} workloads yet")
+        self.store.enqueue(session, workload)
+        key = workload.ti.key
+        # Counted as running from now on so [core] parallelism bounds jobs in flight,
+        # not just jobs an agent has started.
+        self.running.add(key)
+        self._tracked[str(workload.ti.id)] = (key, JobState.QUEUED)
+
+    def _process_workloads(self, workload_items: Sequence[Any]) -> None:
+        """Nothing to do: ``queue_workload`` already wrote each job for agents to claim."""
+
+    def sync(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + _SWEEP_EVERY.total_seconds()
+            counts = self.store.sweep()
+            if any(counts.values()):
+                self.log.warning("Tether sweep: %s", counts)
+        if now >= self._next_purge:
+            self._next_purge = now + _PURGE_EVERY.total_seconds()
+            self.store.purge()
+        self._report_changes()
+
+    def _report_changes(self) -> None:
+        if not self._tracked:
+            return
+        seen: set[str] = set()
+        for view in self.store.job_views(list(self._tracked)):
+            tracked = self._tracked.get(view.key.ti_id)
+            if tracked is None:
+                continue
+            key, last = tracked
+            if view.key.try_number != key.try_number:
+                continue
+            seen.add(view.key.ti_id)
+            if view.state is last:
+                continue
+            info = view.agent_name
+            if view.state is JobState.RUNNING:
+                self.running_state(key, info)
+                self._tracked[view.key.ti_id] = (key, view.state)
+            elif view.state is JobState.SUCCESS:
+                self.success(key, info)
+                del self._tracked[view.key.ti_id]
+            elif view.state is JobState.FAILED:
+                self.log.info("Task %s failed on %s: %s", key, view.agent_name, view.reason or view.exit_code)
+                self.fail(key, info)
+                del self._tracked[view.key.ti_id]
+            elif view.state is JobState.REVOKED:
+                self.running.discard(key)
+                del self._tracked[view.key.ti_id]
+            else:
+                self._tracked[view.key.ti_id] = (key, view.state)
+        # A job row that vanished (purged, or its scheduler's transaction rolled back)
+        # must not hold a slot forever; a row not yet committed is given time to appear.
+        now = time.monotonic()
+        for ti_id in set(self._missing_since) - set(self._tracked):
+            del self._missing_since[ti_id]
+        for ti_id in set(self._tracked) - seen:
+            first_missed = self._missing_since.setdefault(ti_id, now)
+            if now - first_missed > _MISSING_GRACE.total_seconds():
+                key, _ = self._tracked.pop(ti_id)
+                del self._missing_since[ti_id]
+                self.running.discard(key)
+                self.log.warning("Tether job for %s disappeared; releasing its slot", key)
+        for ti_id in seen:
+            self._missing_since.pop(ti_id, None)
+
+    def revoke_task(self, *, ti: TaskInstance) -> None:
+        self.store.revoke(str(ti.id), ti.try_number)
+        self._tracked.pop(str(ti.id), None)
+        self.running.discard(ti.key)
+        self.queued_tasks.pop(ti.key, None)
+
+    def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
+        ids = [str(ti.id) for ti in tis]
+        adoptable = self.store.adoptable(ids, {str(ti.id): ti.try_number for ti in tis})
+        not_adopted = []
+        for ti in tis:
+            if str(ti.id) in adoptable:
+                state = JobState.RUNNING if ti.state == TaskInstanceState.RUNNING else JobState.QUEUED
+                self.running.add(ti.key)
+                self._tracked[str(ti.id)] = (ti.key, state)
+            else:
+                not_adopted.append(ti)
+        if adoptable:
+            self.log.info("Adopted %d task instances from Tether jobs", len(adoptable))
+        return not_adopted
+
+    def end(self) -> None:
+        self._report_changes()
+
+    def terminate(self) -> None:
+        """Agents own the running tasks; a scheduler stopping must not kill them."""

@@ -1,0 +1,152 @@
+"""Tether's tables in the Airflow metadata database.
+
+They live in their own ``MetaData`` with their own Alembic version table, so
+Airflow's migrations and ours never step on each other.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "idx_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "%(table_name)s_pkey",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware datetimes on every backend (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UtcDateTime column")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        from datetime import UTC
+
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class AgentToken(Base):
+    __tablename__ = "tether_agent_token"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    description: Mapped[str | None] = mapped_column(String(1024))
+    secret_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    created_by: Mapped[str | None] = mapped_column(String(256))
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_by: Mapped[str | None] = mapped_column(String(256))
+
+
+class Agent(Base):
+    __tablename__ = "tether_agent"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
+    incarnation: Mapped[str] = mapped_column(String(36), nullable=False)
+    token_id: Mapped[str] = mapped_column(String(16), nullable=False)
+    hostname: Mapped[str] = mapped_column(String(256), nullable=False)
+    tether_version: Mapped[str] = mapped_column(String(64), nullable=False)
+    airflow_version: Mapped[str] = mapped_column(String(64), nullable=False)
+    python_version: Mapped[str] = mapped_column(String(64), nullable=False)
+    roles: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    queues: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)
+    slots: Mapped[int] = mapped_column(Integer, nullable=False)
+    free_slots: Mapped[int] = mapped_column(Integer, nullable=False)
+    draining: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    cordoned: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    cordon_reason: Mapped[str | None] = mapped_column(String(1024))
+    cordoned_by: Mapped[str | None] = mapped_column(String(256))
+    cordoned_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    first_seen: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    last_heartbeat: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    heartbeat_interval: Mapped[float] = mapped_column(Float, nullable=False)
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON, nullable=False, default=dict)
+    #: Set by an operator's delete; the row stays as TERMINATED until the agent
+    #: registers again (Kubernetes node semantics) so its jobs keep their owner.
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    deleted_by: Mapped[str | None] = mapped_column(String(256))
+
+
+class Job(Base):
+    __tablename__ = "tether_job"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    ti_id: Mapped[str] = mapped_column(String(36), nullable=False)
+    dag_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    task_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    run_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    map_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    try_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    queue: Mapped[str] = mapped_column(String(256), nullable=False)
+    pool_slots: Mapped[int] = mapped_column(Integer, nullable=False)
+    priority_weight: Mapped[int] = mapped_column(Integer, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    workload: Mapped[str] = mapped_column(Text, nullable=False)
+    agent_id: Mapped[str | None] = mapped_column(String(36))
+    agent_name: Mapped[str | None] = mapped_column(String(128))
+    incarnation: Mapped[str | None] = mapped_column(String(36))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    queued_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    leased_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(String(1024))
+
+    __table_args__ = (
+        Index("idx_tether_job_claim", "state", "queue", "priority_weight", "queued_at"),
+        Index("idx_tether_job_ti", "ti_id", "try_number", unique=True),
+        Index("idx_tether_job_agent", "agent_id", "state"),
+    )
+
+
+class AllowedIpRange(Base):
+    """A CIDR range agents may call from; no rows means any address."""
+
+    __tablename__ = "tether_allowed_ip_range"
+
+    cidr: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    created_by: Mapped[str | None] = mapped_column(String(256))
+
+
+class AuditEntry(Base):
+    """Who changed what among tokens, agents and IP ranges, and how."""
+
+    __tablename__ = "tether_audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    actor: Mapped[str] = mapped_column(String(256), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False)
+    target_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    target_id: Mapped[str] = mapped_column(String(256), nullable=False)
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    __table_args__ = (Index("idx_tether_audit_log_at", "at"),)

@@ -1,0 +1,147 @@
+"""What operators see of tokens, agents, IP ranges and the audit log.
+
+The CLI and the REST API render these same models, so both surfaces show the
+same fields with the same names.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from tether.plane import tokens
+from tether.plane.models import AgentToken, AllowedIpRange, AuditEntry
+from tether.plane.store import AgentView
+from tether.protocol import AgentStatus
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenState(enum.StrEnum):
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+class TokenOut(_Out):
+    id: str
+    name: str
+    description: str | None
+    token: str = Field(description="Prefix and id of the token; the secret is never shown again")
+    created_at: datetime
+    created_by: str | None
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    revoked_by: str | None
+    state: TokenState
+
+    @classmethod
+    def from_row(cls, row: AgentToken, now: datetime) -> TokenOut:
+        if row.revoked_at is not None:
+            state = TokenState.REVOKED
+        elif row.expires_at is not None and row.expires_at <= now:
+            state = TokenState.EXPIRED
+        else:
+            state = TokenState.ACTIVE
+        return cls(
+            id=row.id,
+            name=row.name,
+            description=row.description,
+            token=tokens.short_form(row.id),
+            created_at=row.created_at,
+            created_by=row.created_by,
+            expires_at=row.expires_at,
+            last_used_at=row.last_used_at,
+            revoked_at=row.revoked_at,
+            revoked_by=row.revoked_by,
+            state=state,
+        )
+
+
+class TokenCreated(TokenOut):
+    secret: str = Field(description="The whole token. Shown once: store it now")
+
+
+class TokenCreate(_In):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    description: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    expires_in_days: int | None = Field(default=None, ge=1, le=3650, description="None: the token never expires")
+
+
+class AgentOut(_Out):
+    id: str
+    name: str
+    status: AgentStatus
+    cordoned: bool
+    cordon_reason: str | None
+    cordoned_by: str | None
+    cordoned_at: datetime | None
+    last_heartbeat: datetime
+    tether_version: str
+    airflow_version: str
+    python_version: str
+    hostname: str
+    queues: list[str]
+    labels: dict[str, str]
+    slots: int
+    free_slots: int
+    running_jobs: int
+    draining: bool
+    token_id: str
+    token_name: str | None
+    first_seen: datetime
+    deleted_at: datetime | None
+    deleted_by: str | None
+
+    @classmethod
+    def from_view(cls, view: AgentView) -> AgentOut:
+        return cls.model_validate(view, from_attributes=True)
+
+
+class AgentAction(_In):
+    action: Literal["CORDON", "UNCORDON"]
+    reason: Annotated[str, StringConstraints(max_length=1024)] | None = None
+
+
+class IpRanges(_In):
+    ranges: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(max_length=1000)
+
+
+class IpRangeOut(_Out):
+    cidr: str
+    created_at: datetime
+    created_by: str | None
+
+    @classmethod
+    def from_row(cls, row: AllowedIpRange) -> IpRangeOut:
+        return cls(cidr=row.cidr, created_at=row.created_at, created_by=row.created_by)
+
+
+class IpRangesOut(_Out):
+    ranges: list[IpRangeOut]
+    enforced: bool = Field(description="False when the list is empty: agents may call from any address")
+
+
+class AuditOut(_Out):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target_type: str
+    target_id: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: AuditEntry) -> AuditOut:
+        return cls.model_validate(row, from_attributes=True)
