@@ -1,0 +1,310 @@
+"""The agent API over HTTP against a real database: the protocol's rules, and bad input."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from tests.integration.conftest import enqueue
+from tether.plane.models import Agent, Job
+from tether.plane.store import Store, utcnow
+
+
+class AgentCalls:
+    def __init__(self, client: TestClient, token: str, name: str = "a1", **register: Any) -> None:
+        self.client = client
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.incarnation = str(uuid.uuid4())
+        self.name = name
+        self.register_extra = register
+        self.agent_id = ""
+
+    def register(self, **override: Any) -> Any:
+        body = {
+            "name": self.name,
+            "incarnation": self.incarnation,
+            "tether_version": "0",
+            "airflow_version": "3",
+            "python_version": "3.11",
+            "hostname": "h",
+            "queues": ["default"],
+            "slots": 4,
+            **self.register_extra,
+            **override,
+        }
+        response = self.client.post("/v1/agents/register", json=body, headers=self.headers)
+        if response.status_code == 200:
+            self.agent_id = response.json()["agent_id"]
+        return response
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self.client.post(
+            f"/v1/agents/{self.agent_id}{path}",
+            json={"incarnation": self.incarnation, **body},
+            headers=self.headers,
+        )
+
+    def lease(self, free_slots: int = 4, queues: list[str] | None = None, wait: float = 0) -> Any:
+        return self.post("/lease", {"free_slots": free_slots, "queues": queues or ["default"], "wait": wait})
+
+
+@pytest.fixture
+def token(store: Store) -> str:
+    return store.create_token(name="test")[0].text
+
+
+@pytest.fixture
+def agent(client: TestClient, token: str) -> AgentCalls:
+    calls = AgentCalls(client, token)
+    assert calls.register().status_code == 200
+    return calls
+
+
+def _count(store: Store, model: type) -> int:
+    with store._tx() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_health_needs_no_token(client: TestClient) -> None:
+    assert client.get("/v1/health").json()["status"] == "ok"
+
+
+def test_register_heartbeat_lease_start_report(
+    client: TestClient, store: Store, agent: AgentCalls, make_workload: Callable[..., Any]
+) -> None:
+    beat = agent.post("/heartbeat", {"free_slots": 4})
+    assert beat.status_code == 200, beat.text
+    assert beat.json()["status"] == "HEALTHY"
+    workload = make_workload()
+    enqueue(store, workload)
+    leases = agent.lease().json()["leases"]
+    assert len(leases) == 1
+    assert leases[0]["workload"]["ti"]["id"] == str(workload.ti.id)
+    job_id = leases[0]["job_id"]
+    assert agent.post(f"/jobs/{job_id}/start", {}).json()["state"] == "RUNNING"
+    report = agent.post(f"/jobs/{job_id}/report", {"state": "success", "exit_code": 0})
+    assert report.json()["state"] == "SUCCESS"
+    # Reporting the same outcome again is harmless (a retried delivery); another is refused.
+    assert agent.post(f"/jobs/{job_id}/report", {"state": "success", "exit_code": 0}).status_code == 200
+    again = agent.post(f"/jobs/{job_id}/report", {"state": "failed", "exit_code": 1})
+    assert again.status_code == 409 and again.json()["reason"] == "job_final"
+
+
+def test_lease_honours_queues_slots_and_priority(
+    store: Store, agent: AgentCalls, make_workload: Callable[..., Any]
+) -> None:
+    low = make_workload(task_id="low", priority_weight=1)
+    high = make_workload(task_id="high", priority_weight=10)
+    big = make_workload(task_id="big", pool_slots=3)
+    other = make_workload(task_id="other", queue="gpu")
+    enqueue(store, low, high, big, other)
+    first = agent.lease(free_slots=1).json()["leases"]
+    assert [lease["workload"]["ti"]["task_id"] for lease in first] == ["high"]
+    second = agent.lease(free_slots=2).json()["leases"]
+    assert [lease["workload"]["ti"]["task_id"] for lease in second] == ["low"]
+    assert agent.lease(free_slots=2).json()["leases"] == []
+    third = agent.lease(free_slots=3).json()["leases"]
+    assert [lease["workload"]["ti"]["task_id"] for lease in third] == ["big"]
+
+
+def test_only_the_holder_may_start_or_report(
+    client: TestClient, store: Store, agent: AgentCalls, token: str, make_workload: Callable[..., Any]
+) -> None:
+    other = AgentCalls(client, token, name="a2")
+    assert other.register().status_code == 200
+    enqueue(store, make_workload())
+    job_id = agent.lease().json()["leases"][0]["job_id"]
+    start = other.post(f"/jobs/{job_id}/start", {})
+    assert start.status_code == 409 and start.json()["reason"] == "not_holder"
+    assert agent.post(f"/jobs/{job_id}/start", {}).status_code == 200
+    report = other.post(f"/jobs/{job_id}/report", {"state": "success", "exit_code": 0})
+    assert report.status_code == 409
+    with store._tx() as session:
+        assert session.get(Job, job_id).state == "RUNNING"
+
+
+def test_expired_lease_is_refused_at_the_start_gate_and_requeued_without_a_retry(
+    store: Store, agent: AgentCalls, make_workload: Callable[..., Any]
+) -> None:
+    workload = make_workload(try_number=1)
+    enqueue(store, workload)
+    job_id = agent.lease().json()["leases"][0]["job_id"]
+    with store._tx() as session:
+        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+    start = agent.post(f"/jobs/{job_id}/start", {})
+    assert start.status_code == 409 and start.json()["reason"] == "lease_expired"
+    with store._tx() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.agent_id, job.try_number) == ("QUEUED", None, 1)
+    assert agent.lease().json()["leases"][0]["job_id"] == job_id
+
+
+def test_a_live_name_cannot_be_taken_but_a_dead_one_can(
+    client: TestClient, store: Store, agent: AgentCalls, token: str, make_workload: Callable[..., Any]
+) -> None:
+    enqueue(store, make_workload(), make_workload())
+    leases = agent.lease(free_slots=2).json()["leases"]
+    agent.post(f"/jobs/{leases[0]['job_id']}/start", {})
+    impostor = AgentCalls(client, token, name=agent.name)
+    refused = impostor.register()
+    assert refused.status_code == 409
+    assert "held by a live agent" in refused.json()["detail"]
+    with store._tx() as session:
+        session.get(Agent, agent.agent_id).last_heartbeat = utcnow() - timedelta(minutes=5)
+    assert impostor.register().status_code == 200
+    with store._tx() as session:
+        states = {session.get(Job, lease["job_id"]).state for lease in leases}
+    # The dead incarnation's started job failed; its unstarted lease went back to the queue.
+    assert states == {"FAILED", "QUEUED"}
+    superseded = agent.post("/heartbeat", {"free_slots": 4})
+    assert superseded.status_code == 409 and superseded.json()["reason"] == "superseded"
+
+
+def test_sweep_settles_the_jobs_of_a_silent_agent(
+    store: Store, agent: AgentCalls, make_workload: Callable[..., Any]
+) -> None:
+    enqueue(store, make_workload(), make_workload())
+    leases = agent.lease(free_slots=2).json()["leases"]
+    agent.post(f"/jobs/{leases[0]['job_id']}/start", {})
+    assert store.sweep() == {"expired_leases": 0, "unhealthy_agents": 0}
+    later = utcnow() + SETTINGS_HEALTH_TIMEOUT + timedelta(seconds=1)
+    assert store.sweep(now=later)["unhealthy_agents"] == 1
+    with store._tx() as session:
+        running, leased = (session.get(Job, lease["job_id"]) for lease in leases)
+        assert running.state == "FAILED" and "unhealthy" in running.reason
+        assert (leased.state, leased.try_number) == ("QUEUED", 1)
+    # A report from the frozen agent for the failed job cannot overturn it.
+    late = agent.post(f"/jobs/{leases[0]['job_id']}/report", {"state": "success", "exit_code": 0})
+    assert late.status_code == 409
+
+
+SETTINGS_HEALTH_TIMEOUT = timedelta(seconds=3)
+
+
+def test_heartbeat_orders_a_kill_for_jobs_the_agent_no_longer_holds(
+    store: Store, agent: AgentCalls, make_workload: Callable[..., Any]
+) -> None:
+    workload = make_workload()
+    enqueue(store, workload)
+    job_id = agent.lease().json()["leases"][0]["job_id"]
+    agent.post(f"/jobs/{job_id}/start", {})
+    assert agent.post("/heartbeat", {"free_slots": 3, "running_jobs": [job_id]}).json()["commands"] == []
+    store.revoke(str(workload.ti.id), 1)
+    commands = agent.post("/heartbeat", {"free_slots": 3, "running_jobs": [job_id]}).json()["commands"]
+    assert [(c["kind"], c["job_id"]) for c in commands] == [("kill", job_id)]
+
+
+@pytest.mark.parametrize(
+    ("authorization", "reason"),
+    [
+        (None, "no_token"),
+        ("Basic abc", "no_token"),
+        ("Bearer not-a-token", "token_malformed"),
+        ("Bearer tether_0123456789_" + "A" * 43, "token_unknown"),
+    ],
+)
+def test_requests_without_a_valid_token_get_401_and_change_nothing(
+    client: TestClient, store: Store, authorization: str | None, reason: str
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    body = {
+        "name": "x",
+        "incarnation": str(uuid.uuid4()),
+        "tether_version": "0",
+        "airflow_version": "3",
+        "python_version": "3",
+        "hostname": "h",
+        "queues": ["default"],
+        "slots": 1,
+    }
+    response = client.post("/v1/agents/register", json=body, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["reason"] == reason
+    assert _count(store, Agent) == 0
+
+
+def test_revoked_and_expired_tokens_are_refused(client: TestClient, store: Store) -> None:
+    revoked_token, revoked_row = store.create_token(name="revoked")
+    store.revoke_token(revoked_row.id)
+    expired_token, _ = store.create_token(name="old", expires_in=timedelta(seconds=-1))
+    for text, reason in ((revoked_token.text, "token_revoked"), (expired_token.text, "token_expired")):
+        response = AgentCalls(client, text).register()
+        assert response.status_code == 401
+        assert response.json()["reason"] == reason
+    assert _count(store, Agent) == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ({"slots": -1}, "slots"),
+        ({"slots": 0}, "slots"),
+        ({"name": "x" * 10_000}, "name"),
+        ({"name": "bad name with spaces"}, "name"),
+        ({"queues": []}, "queues"),
+        ({"surprise": 1}, "surprise"),
+        ({"incarnation": "not-a-uuid"}, "incarnation"),
+    ],
+)
+def test_malformed_bodies_get_422_with_a_reason_and_change_nothing(
+    client: TestClient, store: Store, token: str, override: dict[str, Any], fragment: str
+) -> None:
+    response = AgentCalls(client, token).register(**override)
+    assert response.status_code == 422, response.text
+    assert response.json()["reason"] == "invalid_request"
+    assert fragment in response.json()["detail"]
+    assert _count(store, Agent) == 0
+
+
+def test_oversized_and_non_json_bodies_are_refused(client: TestClient, store: Store, token: str) -> None:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    big = client.post("/v1/agents/register", content=b"{" + b" " * 100_000 + b"}", headers=headers)
+    assert big.status_code == 413 and big.json()["reason"] == "body_too_large"
+    garbage = client.post("/v1/agents/register", content=b"{not json", headers=headers)
+    assert garbage.status_code == 422
+    assert _count(store, Agent) == 0
+
+
+def test_protocol_version_mismatch_is_refused(client: TestClient, token: str) -> None:
+    calls = AgentCalls(client, token)
+    calls.headers["X-Tether-Protocol"] = "99"
+    response = calls.register()
+    assert response.status_code == 422 and response.json()["reason"] == "protocol_mismatch"
+
+
+def test_every_response_carries_a_request_id(client: TestClient) -> None:
+    response = client.get("/v1/health", headers={"X-Request-Id": "abc123"})
+    assert response.headers["X-Request-Id"] == "abc123"
+    assert client.get("/v1/health").headers["X-Request-Id"]
+
+
+def test_openapi_document_describes_every_agent_route(client: TestClient) -> None:
+    paths = client.get("/v1/openapi.json").json()["paths"]
+    for suffix in ("register", "heartbeat", "lease", "start", "report", "health"):
+        assert any(p.endswith(suffix) for p in paths), suffix
+
+
+def test_a_long_poll_returns_as_soon_as_a_job_is_queued(
+    client: TestClient, store: Store, agent: AgentCalls, make_workload: Callable[..., Any]
+) -> None:
+    import threading
+    import time
+
+    result: dict[str, Any] = {}
+
+    def poll() -> None:
+        result["response"] = agent.lease(wait=20)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    time.sleep(0.5)
+    enqueue(store, make_workload())
+    thread.join(timeout=15)
+    assert not thread.is_alive(), "the waiting lease was not woken by the new job"
+    assert len(result["response"].json()["leases"]) == 1

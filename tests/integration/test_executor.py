@@ -1,0 +1,228 @@
+"""TetherExecutor against a real database: jobs in the caller's transaction, events, revoke, adoption."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import enqueue
+from tether import protocol
+from tether.plane.models import Job
+from tether.plane.store import Store, TokenIdentity, utcnow
+
+os.environ.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", "tests-only-secret")
+
+
+@pytest.fixture
+def executor(store: Store) -> Any:
+    from tether.plane.executor import TetherExecutor
+
+    return TetherExecutor(parallelism=3, store=store)
+
+
+@dataclass
+class FakeTI:
+    """The few task-instance attributes the executor reads in revoke and adoption."""
+
+    id: uuid.UUID
+    try_number: int
+    state: str
+    key: Any
+
+
+class Agent:
+    def __init__(self, store: Store, name: str = "a1") -> None:
+        self.store = store
+        _, row = store.create_token(name=f"tok-{name}")
+        self.identity = TokenIdentity(id=row.id, name=row.name)
+        self.incarnation = uuid.uuid4()
+        self.agent_id = store.register(
+            self.identity,
+            protocol.RegisterRequest(
+                name=name,
+                incarnation=self.incarnation,
+                tether_version="0",
+                airflow_version="3",
+                python_version="3.11",
+                hostname="h",
+                queues=["default"],
+                slots=8,
+            ),
+        ).id
+
+    def take(self, n: int = 8) -> list[str]:
+        leases = self.store.claim(
+            self.identity,
+            self.agent_id,
+            protocol.LeaseRequest(incarnation=self.incarnation, free_slots=n, queues=["default"], wait=0),
+        )
+        return [str(lease.job_id) for lease in leases]
+
+    def start(self, job_id: str) -> None:
+        self.store.start(self.identity, self.agent_id, job_id, protocol.StartRequest(incarnation=self.incarnation))
+
+    def report(self, job_id: str, state: protocol.ReportState) -> None:
+        self.store.report(
+            self.identity,
+            self.agent_id,
+            job_id,
+            protocol.ReportRequest(incarnation=self.incarnation, state=state, exit_code=0),
+        )
+
+
+def _queue(executor: Any, store: Store, workload: Any) -> None:
+    with store._tx() as session:
+        executor.queue_workload(workload, session)
+
+
+def test_a_rolled_back_scheduling_decision_leaves_no_job(
+    executor: Any, store: Store, make_workload: Callable[..., Any]
+) -> None:
+    session = store._session_factory()
+    with pytest.raises(RuntimeError), session.begin():
+        executor.queue_workload(make_workload(), session)
+        raise RuntimeError("the scheduler's transaction fails")
+    session.close()
+    with store._tx() as check:
+        assert check.query(Job).count() == 0
+
+
+def test_jobs_in_flight_count_against_parallelism(
+    executor: Any, store: Store, make_workload: Callable[..., Any]
+) -> None:
+    for i in range(2):
+        _queue(executor, store, make_workload(task_id=f"t{i}"))
+    assert len(executor.running) == 2
+    assert executor.slots_available == 1
+
+
+def test_job_states_become_executor_events(executor: Any, store: Store, make_workload: Callable[..., Any]) -> None:
+    ok, bad = make_workload(task_id="ok"), make_workload(task_id="bad")
+    _queue(executor, store, ok)
+    _queue(executor, store, bad)
+    agent = Agent(store)
+    jobs = agent.take()
+    for job_id in jobs:
+        agent.start(job_id)
+    executor.sync()
+    events = executor.get_event_buffer()
+    assert {key.task_id: state for key, (state, _) in events.items()} == {"ok": "running", "bad": "running"}
+    with store._tx() as session:
+        by_task = {session.get(Job, job_id).task_id: job_id for job_id in jobs}  # type: ignore[union-attr]
+    agent.report(by_task["ok"], protocol.ReportState.SUCCESS)
+    agent.report(by_task["bad"], protocol.ReportState.FAILED)
+    executor.sync()
+    events = executor.get_event_buffer()
+    assert {key.task_id: state for key, (state, _) in events.items()} == {"ok": "success", "bad": "failed"}
+    assert executor.running == set()
+
+
+def test_a_dead_agents_running_job_is_reported_failed(
+    executor: Any, store: Store, make_workload: Callable[..., Any]
+) -> None:
+    _queue(executor, store, make_workload())
+    agent = Agent(store)
+    agent.start(agent.take()[0])
+    store.sweep(now=utcnow() + timedelta(minutes=5))
+    executor.sync()
+    assert [state for state, _ in executor.get_event_buffer().values()] == ["failed"]
+
+
+def test_revoke_takes_the_job_away_without_an_event(
+    executor: Any, store: Store, make_workload: Callable[..., Any]
+) -> None:
+    workload = make_workload()
+    _queue(executor, store, workload)
+    executor.revoke_task(ti=FakeTI(workload.ti.id, 1, "queued", workload.ti.key))
+    assert executor.running == set()
+    assert Agent(store).take() == []
+    executor.sync()
+    assert executor.get_event_buffer() == {}
+    assert store.job_views([str(workload.ti.id)])[0].state is protocol.JobState.REVOKED
+
+
+def test_a_new_scheduler_adopts_what_tether_still_tracks(
+    executor: Any, store: Store, make_workload: Callable[..., Any]
+) -> None:
+    from tether.plane.executor import TetherExecutor
+
+    running, queued = make_workload(task_id="running"), make_workload(task_id="queued")
+    _queue(executor, store, running)
+    _queue(executor, store, queued)
+    agent = Agent(store)
+    leased = agent.take(1)
+    agent.start(leased[0])
+    unknown = make_workload(task_id="unknown")
+    successor = TetherExecutor(parallelism=3, store=store)
+    tis = [
+        FakeTI(running.ti.id, 1, "running", running.ti.key),
+        FakeTI(queued.ti.id, 1, "queued", queued.ti.key),
+        FakeTI(unknown.ti.id, 1, "queued", unknown.ti.key),
+    ]
+    not_adopted = successor.try_adopt_task_instances(tis)
+    assert [ti.id for ti in not_adopted] == [unknown.ti.id]
+    assert successor.running == {running.ti.key, queued.ti.key}
+    for job_id in leased:
+        agent.report(job_id, protocol.ReportState.SUCCESS)
+    successor.sync()
+    assert list(successor.get_event_buffer()) == [leased_key(store, leased[0])]
+
+
+def leased_key(store: Store, job_id: str) -> Any:
+    with store._tx() as session:
+        job = session.get(Job, job_id)
+        from airflow.models.taskinstancekey import TaskInstanceKey
+
+        return TaskInstanceKey(job.dag_id, job.task_id, job.run_id, job.try_number, job.map_index)
+
+
+def test_a_requeued_try_replaces_its_job(executor: Any, store: Store, make_workload: Callable[..., Any]) -> None:
+    workload = make_workload()
+    enqueue(store, workload)
+    agent = Agent(store)
+    agent.take()
+    _queue(executor, store, workload)
+    assert store.job_views([str(workload.ti.id)])[0].state is protocol.JobState.QUEUED
+    assert len(agent.take()) == 1
+
+
+def test_two_schedulers_sweeping_at_once_settle_each_job_once(
+    executor: Any, store: Store, make_workload: Callable[..., Any]
+) -> None:
+    import threading
+
+    for i in range(6):
+        _queue(executor, store, make_workload(task_id=f"t{i}"))
+    agent = Agent(store)
+    jobs = agent.take()
+    for job_id in jobs[:3]:
+        agent.start(job_id)
+    later = utcnow() + timedelta(minutes=5)
+    results: list[dict[str, int]] = []
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        try:
+            results.append(store.sweep(now=later))
+        except BaseException as exc:  # surfaced below: a sweep must not fail on a concurrent one
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    with store._tx() as session:
+        states = sorted(session.get(Job, job_id).state for job_id in jobs)
+    assert states == ["FAILED"] * 3 + ["QUEUED"] * 3
+    # Whichever sweep won, the agent was settled and nothing was done twice.
+    assert sum(r["unhealthy_agents"] for r in results) >= 1
+    executor.sync()
+    assert sorted(state for state, _ in executor.get_event_buffer().values()) == ["failed"] * 3

@@ -1,0 +1,83 @@
+"""A fake plane behind ``httpx.MockTransport``: just enough of protocol v1 to drive an agent."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class FakePlane:
+    queued: deque[dict[str, Any]] = field(default_factory=deque)
+    leased: dict[str, dict[str, Any]] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+    reports: list[tuple[str, str, int | None]] = field(default_factory=list)
+    heartbeats: list[dict[str, Any]] = field(default_factory=list)
+    registrations: int = 0
+    down: bool = False
+    refuse_start: bool = False
+    cordoned: bool = False
+    kill: set[str] = field(default_factory=set)
+    agent_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def add_job(self, task_id: str = "t", pool_slots: int = 1) -> str:
+        job_id = str(uuid.uuid4())
+        self.queued.append({"job_id": job_id, "pool_slots": pool_slots, "task_id": task_id})
+        return job_id
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        path = request.url.path.removeprefix("/tether/v1")
+        body = json.loads(request.content or b"{}")
+        if path == "/agents/register":
+            self.registrations += 1
+            return httpx.Response(
+                200,
+                json={"agent_id": self.agent_id, "heartbeat_interval": 0.05, "lease_wait": 0.05, "cordoned": False},
+            )
+        if path.endswith("/heartbeat"):
+            self.heartbeats.append(body)
+            commands = [
+                {"kind": "kill", "job_id": j, "reason": "revoked"} for j in body["running_jobs"] if j in self.kill
+            ]
+            return httpx.Response(
+                200,
+                json={"status": "HEALTHY", "cordoned": self.cordoned, "heartbeat_interval": 0.05, "commands": commands},
+            )
+        if path.endswith("/lease"):
+            leases = []
+            free = body["free_slots"]
+            while self.queued and self.queued[0]["pool_slots"] <= free and not self.cordoned:
+                job = self.queued.popleft()
+                free -= job["pool_slots"]
+                self.leased[job["job_id"]] = job
+                leases.append(
+                    {
+                        "job_id": job["job_id"],
+                        "pool_slots": job["pool_slots"],
+                        "lease_expires_at": (datetime.now(UTC) + timedelta(seconds=30)).isoformat(),
+                        "workload": {"ti": {"task_id": job["task_id"]}},
+                    }
+                )
+            return httpx.Response(200, json={"leases": leases})
+        if path.endswith("/start"):
+            job_id = path.split("/")[-2]
+            if self.refuse_start:
+                return httpx.Response(409, json={"detail": "lease expired", "reason": "lease_expired"})
+            self.started.append(job_id)
+            return httpx.Response(200, json={"job_id": job_id, "state": "RUNNING"})
+        if path.endswith("/report"):
+            job_id = path.split("/")[-2]
+            self.reports.append((job_id, body["state"], body.get("exit_code")))
+            return httpx.Response(200, json={"job_id": job_id, "state": body["state"].upper()})
+        return httpx.Response(404, json={"detail": "no route", "reason": "not_found"})

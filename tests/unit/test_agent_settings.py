@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import argparse
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tether.agent import settings as agent_settings
+from tether.errors import ConfigError
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    agent_settings.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_and_derived_values() -> None:
+    s = agent_settings.load(_args(), {"TETHER_PLANE_URL": "https://plane.example/", "TETHER_TOKEN": "t"})
+    assert s.plane_url == "https://plane.example"
+    assert s.execution_api_url == "https://plane.example/execution/"
+    assert s.queues == ("default",)
+    assert s.slots == 4
+    assert s.drain_timeout == timedelta(seconds=540)
+
+
+def test_flag_beats_environment_beats_file(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("plane_url: http://from-file\nslots: 2\nqueues: [a, b]\nname: file-name\n")
+    env = {"TETHER_CONFIG": str(config), "TETHER_SLOTS": "3", "TETHER_TOKEN": "t"}
+    s = agent_settings.load(_args("--name", "flag-name"), env)
+    assert (s.name, s.slots, s.queues, s.plane_url) == ("flag-name", 3, ("a", "b"), "http://from-file")
+
+
+def test_token_file_is_read(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("tether_0123456789_secret\n")
+    s = agent_settings.load(_args("--plane-url", "http://p", "--token-file", str(token)), {})
+    assert s.token == "tether_0123456789_secret"
+    assert "secret" not in str(s.redacted())
+    assert "secret" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        ((), {"TETHER_TOKEN": "t"}, "plane URL is required"),
+        (("--plane-url", "ftp://x"), {"TETHER_TOKEN": "t"}, "must be an http(s) URL"),
+        (("--plane-url", "http://p"), {}, "exactly one agent token source"),
+        (
+            ("--plane-url", "http://p", "--token", "t", "--token-file", "/f"),
+            {},
+            "exactly one agent token source",
+        ),
+        (
+            ("--plane-url", "http://p", "--token-file", "/nonexistent/token"),
+            {},
+            "cannot read the agent token file",
+        ),
+        (
+            ("--plane-url", "http://p", "--token", "t", "--slots", "0"),
+            {},
+            "--slots / TETHER_SLOTS: '0' is invalid",
+        ),
+        (("--plane-url", "http://p", "--token", "t", "--slots", "many"), {}, "--slots / TETHER_SLOTS"),
+        (("--plane-url", "http://p", "--token", "t", "--labels", "nokey"), {}, "is not key=value"),
+        (
+            ("--plane-url", "http://p", "--token", "t", "--ca-bundle", "/no/ca.pem"),
+            {},
+            "no file at /no/ca.pem",
+        ),
+        (("--plane-url", "http://p", "--token", "t", "--log-level", "LOUD"), {}, "--log-level"),
+        (("--plane-url", "http://p", "--token", "t", "--queues", " , "), {}, "at least one queue"),
+    ],
+)
+def test_bad_settings_fail_with_one_sentence_naming_the_option(
+    argv: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        agent_settings.load(_args(*argv), env)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("plane_url: http://p\ntoken: t\nslotz: 3\n")
+    with pytest.raises(ConfigError, match="unknown options: slotz"):
+        agent_settings.load(_args("--config", str(config)), {})
+
+
+def test_every_option_has_one_flag_and_one_env_name() -> None:
+    flags = [o.flag for o in agent_settings.OPTIONS]
+    envs = [o.env for o in agent_settings.OPTIONS]
+    assert len(set(flags)) == len(flags) and len(set(envs)) == len(envs)
+    for option in agent_settings.OPTIONS:
+        assert option.env == "TETHER_" + option.flag[2:].replace("-", "_").upper()

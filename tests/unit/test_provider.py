@@ -1,0 +1,47 @@
+"""How Airflow discovers Tether, and the helpers of the admin CLI that need no database."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import yaml
+
+from tether.plane.commands import agents_values
+from tether.plane.config import OPTIONS, PlaneSettings
+from tether.plane.provider import get_provider_info
+
+
+def test_provider_declares_executor_cli_db_manager_and_every_option() -> None:
+    info = get_provider_info()
+    assert info["executors"] == ["tether.plane.executor.TetherExecutor"]
+    assert info["db-managers"] == ["tether.plane.db.TetherDBManager"]
+    options = info["config"]["tether"]["options"]
+    assert set(options) == set(OPTIONS)
+    for name, option in options.items():
+        assert option["description"].strip(), name
+        assert option["type"] in {"string", "integer", "float", "boolean"}, name
+        assert "default" in option, name
+
+
+def test_declared_defaults_are_the_settings_defaults() -> None:
+    defaults = PlaneSettings()
+    for name, option in OPTIONS.items():
+        value = getattr(defaults, name)
+        declared = option["default"]
+        if hasattr(value, "total_seconds"):
+            assert value.total_seconds() == float(declared), name
+        elif isinstance(value, tuple):
+            assert value == () and declared == "", name
+        else:
+            assert value == type(value)(declared), name
+
+
+def test_values_file_is_valid_yaml_prefilled_for_the_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    agents_values(argparse.Namespace(namespace="data-eu", queues="default, etl"))
+    values = yaml.safe_load(capsys.readouterr().out)
+    assert values["namespace"] == "data-eu"
+    assert values["planeURL"].startswith("http")
+    assert values["agentTokenSecretName"]
+    assert values["workers"][0]["queues"] == ["default", "etl"]
+    assert {"secretBackend", "xcomBackend"} <= set(values)
