@@ -1,0 +1,57 @@
+"""DAGs of the fault scenarios: each scenario has a queue of its own, so agents of one never take another's work."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from airflow.sdk import dag, get_current_context, task
+
+
+def _sleeper(dag_id: str, queue: str, seconds: float, *, retries: int = 0, copies: int = 1) -> None:
+    @dag(dag_id=dag_id, schedule=None, catchup=False, max_active_tasks=256)
+    def sleeper():
+        @task(queue=queue, retries=retries, retry_delay=timedelta(seconds=1))
+        def nap() -> float:
+            # Only the first try is long: a retry exists to prove the task ran again, not to wait again.
+            pause = seconds if get_current_context()["ti"].try_number == 1 else 1
+            time.sleep(pause)
+            return pause
+
+        for i in range(copies):
+            nap.override(task_id=f"nap_{i}" if copies > 1 else "nap")()
+
+    sleeper()
+
+
+# 1. kill -9: one long task to fail over, and short ones to be leased but never started.
+_sleeper("faults_kill_long", "killq", 60, retries=1)
+_sleeper("faults_kill_short", "killq", 1, copies=3)
+# 2. SIGTERM: a 20 s task drained to completion, then one that outlives the drain timeout.
+_sleeper("faults_drain", "drainq", 20)
+_sleeper("faults_drain_cut", "drainq2", 30, retries=1)
+# 3. API server restart; 4. scheduler restart.
+_sleeper("faults_api_restart", "apiq", 45)
+_sleeper("faults_sched_running", "schedq", 25)
+_sleeper("faults_sched_waiting", "schedq", 1, copies=4)
+# 5. partitions: a short one the task outlives, a long one the plane acts on.
+_sleeper("faults_partition_short", "partq", 6)
+_sleeper("faults_partition_long", "partq2", 40, retries=1)
+# 7. a lease never confirmed.
+_sleeper("faults_unconfirmed", "leaseq", 1)
+# 8. a frozen agent.
+_sleeper("faults_frozen", "frozenq", 40, retries=1)
+
+
+@dag(dag_id="faults_many", schedule=None, catchup=False, max_active_tasks=256)
+def faults_many():
+    """6. 200 trivial jobs for two agents on one queue."""
+
+    @task(queue="manyq", retries=0)
+    def tick(i: int) -> int:
+        return i
+
+    tick.expand(i=list(range(200)))
+
+
+faults_many()
