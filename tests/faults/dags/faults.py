@@ -40,7 +40,7 @@ _sleeper("faults_partition_long", "partq2", 40, retries=1)
 # 7. a lease never confirmed.
 _sleeper("faults_unconfirmed", "leaseq", 1)
 # 8. a frozen agent.
-_sleeper("faults_frozen", "frozenq", 40, retries=1)
+_sleeper("faults_frozen", "frozenq", 12, retries=1)
 
 
 @dag(dag_id="faults_many", schedule=None, catchup=False, max_active_tasks=256)
