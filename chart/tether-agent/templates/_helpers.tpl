@@ -1,0 +1,167 @@
+{{/* Prefix of every object's name. */}}
+{{- define "tether-agent.prefix" -}}
+{{- default .Release.Name .Values.resourceNamePrefix | trunc 20 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Namespace of every object. */}}
+{{- define "tether-agent.namespace" -}}
+{{- default .Release.Namespace .Values.namespace -}}
+{{- end -}}
+
+{{- define "tether-agent.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (printf "%s-agent" (include "tether-agent.prefix" .)) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels that select the agents of the release; a worker group adds its own. */}}
+{{- define "tether-agent.selectorLabels" -}}
+app.kubernetes.io/name: tether-agent
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "tether-agent.labels" -}}
+{{ include "tether-agent.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- with .Values.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The metadata block shared by every object: name given by the caller. */}}
+{{- define "tether-agent.metadata" -}}
+namespace: {{ include "tether-agent.namespace" .root }}
+labels:
+  {{- include "tether-agent.labels" .root | nindent 2 }}
+  {{- with .extraLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with .root.Values.annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "tether-agent.tokenSecretName" -}}
+{{- if .Values.agentToken -}}
+{{- printf "%s-token" (include "tether-agent.prefix" .) -}}
+{{- else -}}
+{{- .Values.agentTokenSecretName -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tether-agent.pullSecretName" -}}
+{{- if .Values.imagePullSecretData -}}
+{{- printf "%s-pull" (include "tether-agent.prefix" .) -}}
+{{- else -}}
+{{- .Values.imagePullSecretName -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tether-agent.configSecretName" -}}
+{{- printf "%s-backends" (include "tether-agent.prefix" .) -}}
+{{- end -}}
+
+{{/* Where the chart mounts what the agent reads from files. */}}
+{{- define "tether-agent.tokenDir" -}}/var/run/secrets/tether/token{{- end -}}
+{{- define "tether-agent.caDir" -}}/etc/tether/ca{{- end -}}
+{{- define "tether-agent.clientCertDir" -}}/var/run/secrets/tether/client{{- end -}}
+
+{{/*
+Every rule values.schema.json cannot say in a sentence. Each failure is one sentence
+naming the value and the fix.
+*/}}
+{{- define "tether-agent.validate" -}}
+{{- $v := .Values -}}
+{{- if not $v.planeURL -}}
+{{- fail "planeURL is required: set it to the URL of the Airflow API server the agents connect to, e.g. https://airflow.example.com." -}}
+{{- end -}}
+{{- $tokenSources := list -}}
+{{- range $key := list "agentToken" "agentTokenSecretName" "agentTokenFile" -}}
+{{- if index $v $key -}}{{- $tokenSources = append $tokenSources $key -}}{{- end -}}
+{{- end -}}
+{{- if eq (len $tokenSources) 0 -}}
+{{- fail "No agent token is set: set exactly one of agentToken, agentTokenSecretName or agentTokenFile." -}}
+{{- end -}}
+{{- if gt (len $tokenSources) 1 -}}
+{{- fail (printf "%s are set together, but the agents take one token: keep exactly one of agentToken, agentTokenSecretName or agentTokenFile." (join " and " $tokenSources)) -}}
+{{- end -}}
+{{- if and $v.agentTokenFile (not (isAbs $v.agentTokenFile)) -}}
+{{- fail (printf "agentTokenFile %q is not an absolute path: set it to where the token file is mounted in the container, e.g. /var/run/secrets/tether/token/token." $v.agentTokenFile) -}}
+{{- end -}}
+{{- if and $v.imagePullSecretName $v.imagePullSecretData -}}
+{{- fail "imagePullSecretName and imagePullSecretData are both set: keep the name of an existing Secret or the data for the chart to store, not both." -}}
+{{- end -}}
+{{- if not $v.secretBackend -}}
+{{- fail "secretBackend is required because secrets stay on the agent side: set it to a secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend." -}}
+{{- end -}}
+{{- if not $v.xcomBackend -}}
+{{- fail "xcomBackend is required because XCom values stay on the agent side: set it to an XCom backend class, e.g. airflow.providers.common.io.xcom.backend.XComObjectStorageBackend." -}}
+{{- end -}}
+{{- if and $v.caBundle.configMapName $v.caBundle.secretName -}}
+{{- fail "caBundle.configMapName and caBundle.secretName are both set: take the CA bundle from one of them." -}}
+{{- end -}}
+{{- $forbidden := list "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD" "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_SECRET" "AIRFLOW__CORE__SQL_ALCHEMY_CONN" -}}
+{{- range $e := $v.commonEnv -}}
+{{- if has $e.name $forbidden -}}
+{{- fail (printf "commonEnv sets %s, but agents never connect to the metadata database: remove it." $e.name) -}}
+{{- end -}}
+{{- end -}}
+{{- $names := dict -}}
+{{- range $i, $w := $v.workers -}}
+{{- if hasKey $names $w.name -}}
+{{- fail (printf "workers[%d].name %q is already the name of workers[%d]: give every worker a unique name." $i $w.name (get $names $w.name)) -}}
+{{- end -}}
+{{- $_ := set $names $w.name $i -}}
+{{- if and (hasKey $w "slots") (lt (int $w.slots) 1) -}}
+{{- fail (printf "workers[%d].slots is %d: set it to 1 or more, the number of tasks an agent runs at once." $i (int $w.slots)) -}}
+{{- end -}}
+{{- $grace := include "tether-agent.grace" $w | int -}}
+{{- if and (hasKey $w "drainTimeoutSeconds") (not (kindIs "invalid" $w.drainTimeoutSeconds)) -}}
+{{- if lt (int $w.drainTimeoutSeconds) 1 -}}
+{{- fail (printf "workers[%d].drainTimeoutSeconds is %d: set it to 1 or more so running tasks get time to finish." $i (int $w.drainTimeoutSeconds)) -}}
+{{- end -}}
+{{- if ge (int $w.drainTimeoutSeconds) $grace -}}
+{{- fail (printf "workers[%d].terminationGracePeriodSeconds (%d) is not longer than its drainTimeoutSeconds (%d): raise terminationGracePeriodSeconds or lower drainTimeoutSeconds so Kubernetes waits for the drain." $i $grace (int $w.drainTimeoutSeconds)) -}}
+{{- end -}}
+{{- else if lt $grace 31 -}}
+{{- fail (printf "workers[%d].terminationGracePeriodSeconds (%d) leaves no time to drain running tasks: set it above 30 or set a drainTimeoutSeconds below it." $i $grace) -}}
+{{- end -}}
+{{- range $e := $w.env -}}
+{{- if has $e.name $forbidden -}}
+{{- fail (printf "workers[%d].env sets %s, but agents never connect to the metadata database: remove it." $i $e.name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A worker's grace period, with the chart default. */}}
+{{- define "tether-agent.grace" -}}
+{{- if and (hasKey . "terminationGracePeriodSeconds") (not (kindIs "invalid" .terminationGracePeriodSeconds)) -}}
+{{- .terminationGracePeriodSeconds | int -}}
+{{- else -}}
+600
+{{- end -}}
+{{- end -}}
+
+{{/* A worker's drain timeout: its own, or 30 s under its grace period. */}}
+{{- define "tether-agent.drainTimeout" -}}
+{{- if and (hasKey . "drainTimeoutSeconds") (not (kindIs "invalid" .drainTimeoutSeconds)) -}}
+{{- .drainTimeoutSeconds | int -}}
+{{- else -}}
+{{- sub (include "tether-agent.grace" . | int) 30 -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A worker's task slots, with the chart default. */}}
+{{- define "tether-agent.slots" -}}
+{{- if and (hasKey . "slots") (not (kindIs "invalid" .slots)) -}}
+{{- .slots | int -}}
+{{- else -}}
+4
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,87 @@
+"""Render the tether-agent chart offline and validate what comes out."""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART_DIR = ROOT / "chart" / "tether-agent"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion); newer ones accept these objects too.
+KUBERNETES_VERSION = "1.30.0"
+RELEASE = "tether"
+NAMESPACE = "agents"
+
+TOKEN = "tether_0123abcd_" + "s" * 43
+
+# The least a user must give: where the plane is, a token and both backends.
+MINIMAL: dict[str, Any] = {
+    "planeURL": "https://airflow.example.com",
+    "agentToken": TOKEN,
+    "secretBackend": "airflow.providers.hashicorp.secrets.vault.VaultBackend",
+    "xcomBackend": "airflow.providers.common.io.xcom.backend.XComObjectStorageBackend",
+}
+
+
+def values(**overrides: Any) -> dict[str, Any]:
+    """MINIMAL with overrides; a value of None removes the key."""
+    out = copy.deepcopy(MINIMAL)
+    for key, value in overrides.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+@cache
+def _chart() -> helm.Chart:
+    return helm.Chart.load(CHART_DIR)
+
+
+def render_files(vals: dict[str, Any], *, namespace: str = NAMESPACE) -> dict[str, str]:
+    """Template path -> rendered text, as `helm template` would write them."""
+    return _chart().render(values=vals, name=RELEASE, namespace=namespace, is_install=True)
+
+
+def render(vals: dict[str, Any], *, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+    """Every Kubernetes object a `helm install` with these values would create."""
+    objects: list[dict[str, Any]] = []
+    for path, text in sorted(render_files(vals, namespace=namespace).items()):
+        if not path.endswith((".yaml", ".yml")):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def render_error(vals: dict[str, Any]) -> str:
+    """The message with which rendering these values fails."""
+    try:
+        render_files(vals)
+    except helm.HelmError as exc:
+        return str(exc)
+    raise AssertionError("the chart rendered values that should have been refused")
+
+
+def validate(obj: dict[str, Any]) -> None:
+    """Raise unless the object is valid for KUBERNETES_VERSION, unknown fields included."""
+    kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d["spec"]["template"]["spec"] for d in by_kind(objects, "Deployment")]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    """name -> value, or the valueFrom mapping when the value comes from elsewhere."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}

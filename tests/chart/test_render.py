@@ -1,0 +1,354 @@
+"""What the chart renders, across the values users give it."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from tests.chart.rendering import (
+    NAMESPACE,
+    RELEASE,
+    TOKEN,
+    by_kind,
+    env_of,
+    pod_specs,
+    render,
+    render_files,
+    validate,
+    values,
+)
+
+THREE_WORKERS = [
+    {"name": "default", "queues": ["default"]},
+    {"name": "etl", "queues": ["etl", "etl-heavy"], "replicas": 3, "slots": 8, "terminationGracePeriodSeconds": 3600},
+    {
+        "name": "gpu",
+        "queues": ["gpu"],
+        "slots": 1,
+        "drainTimeoutSeconds": 100,
+        "terminationGracePeriodSeconds": 120,
+        "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}, "requests": {"cpu": "2", "memory": "8Gi"}},
+        "nodeSelector": {"accelerator": "gpu"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]
+                }
+            }
+        },
+        "env": [{"name": "CUDA_VISIBLE_DEVICES", "value": "0"}],
+        "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+        "probes": {"liveness": {"periodSeconds": 30}},
+    },
+]
+
+MATRIX: dict[str, dict[str, Any]] = {
+    "minimal": values(),
+    "three-workers": values(workers=THREE_WORKERS),
+    "token-secret-name": values(agentToken=None, agentTokenSecretName="agent-token"),
+    "token-file": values(
+        agentToken=None,
+        agentTokenFile="/mnt/secrets-store/token",
+        workers=[
+            {
+                "name": "default",
+                "queues": ["default"],
+                "volumes": [
+                    {
+                        "name": "secrets-store",
+                        "csi": {"driver": "secrets-store.csi.k8s.io", "readOnly": True},
+                    }
+                ],
+                "volumeMounts": [{"name": "secrets-store", "mountPath": "/mnt/secrets-store", "readOnly": True}],
+            }
+        ],
+    ),
+    "pull-secret-data": values(imagePullSecretData=json.dumps({"auths": {"registry.example.com": {"auth": "dTpw"}}})),
+    "pull-secret-name": values(imagePullSecretName="registry-credentials"),
+    "proxy-and-ca-configmap": values(
+        proxy={"httpProxy": "http://proxy:3128", "httpsProxy": "http://proxy:3128", "noProxy": "10.0.0.0/8,.svc"},
+        caBundle={"configMapName": "corp-ca", "key": "bundle.pem"},
+    ),
+    "ca-secret-and-client-cert": values(caBundle={"secretName": "corp-ca"}, clientCertSecretName="agent-client-tls"),
+    "preflight": values(preflight={"enabled": True}),
+    "create-namespace": values(createNamespace=True, namespace="data-eu"),
+    "no-pdb-no-metrics-existing-sa": values(
+        podDisruptionBudget={"enabled": False},
+        metricsService={"enabled": False},
+        serviceAccount={"create": False, "name": "agents"},
+    ),
+    "everything-else": values(
+        resourceNamePrefix="eu",
+        image={"repository": "registry.example.com/data/tether-agent", "tag": "0.1.0-dags3", "pullPolicy": "Always"},
+        secretBackendKwargs={"url": "https://vault:8200", "mount_point": "airflow"},
+        xcomBackendSettings={
+            "common.io": {"xcom_objectstorage_path": "s3://bucket/xcom", "xcom_objectstorage_threshold": 1024}
+        },
+        dagBundleConfigList=[
+            {
+                "name": "dags",
+                "classpath": "airflow.providers.git.bundles.git.GitDagBundle",
+                "kwargs": {"tracking_ref": "main"},
+            }
+        ],
+        commonEnv=[{"name": "AIRFLOW__CORE__DEFAULT_TIMEZONE", "value": "Europe/Paris"}],
+        labels={"team": "data"},
+        annotations={"owner": "data-platform"},
+        logLevel="DEBUG",
+        healthPort=9100,
+        serviceAccount={"annotations": {"iam.gke.io/gcp-service-account": "agents@p.iam.gserviceaccount.com"}},
+        metricsService={"port": 9100, "annotations": {"prometheus.io/scrape": "true"}},
+        podDisruptionBudget={"maxUnavailable": "50%"},
+    ),
+}
+
+
+@pytest.fixture(params=sorted(MATRIX), scope="module")
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(MATRIX[request.param])
+
+
+def test_every_object_is_valid_for_kubernetes(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objects = rendered
+    assert objects
+    for obj in objects:
+        validate(obj)
+
+
+def test_every_object_is_in_the_agents_namespace(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    case, objects = rendered
+    expected = MATRIX[case].get("namespace") or NAMESPACE
+    for obj in objects:
+        if obj["kind"] == "Namespace":
+            assert obj["metadata"]["name"] == expected
+        else:
+            assert obj["metadata"]["namespace"] == expected, obj["metadata"]["name"]
+
+
+def test_pods_meet_the_restricted_pod_security_standard(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objects = rendered
+    for spec in pod_specs(objects):
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True
+        assert pod["runAsUser"] == 50000
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+        assert spec["automountServiceAccountToken"] is False
+        for container in spec["containers"] + spec.get("initContainers", []):
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["runAsNonRoot"] is True
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert not sc.get("privileged")
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert {"/tmp", "/home/tether"} <= mounts
+        volume_kinds = {key for volume in spec["volumes"] for key in volume if key != "name"}
+        assert "hostPath" not in volume_kinds
+
+
+def test_agents_have_no_inbound_service_but_metrics(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objects = rendered
+    services = by_kind(objects, "Service")
+    assert len(services) <= 1
+    for service in services:
+        assert service["spec"]["type"] == "ClusterIP"
+        assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
+    assert not by_kind(objects, "Ingress")
+
+
+def test_agents_never_get_a_metadata_database_connection(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objects = rendered
+    for spec in pod_specs(objects):
+        for container in spec["containers"] + spec.get("initContainers", []):
+            names = set(env_of(container))
+            assert not any("SQL_ALCHEMY_CONN" in name for name in names), names
+
+
+def test_default_install_objects() -> None:
+    objects = render(values())
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
+    assert kinds == [
+        ("Deployment", f"{RELEASE}-default"),
+        ("PodDisruptionBudget", f"{RELEASE}-default"),
+        ("Secret", f"{RELEASE}-backends"),
+        ("Secret", f"{RELEASE}-token"),
+        ("Service", f"{RELEASE}-metrics"),
+        ("ServiceAccount", f"{RELEASE}-agent"),
+    ]
+
+
+def test_a_worker_gets_the_schema_defaults_it_leaves_out() -> None:
+    objects = render(values(workers=[{"name": "etl", "queues": ["etl"]}]))
+    [deployment] = by_kind(objects, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    [agent] = spec["containers"]
+    env = env_of(agent)
+    assert deployment["spec"]["replicas"] == 1
+    assert spec["terminationGracePeriodSeconds"] == 600
+    assert env["TETHER_SLOTS"] == "4"
+    assert env["TETHER_DRAIN_TIMEOUT"] == "570"
+    assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert agent["livenessProbe"]["periodSeconds"] == 15
+
+
+def test_each_worker_has_its_own_deployment_queues_and_drain() -> None:
+    objects = render(values(workers=THREE_WORKERS))
+    deployments = {d["metadata"]["name"]: d for d in by_kind(objects, "Deployment")}
+    assert sorted(deployments) == [f"{RELEASE}-default", f"{RELEASE}-etl", f"{RELEASE}-gpu"]
+    expected = {
+        "etl": ("etl,etl-heavy", "8", "3570", 3600, 3),
+        "gpu": ("gpu", "1", "100", 120, 1),
+        "default": ("default", "4", "570", 600, 1),
+    }
+    for worker, (queues, slots, drain, grace, replicas) in expected.items():
+        deployment = deployments[f"{RELEASE}-{worker}"]
+        spec = deployment["spec"]["template"]["spec"]
+        env = env_of(spec["containers"][0])
+        assert (env["TETHER_QUEUES"], env["TETHER_SLOTS"], env["TETHER_DRAIN_TIMEOUT"]) == (queues, slots, drain)
+        assert spec["terminationGracePeriodSeconds"] == grace
+        assert float(drain) < grace
+        assert deployment["spec"]["replicas"] == replicas
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector["tether-agent/worker"] == worker
+        assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    gpu = deployments[f"{RELEASE}-gpu"]["spec"]["template"]["spec"]
+    assert gpu["nodeSelector"] == {"accelerator": "gpu"}
+    assert gpu["containers"][0]["livenessProbe"]["periodSeconds"] == 30
+    assert gpu["containers"][0]["livenessProbe"]["failureThreshold"] == 4
+    assert env_of(gpu["containers"][0])["CUDA_VISIBLE_DEVICES"] == "0"
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in gpu["containers"][0]["volumeMounts"]
+    pdbs = {p["metadata"]["name"]: p for p in by_kind(objects, "PodDisruptionBudget")}
+    assert sorted(pdbs) == sorted(deployments)
+    for name, pdb in pdbs.items():
+        assert pdb["spec"]["selector"]["matchLabels"] == deployments[name]["spec"]["selector"]["matchLabels"]
+
+
+def test_metrics_service_selects_the_agents_health_port() -> None:
+    objects = render(values(workers=THREE_WORKERS))
+    [service] = by_kind(objects, "Service")
+    for deployment in by_kind(objects, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items()
+        [agent] = deployment["spec"]["template"]["spec"]["containers"]
+        assert agent["ports"] == [{"name": "health", "containerPort": 8790, "protocol": "TCP"}]
+    assert service["spec"]["ports"][0]["targetPort"] == "health"
+
+
+def test_token_sources_end_up_as_a_token_file() -> None:
+    created = render(values())
+    [secret] = [s for s in by_kind(created, "Secret") if s["metadata"]["name"] == f"{RELEASE}-token"]
+    assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
+    [spec] = pod_specs(created)
+    assert env_of(spec["containers"][0])["TETHER_TOKEN_FILE"] == "/var/run/secrets/tether/token/token"
+    assert {"TETHER_TOKEN"}.isdisjoint(env_of(spec["containers"][0]))
+    [token_volume] = [v for v in spec["volumes"] if v["name"] == "token"]
+    assert token_volume["secret"]["secretName"] == f"{RELEASE}-token"
+
+    existing = render(MATRIX["token-secret-name"])
+    assert not [s for s in by_kind(existing, "Secret") if s["metadata"]["name"] == f"{RELEASE}-token"]
+    [spec] = pod_specs(existing)
+    [token_volume] = [v for v in spec["volumes"] if v["name"] == "token"]
+    assert token_volume["secret"]["secretName"] == "agent-token"
+
+    from_file = render(MATRIX["token-file"])
+    [spec] = pod_specs(from_file)
+    assert env_of(spec["containers"][0])["TETHER_TOKEN_FILE"] == "/mnt/secrets-store/token"
+    assert "token" not in {v["name"] for v in spec["volumes"]}
+
+
+def test_pull_secret_is_created_from_data_or_named() -> None:
+    objects = render(MATRIX["pull-secret-data"])
+    [pull] = [s for s in by_kind(objects, "Secret") if s["type"] == "kubernetes.io/dockerconfigjson"]
+    data = json.loads(base64.b64decode(pull["data"][".dockerconfigjson"]))
+    assert "registry.example.com" in data["auths"]
+    [spec] = pod_specs(objects)
+    assert spec["imagePullSecrets"] == [{"name": pull["metadata"]["name"]}]
+    [spec] = pod_specs(render(MATRIX["pull-secret-name"]))
+    assert spec["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    [spec] = pod_specs(render(values()))
+    assert "imagePullSecrets" not in spec
+
+
+def test_proxy_and_ca_bundle_reach_the_agent() -> None:
+    [spec] = pod_specs(render(MATRIX["proxy-and-ca-configmap"]))
+    env = env_of(spec["containers"][0])
+    assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://proxy:3128"
+    assert env["NO_PROXY"] == "10.0.0.0/8,.svc"
+    assert env["TETHER_CA_BUNDLE"] == "/etc/tether/ca/ca.crt"
+    [ca] = [v for v in spec["volumes"] if v["name"] == "ca-bundle"]
+    assert ca["configMap"] == {"name": "corp-ca", "items": [{"key": "bundle.pem", "path": "ca.crt"}]}
+
+    [spec] = pod_specs(render(MATRIX["ca-secret-and-client-cert"]))
+    env = env_of(spec["containers"][0])
+    assert "HTTPS_PROXY" not in env
+    [ca] = [v for v in spec["volumes"] if v["name"] == "ca-bundle"]
+    assert ca["secret"]["secretName"] == "corp-ca"
+    assert env["TETHER_CLIENT_CERT"].endswith("/tls.crt") and env["TETHER_CLIENT_KEY"].endswith("/tls.key")
+
+
+def test_backends_and_bundles_become_airflow_settings() -> None:
+    objects = render(MATRIX["everything-else"])
+    [spec] = pod_specs(objects)
+    [agent] = spec["containers"]
+    env = env_of(agent)
+    assert env["AIRFLOW__WORKERS__SECRETS_BACKEND"] == MATRIX["minimal"]["secretBackend"]
+    assert env["AIRFLOW__CORE__XCOM_BACKEND"] == MATRIX["minimal"]["xcomBackend"]
+    assert env["AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_PATH"] == "s3://bucket/xcom"
+    assert env["AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_THRESHOLD"] == "1024"
+    bundles = json.loads(env["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"])
+    assert bundles[0]["classpath"] == "airflow.providers.git.bundles.git.GitDagBundle"
+    assert env["AIRFLOW__CORE__DEFAULT_TIMEZONE"] == "Europe/Paris"
+    assert env["TETHER_LOG_LEVEL"] == "DEBUG"
+    assert env["TETHER_HEALTH_PORT"] == "9100"
+    # The kwargs may hold credentials: they come from a Secret, never inline.
+    kwargs_ref = env["AIRFLOW__WORKERS__SECRETS_BACKEND_KWARGS"]["secretKeyRef"]
+    [backends] = [s for s in by_kind(objects, "Secret") if s["metadata"]["name"] == kwargs_ref["name"]]
+    assert json.loads(base64.b64decode(backends["data"][kwargs_ref["key"]])) == {
+        "url": "https://vault:8200",
+        "mount_point": "airflow",
+    }
+    assert agent["image"] == "registry.example.com/data/tether-agent:0.1.0-dags3"
+    assert agent["imagePullPolicy"] == "Always"
+    for obj in objects:
+        assert obj["metadata"]["name"].startswith("eu-")
+        assert obj["metadata"]["labels"]["team"] == "data"
+        assert obj["metadata"]["annotations"]["owner"] == "data-platform"
+
+
+def test_preflight_runs_check_with_the_agents_settings() -> None:
+    [spec] = pod_specs(render(MATRIX["preflight"]))
+    [preflight] = spec["initContainers"]
+    [agent] = spec["containers"]
+    assert preflight["args"] == ["check"]
+    assert preflight["command"] == agent["command"]
+    assert preflight["env"] == agent["env"]
+    assert preflight["volumeMounts"] == agent["volumeMounts"]
+    assert "initContainers" not in pod_specs(render(values()))[0]
+
+
+def test_created_namespace_enforces_the_restricted_standard() -> None:
+    [namespace] = by_kind(render(MATRIX["create-namespace"]), "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert not by_kind(render(values()), "Namespace")
+
+
+def test_optional_objects_can_be_left_out() -> None:
+    objects = render(MATRIX["no-pdb-no-metrics-existing-sa"])
+    assert {o["kind"] for o in objects} == {"Deployment", "Secret"}
+    [spec] = pod_specs(objects)
+    assert spec["serviceAccountName"] == "agents"
+
+
+def test_notes_tell_how_to_check_the_agents() -> None:
+    notes = render_files(values(workers=THREE_WORKERS))["tether-agent/templates/NOTES.txt"]
+    assert f"kubectl get pods -n {NAMESPACE} -l app.kubernetes.io/instance={RELEASE}" in notes
+    assert "airflow tether agents list" in notes
+    assert "worker etl: 3 agent(s) serving etl, etl-heavy" in notes
