@@ -80,6 +80,9 @@ naming the value and the fix.
 {{- if not $v.planeURL -}}
 {{- fail "planeURL is required: set it to the URL of the Airflow API server the agents connect to, e.g. https://airflow.example.com." -}}
 {{- end -}}
+{{- if not (regexMatch "^https?://[^/]+" $v.planeURL) -}}
+{{- fail (printf "planeURL %q is not an http(s) URL: set it to the URL of the Airflow API server, starting with https://." $v.planeURL) -}}
+{{- end -}}
 {{- $tokenSources := list -}}
 {{- range $key := list "agentToken" "agentTokenSecretName" "agentTokenFile" -}}
 {{- if index $v $key -}}{{- $tokenSources = append $tokenSources $key -}}{{- end -}}
@@ -88,7 +91,7 @@ naming the value and the fix.
 {{- fail "No agent token is set: set exactly one of agentToken, agentTokenSecretName or agentTokenFile." -}}
 {{- end -}}
 {{- if gt (len $tokenSources) 1 -}}
-{{- fail (printf "%s are set together, but the agents take one token: keep exactly one of agentToken, agentTokenSecretName or agentTokenFile." (join " and " $tokenSources)) -}}
+{{- fail (printf "%s are set together, but the agents take one token: keep exactly one of agentToken, agentTokenSecretName or agentTokenFile." (join ", " $tokenSources)) -}}
 {{- end -}}
 {{- if and $v.agentTokenFile (not (isAbs $v.agentTokenFile)) -}}
 {{- fail (printf "agentTokenFile %q is not an absolute path: set it to where the token file is mounted in the container, e.g. /var/run/secrets/tether/token/token." $v.agentTokenFile) -}}

@@ -1,0 +1,122 @@
+"""Bad values fail `helm install` with one sentence naming the value and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.chart.rendering import render_error, values
+
+
+def _worker(**fields: Any) -> dict[str, Any]:
+    return {"name": "etl", "queues": ["etl"], **fields}
+
+
+BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
+    "no token source": (
+        values(agentToken=None),
+        "No agent token is set: set exactly one of agentToken, agentTokenSecretName or agentTokenFile.",
+    ),
+    "two token sources": (
+        values(agentTokenSecretName="agent-token"),
+        "agentToken, agentTokenSecretName are set together, but the agents take one token: "
+        "keep exactly one of agentToken, agentTokenSecretName or agentTokenFile.",
+    ),
+    "three token sources": (
+        values(agentTokenSecretName="agent-token", agentTokenFile="/mnt/token"),
+        "agentToken, agentTokenSecretName, agentTokenFile are set together, but the agents take one token: "
+        "keep exactly one of agentToken, agentTokenSecretName or agentTokenFile.",
+    ),
+    "relative token file": (
+        values(agentToken=None, agentTokenFile="token"),
+        'agentTokenFile "token" is not an absolute path: set it to where the token file is mounted in the container',
+    ),
+    "missing secretBackend": (
+        values(secretBackend=None),
+        "secretBackend is required because secrets stay on the agent side: set it to a secrets backend class",
+    ),
+    "empty xcomBackend": (
+        values(xcomBackend=""),
+        "xcomBackend is required because XCom values stay on the agent side: set it to an XCom backend class",
+    ),
+    "missing planeURL": (
+        values(planeURL=None),
+        "planeURL is required: set it to the URL of the Airflow API server the agents connect to",
+    ),
+    "planeURL without scheme": (
+        values(planeURL="airflow.example.com"),
+        'planeURL "airflow.example.com" is not an http(s) URL: set it to the URL of the Airflow API server, '
+        "starting with https://.",
+    ),
+    "duplicate worker names": (
+        values(workers=[_worker(), {"name": "default", "queues": ["default"]}, _worker(queues=["other"])]),
+        'workers[2].name "etl" is already the name of workers[0]: give every worker a unique name.',
+    ),
+    "slots below one": (
+        values(workers=[_worker(), _worker(name="small", slots=0)]),
+        "workers[1].slots is 0: set it to 1 or more, the number of tasks an agent runs at once.",
+    ),
+    "grace period not above the drain timeout": (
+        values(workers=[_worker(terminationGracePeriodSeconds=300, drainTimeoutSeconds=300)]),
+        "workers[0].terminationGracePeriodSeconds (300) is not longer than its drainTimeoutSeconds (300): "
+        "raise terminationGracePeriodSeconds or lower drainTimeoutSeconds so Kubernetes waits for the drain.",
+    ),
+    "grace period too short for the default drain": (
+        values(workers=[_worker(terminationGracePeriodSeconds=20)]),
+        "workers[0].terminationGracePeriodSeconds (20) leaves no time to drain running tasks: "
+        "set it above 30 or set a drainTimeoutSeconds below it.",
+    ),
+    "zero drain timeout": (
+        values(workers=[_worker(drainTimeoutSeconds=0)]),
+        "workers[0].drainTimeoutSeconds is 0: set it to 1 or more so running tasks get time to finish.",
+    ),
+    "two pull secret sources": (
+        values(imagePullSecretName="registry", imagePullSecretData="{}"),
+        "imagePullSecretName and imagePullSecretData are both set: keep the name of an existing Secret "
+        "or the data for the chart to store, not both.",
+    ),
+    "two CA bundle sources": (
+        values(caBundle={"configMapName": "ca", "secretName": "ca"}),
+        "caBundle.configMapName and caBundle.secretName are both set: take the CA bundle from one of them.",
+    ),
+    "metadata database in commonEnv": (
+        values(commonEnv=[{"name": "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "value": "postgresql://db/airflow"}]),
+        "commonEnv sets AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, but agents never connect to the metadata database: "
+        "remove it.",
+    ),
+    "metadata database in a worker's env": (
+        values(workers=[_worker(env=[{"name": "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD", "value": "cat /db"}])]),
+        "workers[0].env sets AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD, but agents never connect to the metadata "
+        "database: remove it.",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_bad_values_fail_with_one_sentence(case: str) -> None:
+    vals, sentence = BAD_VALUES[case]
+    message = render_error(vals)
+    assert sentence in message
+    # One sentence: the template's message is the whole error after Helm's location prefix.
+    assert message.rstrip().endswith(".")
+    assert message.split("): ", 1)[-1].replace("e.g. ", "").count(". ") == 0
+
+
+SCHEMA_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
+    "misspelt top-level value": (values(planeUrl="https://x"), "additional properties 'planeUrl' not allowed"),
+    "misspelt worker value": (values(workers=[_worker(slot=3)]), "additional properties 'slot' not allowed"),
+    "worker without queues": (values(workers=[{"name": "etl"}]), "/workers/0"),
+    "worker name not a DNS label": (values(workers=[_worker(name="ETL_jobs")]), "/workers/0/name"),
+    "slots as text": (values(workers=[_worker(slots="four")]), "/workers/0/slots"),
+    "unknown log level": (values(logLevel="verbose"), "/logLevel"),
+    "no workers": (values(workers=[]), "/workers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCHEMA_ERRORS))
+def test_the_schema_names_the_value_it_refuses(case: str) -> None:
+    vals, fragment = SCHEMA_ERRORS[case]
+    message = render_error(vals)
+    assert "values don't meet the specifications of the schema" in message
+    assert fragment in message
