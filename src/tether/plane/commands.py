@@ -205,14 +205,18 @@ def audit(args: argparse.Namespace) -> None:
 # -- Helm values --------------------------------------------------------------------
 
 VALUES_TEMPLATE = """\
-# values.yaml for the tether-agent Helm chart, made by `airflow tether agents values`.
-# Fill in the placeholders, then: helm install tether-agent <chart> -n {namespace} -f values.yaml
+# values.yaml for the tether-agent Helm chart (chart/tether-agent), made by
+# `airflow tether agents values`. Fill in the placeholders, then:
+#   kubectl create namespace {namespace}
+#   kubectl label namespace {namespace} pod-security.kubernetes.io/enforce=restricted
+#   helm install tether-agent <chart> -n {namespace} -f values.yaml
 
 # The plane's API server, as the agents reach it (outbound HTTPS).
 planeURL: {plane_url}
 
+# The namespace exists before the install, since the token Secret goes there first.
 namespace: {namespace}
-createNamespace: true
+createNamespace: false
 
 # The agent token, from an existing Secret with key `token`. Create the token with
 #   airflow tether tokens create --name {namespace}

@@ -1,0 +1,193 @@
+"""What the chart runs is what the agent accepts, and the plane's values file installs."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.chart.rendering import (
+    NAMESPACE,
+    ROOT,
+    TOKEN,
+    by_kind,
+    env_of,
+    pod_specs,
+    render,
+    validate,
+    values,
+)
+from tests.chart.test_render import MATRIX
+from tether.agent import cli as agent_cli
+from tether.plane.commands import agents_values
+
+AGENT = Path(sys.executable).parent / "tether-agent"
+DOCKERFILE = ROOT / "docker" / "agent" / "Dockerfile"
+POD_NAME = "tether-etl-6d9f7c5b8-x2x7q"
+
+
+def _secret_value(objects: list[dict[str, Any]], ref: dict[str, str]) -> str:
+    [secret] = [s for s in by_kind(objects, "Secret") if s["metadata"]["name"] == ref["name"]]
+    return base64.b64decode(secret["data"][ref["key"]]).decode()
+
+
+def _container_environment(
+    objects: list[dict[str, Any]], spec: dict[str, Any], container: dict[str, Any], root: Path
+) -> dict[str, str]:
+    """The container's environment, with every mounted path moved under `root`, its files in place."""
+    mounts = sorted((m["mountPath"] for m in container["volumeMounts"]), key=len, reverse=True)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    environment = {"PATH": os.environ["PATH"], "HOME": str(root / "home" / "tether")}
+    for entry in container["env"]:
+        name = entry["name"]
+        if "value" in entry:
+            value = entry["value"]
+        elif "fieldRef" in entry["valueFrom"]:
+            assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            value = POD_NAME
+        else:
+            value = _secret_value(objects, entry["valueFrom"]["secretKeyRef"])
+        mount = next((m for m in mounts if value.startswith(m + "/")), None)
+        if name.startswith("TETHER_") and mount is not None:
+            # A file the chart points the agent at: it must come from the volume mounted there.
+            [volume_mount] = [m for m in container["volumeMounts"] if m["mountPath"] == mount]
+            volume = volumes[volume_mount["name"]]
+            source = volume.get("secret") or volume.get("configMap") or {}
+            relative = value[len(mount) + 1 :]
+            if "items" in source:
+                assert relative in [item["path"] for item in source["items"]], (name, volume)
+            file = root / value.lstrip("/")
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(TOKEN if name == "TETHER_TOKEN_FILE" else "-----BEGIN CERTIFICATE-----\n")
+            value = str(file)
+        environment[name] = value
+    return environment
+
+
+CASES = [
+    "minimal",
+    "three-workers",
+    "token-file",
+    "proxy-and-ca-configmap",
+    "ca-secret-and-client-cert",
+    "everything-else",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_agent_accepts_the_rendered_command_and_environment(case: str, tmp_path: Path) -> None:
+    objects = render(MATRIX[case])
+    for deployment in by_kind(objects, "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        [agent] = spec["containers"]
+        root = tmp_path / deployment["metadata"]["name"]
+        environment = _container_environment(objects, spec, agent, root)
+        assert agent["command"] == ["tether-agent"]
+        argv = [str(AGENT), *agent["command"][1:], *agent["args"], "--print-settings"]
+        result = subprocess.run(argv, env=environment, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"{shlex.join(argv)}: {result.stderr}"
+        settings = json.loads(result.stdout)
+
+        rendered = env_of(agent)
+        assert settings["plane_url"] == MATRIX[case]["planeURL"]
+        assert settings["name"] == POD_NAME
+        assert settings["queues"] == rendered["TETHER_QUEUES"].split(",")
+        assert settings["slots"] == int(rendered["TETHER_SLOTS"])
+        assert settings["drain_timeout"] == float(rendered["TETHER_DRAIN_TIMEOUT"])
+        assert settings["drain_timeout"] < spec["terminationGracePeriodSeconds"]
+        assert settings["health_port"] == agent["ports"][0]["containerPort"]
+        assert settings["log_level"] == MATRIX[case].get("logLevel", "INFO")
+        assert settings["token"].startswith("tether_0123abcd_") and TOKEN not in result.stdout
+        assert (settings["ca_bundle"] is not None) == ("TETHER_CA_BUNDLE" in rendered)
+
+
+def test_the_agent_refuses_what_the_chart_would_never_render(tmp_path: Path) -> None:
+    """The check above has teeth: a setting the CLI does not accept exits 2 with its message."""
+    objects = render(values())
+    [spec] = pod_specs(objects)
+    environment = _container_environment(objects, spec, spec["containers"][0], tmp_path)
+    environment["TETHER_SLOTS"] = "0"
+    result = subprocess.run(
+        [str(AGENT), "run", "--print-settings"], env=environment, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "--slots / TETHER_SLOTS" in result.stderr
+
+
+def test_the_preflight_container_runs_the_check_command() -> None:
+    [spec] = pod_specs(render(MATRIX["preflight"]))
+    [preflight] = spec["initContainers"]
+    parsed = agent_cli._parser().parse_args([*preflight["command"][1:], *preflight["args"]])
+    assert parsed.command == "check"
+
+
+def _plane_values(capsys: pytest.CaptureFixture[str], namespace: str) -> dict[str, Any]:
+    agents_values(argparse.Namespace(namespace=namespace, queues="default, etl"))
+    loaded: dict[str, Any] = yaml.safe_load(capsys.readouterr().out)
+    return loaded
+
+
+def test_the_values_the_plane_prints_install_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    plane_values = _plane_values(capsys, "data-eu")
+    objects = render(plane_values, namespace="data-eu")
+    for obj in objects:
+        validate(obj)
+        assert obj["metadata"]["namespace"] == "data-eu"
+    [spec] = pod_specs(objects)
+    env = env_of(spec["containers"][0])
+    assert env["TETHER_QUEUES"] == "default,etl"
+    assert env["TETHER_PLANE_URL"] == plane_values["planeURL"]
+    [token] = [v for v in spec["volumes"] if v["name"] == "token"]
+    assert token["secret"]["secretName"] == plane_values["agentTokenSecretName"]
+
+
+def test_the_values_the_plane_prints_take_a_token_instead_of_a_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    plane_values = _plane_values(capsys, NAMESPACE)
+    del plane_values["agentTokenSecretName"]
+    plane_values["agentToken"] = TOKEN
+    objects = render(plane_values)
+    [secret] = [s for s in by_kind(objects, "Secret") if "token" in s["data"]]
+    assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_the_image_runs_the_agent_as_user_50000() -> None:
+    instructions = _dockerfile_instructions()
+    final_stage = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM") :]
+    args = dict(rest.split("=", 1) for k, rest in instructions if k == "ARG" and "=" in rest)
+    assert args["PYTHON_IMAGE"].startswith("python:3.11-slim")
+    settings = {k: rest for k, rest in final_stage if k in {"USER", "ENTRYPOINT", "CMD"}}
+    assert settings["USER"] == "50000"
+    assert json.loads(settings["ENTRYPOINT"]) == ["tether-agent"]
+    assert json.loads(settings["CMD"]) == ["run"]
+    runs = " ".join(rest for k, rest in final_stage if k == "RUN")
+    # Installed at the versions the lock pins, the package from the wheel built in the first stage.
+    assert "pip install --no-cache-dir -c /opt/tether/lock.txt /wheels/airflow_tether-" in runs
+    assert ("COPY", "requirements/lock.txt /opt/tether/lock.txt") in final_stage
+    assert "useradd --uid 50000" in runs
+
+
+def test_the_chart_runs_the_image_entrypoint() -> None:
+    entrypoint = next(json.loads(rest) for k, rest in _dockerfile_instructions() if k == "ENTRYPOINT")
+    [spec] = pod_specs(render(values()))
+    assert spec["containers"][0]["command"] == entrypoint
+    assert spec["securityContext"]["runAsUser"] == 50000
