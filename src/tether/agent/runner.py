@@ -12,6 +12,8 @@ tree, because the task runner lives in a process group of its own.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import signal
 import sys
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 #: Exit code the child uses when the supervisor could not even be started.
 EXIT_SETUP_FAILED = 125
@@ -106,6 +110,33 @@ def task_sdk_tls_environment(
     return env
 
 
+def warm_up() -> None:
+    """Load, once in the agent, what every task would otherwise load after the fork.
+
+    A forked child inherits its parent's modules, and their pages stay shared.
+    Past the supervisor, the task runner imports Airflow's DagBag (with the
+    serialization and ORM modules behind it) to parse the DAG file, and loads
+    every installed Airflow plugin for its listeners. Done in each child, that
+    cost about a CPU-second per task - more than a trivial task itself - and a
+    private copy of those modules per running task. Anything that fails here is
+    left for the child to do (and report) as before.
+    """
+    from airflow.sdk.execution_time import supervisor, task_runner  # noqa: F401
+
+    try:
+        import airflow.dag_processing.dagbag  # noqa: F401
+        from airflow.dag_processing.bundles.manager import DagBundlesManager
+        from airflow.sdk.listener import get_listener_manager
+
+        DagBundlesManager()  # type: ignore[no-untyped-call]
+        get_listener_manager()
+    except Exception as exc:
+        log.warning("Could not pre-load the task runner's modules; each task will load them: %s", exc)
+    # Objects made so far are never collected: the collector then leaves their
+    # pages alone, so children do not copy them on write.
+    gc.freeze()
+
+
 class ForkRunner:
     """Forks a supervisor per workload."""
 
@@ -119,8 +150,7 @@ class ForkRunner:
     ) -> None:
         self.execution_api_url = execution_api_url
         os.environ.update(task_sdk_tls_environment(ca_bundle=ca_bundle, client_cert=client_cert, client_key=client_key))
-        # Import before any fork so every child starts warm.
-        from airflow.sdk.execution_time import supervisor  # noqa: F401
+        warm_up()
 
     def spawn(self, workload: dict[str, Any]) -> ForkedTask:
         from airflow.sdk.api.datamodels._generated import BundleInfo, TaskInstance
