@@ -3,13 +3,15 @@
 The executor never talks to agents. ``queue_workload`` writes a job row in the
 scheduler's own transaction (so a rolled-back scheduling decision leaves no job
 behind); agents claim rows through the agent API; ``sync`` turns the rows' state
-changes into executor events and sweeps leases and agents that went silent.
+changes into executor events and sweeps leases and agents that went silent -
+silent while the agent API was answering, which it checks with a health probe.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +28,77 @@ if TYPE_CHECKING:
     from airflow.models.taskinstance import TaskInstance
     from sqlalchemy.orm import Session
 
+log = logging.getLogger(__name__)
+
 #: Sweeping and purging need not run on every scheduler loop.
 _SWEEP_EVERY = timedelta(seconds=1)
 _PURGE_EVERY = timedelta(minutes=5)
 _MISSING_GRACE = timedelta(seconds=60)
+
+
+def agent_api_health_url() -> str:
+    """Where the scheduler finds the agent API: next to the Execution API, which it is mounted beside."""
+    from airflow.configuration import conf
+
+    execution = conf.get("core", "execution_api_server_url", fallback="") or ""
+    if not execution:
+        execution = (conf.get("api", "base_url", fallback="") or "http://localhost:8080").rstrip("/") + "/execution/"
+    root = execution.rstrip("/").removesuffix("/execution")
+    return f"{root}/tether/v1/health"
+
+
+def http_probe(url: str, *, timeout: float = 2.0) -> Callable[[], bool]:
+    """A probe answering whether ``url`` returns 200 now."""
+    import httpx
+    from airflow.configuration import conf
+
+    verify: str | bool = conf.get("api", "ssl_ca_file", fallback="") or True
+
+    def probe() -> bool:
+        try:
+            return httpx.get(url, timeout=timeout, verify=verify).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return probe
+
+
+class AgentApiWatch:
+    """Whether the agent API has answered long enough for an agent's silence to mean anything.
+
+    Agents heartbeat through the agent API. While it is away every agent falls
+    silent at once, through no fault of theirs; after it is back each one gets
+    a full health timeout to be heard again before its silence counts (ADR 4).
+    """
+
+    def __init__(
+        self, probe: Callable[[], bool], *, grace: timedelta, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._probe = probe
+        self._grace = grace.total_seconds()
+        self._clock = clock
+        self._up_since: float | None = None
+        self._was_up = True
+
+    def silence_counts(self) -> bool:
+        up = self._probe()
+        now = self._clock()
+        if up != self._was_up:
+            self._was_up = up
+            if up:
+                log.info("The agent API answers again")
+            else:
+                log.warning(
+                    "The agent API does not answer; agents are not declared unhealthy for missed heartbeats "
+                    "until it has been back for %.0fs",
+                    self._grace,
+                )
+        if not up:
+            self._up_since = None
+            return False
+        if self._up_since is None:
+            self._up_since = now
+        return now - self._up_since >= self._grace
 
 
 def _default_store() -> Store:
@@ -44,9 +113,12 @@ class TetherExecutor(BaseExecutor):
     supports_ad_hoc_ti_run = True
     serve_logs = False
 
-    def __init__(self, *args: Any, store: Store | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, store: Store | None = None, agent_api_watch: AgentApiWatch | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._store = store
+        self._watch = agent_api_watch
         # ti id -> (key, last state reported to the scheduler)
         self._tracked: dict[str, tuple[TaskInstanceKey, JobState]] = {}
         self._missing_since: dict[str, float] = {}
@@ -58,6 +130,12 @@ class TetherExecutor(BaseExecutor):
         if self._store is None:
             self._store = _default_store()
         return self._store
+
+    @property
+    def watch(self) -> AgentApiWatch:
+        if self._watch is None:
+            self._watch = AgentApiWatch(http_probe(agent_api_health_url()), grace=self.store.settings.health_timeout)
+        return self._watch
 
     def start(self) -> None:
         self.log.info("Tether executor started (parallelism %d)", self.parallelism)
@@ -79,7 +157,7 @@ class TetherExecutor(BaseExecutor):
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_EVERY.total_seconds()
-            counts = self.store.sweep()
+            counts = self.store.sweep(judge_silence=self.watch.silence_counts())
             if any(counts.values()):
                 self.log.warning("Tether sweep: %s", counts)
         if now >= self._next_purge:

@@ -921,11 +921,13 @@ class Store:
             .values(state=JobState.FAILED.value, finished_at=now, reason=reason)
         )
 
-    def sweep(self, *, now: datetime | None = None) -> dict[str, int]:
+    def sweep(self, *, now: datetime | None = None, judge_silence: bool = True) -> dict[str, int]:
         """Return expired leases to the queue and settle the jobs of unhealthy agents.
 
         Every change is conditional on the state it expects, so two schedulers
-        sweeping at once do the work once.
+        sweeping at once do the work once. With ``judge_silence`` false, agents
+        are not held to their missed heartbeats: the caller knows the agent API
+        was not there to hear them (see ADR 4).
         """
         now = now or utcnow()
         counts = {"expired_leases": 0, "unhealthy_agents": 0}
@@ -936,15 +938,17 @@ class Store:
             self._requeue(session, expired, now=now)
             counts["expired_leases"] = len(expired)
             cutoff = now - self.settings.health_timeout
-            dead = session.scalars(
-                select(Agent.id)
-                .join(Job, Job.agent_id == Agent.id)
-                .where(
-                    Agent.last_heartbeat < cutoff,
-                    Job.state.in_([JobState.LEASED.value, JobState.RUNNING.value]),
-                )
-                .distinct()
-            ).all()
+            dead: Sequence[str] = ()
+            if judge_silence:
+                dead = session.scalars(
+                    select(Agent.id)
+                    .join(Job, Job.agent_id == Agent.id)
+                    .where(
+                        Agent.last_heartbeat < cutoff,
+                        Job.state.in_([JobState.LEASED.value, JobState.RUNNING.value]),
+                    )
+                    .distinct()
+                ).all()
             dead_tokens = session.scalars(
                 select(Agent.id)
                 .join(AgentToken, AgentToken.id == Agent.token_id)
