@@ -6,9 +6,12 @@ import base64
 import json
 from typing import Any
 
+import helm_python as helm
 import pytest
 
 from tests.chart.rendering import (
+    CHART_DIR,
+    KUBERNETES_VERSION,
     NAMESPACE,
     RELEASE,
     TOKEN,
@@ -352,3 +355,11 @@ def test_notes_tell_how_to_check_the_agents() -> None:
     assert f"kubectl get pods -n {NAMESPACE} -l app.kubernetes.io/instance={RELEASE}" in notes
     assert "airflow tether agents list" in notes
     assert "worker etl: 3 agent(s) serving etl, etl-heavy" in notes
+
+
+def test_helm_lint_finds_no_warning_or_error() -> None:
+    report = helm.lint(
+        CHART_DIR, values=values(), strict=True, kube_version=f"v{KUBERNETES_VERSION}", namespace=NAMESPACE
+    )
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
