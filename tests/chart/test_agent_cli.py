@@ -191,3 +191,41 @@ def test_the_chart_runs_the_image_entrypoint() -> None:
     [spec] = pod_specs(render(values()))
     assert spec["containers"][0]["command"] == entrypoint
     assert spec["securityContext"]["runAsUser"] == 50000
+
+
+READ_AIRFLOW_SETTINGS = """
+import json
+from airflow.sdk.configuration import conf
+print(json.dumps({
+    "secrets_backend": conf.get("workers", "secrets_backend"),
+    "secrets_backend_kwargs": json.loads(conf.get("workers", "secrets_backend_kwargs")),
+    "xcom_backend": conf.get("core", "xcom_backend"),
+    "xcom_objectstorage_path": conf.get("common.io", "xcom_objectstorage_path"),
+    "dag_bundle_config_list": json.loads(conf.get("dag_processor", "dag_bundle_config_list")),
+}))
+"""
+
+
+def test_the_task_sdk_reads_the_backends_from_the_rendered_environment(tmp_path: Path) -> None:
+    # Backends that are installed here: Airflow imports the secrets backend as it loads its settings.
+    vals = {
+        **MATRIX["everything-else"],
+        "secretBackend": "airflow.secrets.local_filesystem.LocalFilesystemBackend",
+        "secretBackendKwargs": {"variables_file_path": "/etc/airflow/variables.json"},
+        "xcomBackend": "airflow.sdk.execution_time.xcom.BaseXCom",
+    }
+    objects = render(vals)
+    [spec] = pod_specs(objects)
+    environment = _container_environment(objects, spec, spec["containers"][0], tmp_path)
+    environment["AIRFLOW_HOME"] = str(tmp_path / "airflow")
+    result = subprocess.run(
+        [sys.executable, "-c", READ_AIRFLOW_SETTINGS], env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "secrets_backend": vals["secretBackend"],
+        "secrets_backend_kwargs": vals["secretBackendKwargs"],
+        "xcom_backend": vals["xcomBackend"],
+        "xcom_objectstorage_path": vals["xcomBackendSettings"]["common.io"]["xcom_objectstorage_path"],
+        "dag_bundle_config_list": vals["dagBundleConfigList"],
+    }
