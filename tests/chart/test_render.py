@@ -188,18 +188,24 @@ def test_default_install_objects() -> None:
 
 
 def test_a_worker_gets_the_schema_defaults_it_leaves_out() -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    defaults = {k: v["default"] for k, v in schema["properties"]["workers"]["items"]["properties"].items()}
     objects = render(values(workers=[{"name": "etl", "queues": ["etl"]}]))
     [deployment] = by_kind(objects, "Deployment")
     spec = deployment["spec"]["template"]["spec"]
     [agent] = spec["containers"]
     env = env_of(agent)
-    assert deployment["spec"]["replicas"] == 1
-    assert spec["terminationGracePeriodSeconds"] == 600
-    assert env["TETHER_SLOTS"] == "4"
-    assert env["TETHER_DRAIN_TIMEOUT"] == "570"
+    assert deployment["spec"]["replicas"] == defaults["replicas"]
+    assert spec["terminationGracePeriodSeconds"] == defaults["terminationGracePeriodSeconds"]
+    assert env["TETHER_SLOTS"] == str(defaults["slots"])
+    assert defaults["drainTimeoutSeconds"] is None
+    assert env["TETHER_DRAIN_TIMEOUT"] == str(defaults["terminationGracePeriodSeconds"] - 30)
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
-    assert agent["livenessProbe"]["periodSeconds"] == 15
+    for probe in ("liveness", "readiness"):
+        rendered = {k: v for k, v in agent[f"{probe}Probe"].items() if k != "httpGet"}
+        assert rendered == defaults["probes"][probe]
+    assert "resources" not in agent and "nodeSelector" not in spec
 
 
 def test_each_worker_has_its_own_deployment_queues_and_drain() -> None:
