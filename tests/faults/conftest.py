@@ -29,10 +29,10 @@ from tether.embedded import AgentProcess, ManagedProcess, Plane, start_agent, wa
 
 DAGS = Path(__file__).parent / "dags"
 
-HEARTBEAT = 2.0
+HEARTBEAT = 4.0
 MISSED = 3
 HEALTH_TIMEOUT = HEARTBEAT * MISSED
-LEASE_TIMEOUT = 15.0
+LEASE_TIMEOUT = 25.0
 #: What a scheduler loop, a sweep and the poll of the test may add to a deadline of the design.
 SLACK = 5.0
 

@@ -42,7 +42,7 @@ def test_a_frozen_agent_is_fenced_and_its_stale_outcome_refused(plane: Plane, ag
     # The task process was not frozen: it runs on until Airflow fences it, or finishes into a
     # task instance that is no longer running. Wake the agent only once that try is over.
     wait_until(lambda: history(plane, "faults_frozen", run_id), 60, "the first try recorded as over")
-    time.sleep(max(0.0, 14 - (time.monotonic() - stopped_at)))
+    time.sleep(max(0.0, 27 - (time.monotonic() - stopped_at)))  # past the 25 s the task would have taken
     frozen.process.signal(signal.SIGCONT)
 
     assert plane.wait_for_run("faults_frozen", run_id, timeout=120) == "success", logs(plane)

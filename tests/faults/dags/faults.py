@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 
@@ -35,12 +36,29 @@ _sleeper("faults_api_restart", "apiq", 45)
 _sleeper("faults_sched_running", "schedq", 25)
 _sleeper("faults_sched_waiting", "schedq", 1, copies=4)
 # 5. partitions: a short one the task outlives, a long one the plane acts on.
-_sleeper("faults_partition_short", "partq", 6)
 _sleeper("faults_partition_long", "partq2", 40, retries=1)
 # 7. a lease never confirmed.
 _sleeper("faults_unconfirmed", "leaseq", 1)
 # 8. a frozen agent.
-_sleeper("faults_frozen", "frozenq", 12, retries=1)
+_sleeper("faults_frozen", "frozenq", 25, retries=1)
+
+
+@dag(dag_id="faults_partition_short", schedule=None, catchup=False)
+def faults_partition_short():
+    """5. A task that finishes when the test says so: while the agent is cut off from the plane."""
+
+    @task(queue="partq", retries=0)
+    def wait_for_release() -> str:
+        release = os.environ["FAULTS_RELEASE"]
+        deadline = time.monotonic() + 120
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return "released"
+
+    wait_for_release()
+
+
+faults_partition_short()
 
 
 @dag(dag_id="faults_many", schedule=None, catchup=False, max_active_tasks=256)
