@@ -65,25 +65,31 @@ class BodyLimit:
                     scope, receive, send
                 )
                 return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
+        # Read the whole body here, before any route sees it: a limit hit halfway through a
+        # route's own read would surface as FastAPI's reason-less 400, not as our 413.
+        body = b""
+        more = True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await _problem(413, f"the request body is over {self.limit} bytes", "body_too_large")(
+                    scope, receive, send
+                )
+                return
+            more = bool(message.get("more_body", False))
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await _problem(413, f"the request body is over {self.limit} bytes", "body_too_large")(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def _problem(status: int, detail: str, reason: str) -> JSONResponse:
