@@ -73,3 +73,6 @@ def faults_many():
 
 
 faults_many()
+
+
+_sleeper("faults_bad_input", "badq", 1)
