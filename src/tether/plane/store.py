@@ -442,16 +442,21 @@ class Store:
             agent.metrics = dict(request.metrics)
             # Anything the agent runs that the plane no longer lets it hold must die:
             # revoked, failed by a sweep, or handed to another agent.
-            held = {
-                row.id
-                for row in session.scalars(
-                    select(Job).where(
-                        Job.agent_id == agent.id,
-                        Job.incarnation == agent.incarnation,
-                        Job.state.in_([JobState.LEASED.value, JobState.RUNNING.value]),
+            # An idle agent (the common case, and the whole load of a large fleet) holds nothing to check.
+            held = (
+                {
+                    row.id
+                    for row in session.scalars(
+                        select(Job).where(
+                            Job.agent_id == agent.id,
+                            Job.incarnation == agent.incarnation,
+                            Job.state.in_([JobState.LEASED.value, JobState.RUNNING.value]),
+                        )
                     )
-                )
-            }
+                }
+                if request.running_jobs
+                else set()
+            )
             commands = []
             for job_id in request.running_jobs:
                 if str(job_id) not in held:

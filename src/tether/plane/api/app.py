@@ -8,13 +8,15 @@ first request (mounted sub-apps get no lifespan events of their own).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
+import gc
 import logging
+import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,6 +30,9 @@ from tether.plane.api.deps import Address, Ctx, Identity, PlaneContext
 from tether.plane.store import NOTIFY_CHANNEL, Store
 
 log = logging.getLogger("tether.api")
+
+#: Fraction of the lease wait by which a poll may be cut short, to spread agents' polls out.
+LEASE_JITTER = 0.25
 
 
 def _context_from_airflow() -> PlaneContext:
@@ -45,7 +50,53 @@ def _context_from_airflow() -> PlaneContext:
 
         url = make_url(conn)
         dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    # By the first agent call the API server has imported and built everything it
+    # keeps for life - millions of objects. A full collection scanned all of them:
+    # with a thousand agents it stopped the event loop for 0.3-0.6 s every ~10 s,
+    # which was the whole tail of heartbeat latency. Frozen, they are not scanned again.
+    gc.freeze()
     return PlaneContext.for_store(store, listen_dsn=dsn)
+
+
+class RequestLog:
+    """Echo (or assign) a request id and log each request with its status and duration.
+
+    A plain ASGI middleware: Starlette's ``@app.middleware("http")`` runs every
+    request through a task group and memory streams, which with a thousand agents
+    holding long-polls cost the API server more CPU than the requests themselves.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = protocol.REQUEST_ID_HEADER.lower().encode()
+        rid = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == header), "") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        started = time.monotonic()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (header, rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log.info(
+                "%s %s -> %d in %.1f ms [request_id=%s]",
+                scope.get("method"),
+                scope.get("path"),
+                status,
+                (time.monotonic() - started) * 1000,
+                rid,
+            )
 
 
 class BodyLimit:
@@ -112,23 +163,7 @@ def create_app(
     app.state.tether_context_lock = asyncio.Lock()
     app.state.tether_authorizer = authorizer
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        rid = request.headers.get(protocol.REQUEST_ID_HEADER) or uuid.uuid4().hex
-        request.state.request_id = rid
-        started = time.monotonic()
-        response = await call_next(request)
-        response.headers[protocol.REQUEST_ID_HEADER] = rid
-        log.info(
-            "%s %s -> %d in %.1f ms [request_id=%s]",
-            request.method,
-            request.url.path,
-            response.status_code,
-            (time.monotonic() - started) * 1000,
-            rid,
-        )
-        return response
-
+    app.add_middleware(RequestLog)
     app.add_middleware(BodyLimit, limit=protocol.MAX_BODY_BYTES)
 
     @app.exception_handler(errors.PlaneError)
@@ -185,22 +220,31 @@ def create_app(
         agent_id: uuid.UUID, body: protocol.LeaseRequest, ctx: Ctx, identity: Identity
     ) -> protocol.LeaseResponse:
         settings = ctx.store.settings
-        wait = min(body.wait, settings.lease_wait.total_seconds())
+        # Each poll is held a little less than asked, at random: agents that started
+        # together (a fleet rollout, a plane restart) drift apart instead of all asking
+        # again in the same instant, every lease_wait, in front of everyone's heartbeats.
+        wait = min(body.wait, settings.lease_wait.total_seconds()) * random.uniform(1 - LEASE_JITTER, 1)
         deadline = time.monotonic() + wait
         if ctx.listen_dsn is not None:
             ctx.wakeup.start_listening(ctx.listen_dsn, NOTIFY_CHANNEL)
         poll = settings.poll_interval.total_seconds()
+        claim = functools.partial(ctx.store.claim, identity, str(agent_id), body)
         with ctx.wakeup.subscribe(list(body.queues)) as woken:
             while True:
                 woken.clear()
-                leases = await run_in_threadpool(ctx.store.claim, identity, str(agent_id), body)
+                leases = await to_thread.run_sync(claim, limiter=ctx.claim_limiter())
                 remaining = deadline - time.monotonic()
                 if leases or remaining <= 0:
                     return protocol.LeaseResponse(leases=leases)
                 # With LISTEN in place a new job wakes us; without it, look again on a timer.
-                pause = remaining if ctx.wakeup.listening else min(poll, remaining)
-                with contextlib.suppress(TimeoutError):
+                listening = ctx.wakeup.listening
+                pause = remaining if listening else min(poll, remaining)
+                try:
                     await asyncio.wait_for(woken.wait(), pause)
+                except TimeoutError:
+                    if listening and ctx.wakeup.listening:
+                        # Every change that makes a job claimable notifies: not woken, nothing new.
+                        return protocol.LeaseResponse(leases=[])
 
     @app.post("/v1/agents/{agent_id}/jobs/{job_id}/start", response_model=protocol.StartResponse, tags=["agent"])
     async def start(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
+from anyio import CapacityLimiter
 from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -14,6 +15,9 @@ from tether import errors, protocol
 from tether.plane.api.wakeup import Wakeup
 from tether.plane.netaccess import Network, allowed, client_address
 from tether.plane.store import Store, TokenIdentity
+
+#: Worker threads lease claims may use at once; the rest (of anyio's 40) stay free for other calls.
+CLAIM_THREADS = 8
 
 
 @dataclass
@@ -51,6 +55,12 @@ class RangeCache:
             self._loaded_at = time.monotonic()
         return self._value
 
+    def fresh(self) -> list[Network] | None:
+        """The ranges if they need no reload; the caller then avoids a trip to a worker thread."""
+        if self._loaded_at is None or time.monotonic() - self._loaded_at > self.ttl:
+            return None
+        return self._value
+
     def invalidate(self) -> None:
         self._loaded_at = None
 
@@ -62,6 +72,18 @@ class PlaneContext:
     tokens: TokenCache
     ranges: RangeCache
     listen_dsn: str | None = None
+    _claim_limiter: CapacityLimiter | None = None
+
+    def claim_limiter(self) -> CapacityLimiter:
+        """Threads that lease claims may hold at once (made on the event loop, at first use).
+
+        Claims come in bursts - every waiting agent looks when a job is queued - and
+        must not take every worker thread and database connection from heartbeats,
+        which then arrive late and make healthy agents look dead.
+        """
+        if self._claim_limiter is None:
+            self._claim_limiter = CapacityLimiter(CLAIM_THREADS)
+        return self._claim_limiter
 
     @classmethod
     def for_store(cls, store: Store, *, listen_dsn: str | None = None) -> PlaneContext:
@@ -93,7 +115,9 @@ async def address_allowed(request: Request, ctx: Annotated[PlaneContext, Depends
         request.headers.get("X-Forwarded-For"),
         ctx.store.settings.trusted_proxies,
     )
-    ranges = await run_in_threadpool(ctx.ranges.get)
+    ranges = ctx.ranges.fresh()
+    if ranges is None:
+        ranges = await run_in_threadpool(ctx.ranges.get)
     if not allowed(address, ranges):
         raise errors.Forbidden(
             f"agent calls from {address} are not allowed: the address is outside the plane's allowed IP ranges",
