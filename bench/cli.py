@@ -1,0 +1,121 @@
+"""``python -m bench``: deploy each executor in turn, run the DAGs, then the scale test; write the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+from bench.deploy import BENCH, EXECUTORS, Postgres, deployed, ensure_edge_venv, log, prepare_template
+from bench.measure import DeploymentResult, measure
+
+PG_ADMIN_URL = os.environ.get("TETHER_BENCH_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--runs", type=int, default=3, help="runs per executor, alternating (default 3)")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke: 1 run, short windows, scale 20 agents")
+    parser.add_argument(
+        "--only", default=",".join(EXECUTORS), help="executors to measure (default local,tether,edge; 'none': none)"
+    )
+    parser.add_argument("--scale", default="100,500,1000", help="simulated agent counts; 'none' skips the scale test")
+    parser.add_argument("--scale-duration", type=float, default=60.0, help="seconds of load per agent count")
+    parser.add_argument("--idle-window", type=float, default=30.0, help="seconds of each idle measurement window")
+    parser.add_argument("--dag-timeout", type=float, default=600.0, help="longest wait for one DAG run")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default bench/results/<date>)")
+    parser.add_argument("--pg-url", default=PG_ADMIN_URL, help="PostgreSQL admin URL (env TETHER_BENCH_PG_URL)")
+    args = parser.parse_args(argv)
+    args.executors = [] if args.only == "none" else [e.strip() for e in args.only.split(",") if e.strip()]
+    unknown = set(args.executors) - set(EXECUTORS)
+    if unknown:
+        parser.error(f"--only: unknown executor(s) {', '.join(sorted(unknown))}; choose from {', '.join(EXECUTORS)}")
+    args.scale_counts = [] if args.scale == "none" else [int(n) for n in args.scale.split(",") if n.strip()]
+    if args.quick:
+        args.runs = 1
+        args.idle_window = min(args.idle_window, 5.0)
+        args.scale_duration = min(args.scale_duration, 10.0)
+        args.scale_counts = [min(n, 20) for n in args.scale_counts[:1]]
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    return args
+
+
+def raise_fd_limit() -> None:
+    """A thousand simulated agents hold two connections each, on both ends of loopback."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_fd_limit()
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    out: Path = args.out or BENCH / "results" / datetime.now(UTC).strftime("%Y-%m-%d_%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    pg = Postgres(args.pg_url)
+    results: list[DeploymentResult] = []
+    scale: list[dict[str, object]] = []
+    work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    log(f"writing to {out}; work folder {work}")
+    try:
+        if "edge" in args.executors:
+            ensure_edge_venv()
+        templates = {}
+        for executor in args.executors:
+            log(f"migrating a template database for {executor}")
+            templates[executor] = prepare_template(executor, pg, work)
+        for run in range(1, args.runs + 1):
+            for executor in args.executors:
+                log(f"run {run}/{args.runs}: {executor}")
+                with deployed(executor, pg, templates[executor], work, run) as deployment:
+                    results.append(
+                        measure(deployment, pg, run=run, idle_window=args.idle_window, timeout=args.dag_timeout)
+                    )
+                _save(out, args, results, scale)
+        if args.scale_counts:
+            from bench.scale import scale_test
+
+            if "tether" not in templates:
+                log("migrating a template database for the scale test")
+                templates["tether"] = prepare_template("tether", pg, work)
+            scale.extend(scale_test(pg, templates["tether"], work, args.scale_counts, duration=args.scale_duration))
+            _save(out, args, results, scale)
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        return 130
+    finally:
+        pg.cleanup()
+    from bench.report import write_report
+
+    report = write_report(out, args, results, scale, elapsed=time.monotonic() - started)
+    log(f"done in {(time.monotonic() - started) / 60:.1f} min: {report}")
+    return 0
+
+
+def _save(out: Path, args: argparse.Namespace, results: list[DeploymentResult], scale: list[dict[str, object]]) -> None:
+    data = {
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "results": [r.as_dict() for r in results],
+        "scale": scale,
+    }
+    (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Deployments under test: one Airflow plane on a fresh PostgreSQL database plus its workers.
+
+Every executor gets the same plane (``tether.embedded.Plane``: API server,
+scheduler, DAG processor on loopback) and the same DAGs; only the executor and
+the process that runs tasks differ. Migrating a metadata database takes longer
+than a whole benchmark run of some DAGs, so each executor's schema is migrated
+once into a template database and every deployment starts from a copy of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+from sqlalchemy import create_engine, text
+
+from tether.embedded import ManagedProcess, Plane, spawn, start_agent, wait_until
+
+BENCH = Path(__file__).parent
+DAGS = BENCH / "dags"
+DAG_IDS = ("chain_10", "fanout_100", "xcom_pass")
+EDGE_VENV = BENCH / ".venv-edge"
+TETHER_BIN = Path(sys.executable).parent
+REPO = BENCH.parent
+
+EXECUTORS = ("local", "tether", "edge")
+PARALLELISM = 16
+SLOTS = 16
+
+EDGE_PACKAGES = (
+    "apache-airflow-core==3.3.2",
+    "apache-airflow-task-sdk==1.3.2",
+    "apache-airflow-providers-edge3==5.1.0",
+    "psycopg2-binary",
+    "asyncpg",
+)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Postgres:
+    """Creates and drops the benchmark's databases; every name it made is dropped by ``cleanup``."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.created: list[str] = []
+
+    def url(self, name: str) -> str:
+        return self.admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+    def _admin(self, sql: str) -> None:
+        engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(sql))
+        finally:
+            engine.dispose()
+
+    def create(self, prefix: str, *, template: str | None = None) -> str:
+        name = f"{prefix}_{secrets.token_hex(4)}"
+        self.created.append(name)
+        self._admin(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        return name
+
+    def drop(self, name: str) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        with contextlib.suppress(ValueError):
+            self.created.remove(name)
+
+    def cleanup(self) -> None:
+        for name in list(self.created):
+            with contextlib.suppress(Exception):
+                self.drop(name)
+
+    def scalar(self, name: str, sql: str) -> int:
+        """One number from the admin database, about database ``name``."""
+        engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(text(sql), {"d": name}).scalar() or 0)
+        finally:
+            engine.dispose()
+
+    def xact_commit(self, name: str) -> int:
+        return self.scalar(name, "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :d")
+
+    def connections(self, name: str) -> int:
+        return self.scalar(name, "SELECT count(*) FROM pg_stat_activity WHERE datname = :d")
+
+
+@dataclass
+class BenchPlane(Plane):
+    """``Plane`` with the Airflow executables taken from ``bin_dir`` (Edge runs from its own venv)."""
+
+    bin_dir: Path = TETHER_BIN
+
+    def airflow(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.bin_dir / "airflow"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"airflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        return result
+
+    def start_component(self, component: str) -> ManagedProcess:
+        proc = spawn(component, [str(self.bin_dir / "airflow"), component], self.env, self.home / "logs")
+        self.processes[component] = proc
+        return proc
+
+    def wait_for_http(self, path: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            api = self.processes.get("api-server")
+            if api is not None and not api.alive():
+                raise RuntimeError(f"the API server exited:\n{api.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}{path}", timeout=2).status_code < 500:
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"the API server did not answer {path} within {timeout:.0f}s")
+
+
+def plane_env(executor: str) -> dict[str, str]:
+    """What differs between the executors' planes; everything else is ``Plane``'s defaults."""
+    env = {
+        "AIRFLOW__CORE__PARALLELISM": str(PARALLELISM),
+        # The product's defaults, not the end-to-end tests' short intervals.
+        "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": "10",
+        "AIRFLOW__TETHER__LEASE_WAIT": "20",
+    }
+    if executor == "local":
+        env["AIRFLOW__CORE__EXECUTOR"] = "LocalExecutor"
+    elif executor == "edge":
+        env["AIRFLOW__CORE__EXECUTOR"] = "airflow.providers.edge3.executors.EdgeExecutor"
+        env["AIRFLOW__EDGE__API_ENABLED"] = "True"
+    return env
+
+
+def ensure_edge_venv() -> None:
+    """Airflow's Edge provider in a venv of its own, with the lock's versions where they overlap."""
+    python = EDGE_VENV / "bin" / "python"
+    marker = EDGE_VENV / ".bench-installed"
+    if marker.exists() and marker.read_text() == " ".join(EDGE_PACKAGES):
+        return
+    if not python.exists():
+        log("creating bench/.venv-edge (python3.11 -m venv)")
+        subprocess.run(["python3.11", "-m", "venv", str(EDGE_VENV)], check=True)
+    log("installing " + " ".join(EDGE_PACKAGES) + " into bench/.venv-edge")
+    subprocess.run(
+        [
+            str(TETHER_BIN / "uv"),
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            str(python),
+            "-c",
+            str(REPO / "requirements" / "lock.txt"),
+            *EDGE_PACKAGES,
+        ],
+        check=True,
+    )
+    marker.write_text(" ".join(EDGE_PACKAGES))
+
+
+def bin_dir(executor: str) -> Path:
+    return EDGE_VENV / "bin" if executor == "edge" else TETHER_BIN
+
+
+@dataclass
+class Deployment:
+    """A running plane and, for Tether and Edge, one worker process with 16 slots."""
+
+    executor: str
+    plane: BenchPlane
+    database: str
+    worker: ManagedProcess | None = None
+    token: str | None = None
+    health_port: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def pid(self, component: str) -> int:
+        return self.plane.processes[component].pid
+
+    def worker_roots(self) -> tuple[list[int], bool]:
+        """PIDs whose trees hold the task-running processes, and whether the roots themselves count.
+
+        The LocalExecutor's workers are children of the scheduler: their tree is
+        counted without the scheduler itself, which every executor has.
+        """
+        if self.worker is not None:
+            return [self.worker.pid], True
+        return [self.pid("scheduler")], False
+
+    def start_worker(self) -> None:
+        if self.executor == "tether":
+            assert self.token is not None
+            agent = start_agent(self.plane, "bench", self.token, queues="default", slots=str(SLOTS))
+            self.worker = agent.process
+            self.health_port = agent.health_port
+            wait_until(lambda: agent.health("/readyz") == 200, 120, "the Tether agent to be ready")
+        elif self.executor == "edge":
+            self.worker = spawn(
+                "edge-worker",
+                [str(self.plane.bin_dir / "airflow"), "edge", "worker", "--concurrency", str(SLOTS)],
+                self.plane.env,
+                self.plane.home / "logs",
+            )
+            self.plane.processes["edge-worker"] = self.worker
+            wait_until(self._edge_worker_idle, 120, "the Edge worker to register")
+
+    def _edge_worker_idle(self) -> bool:
+        assert self.worker is not None
+        if not self.worker.alive():
+            raise RuntimeError(f"the Edge worker exited:\n{self.worker.tail()}")
+        with contextlib.suppress(Exception):
+            return bool(self.plane.query("SELECT 1 FROM edge_worker WHERE state = 'idle'"))
+        return False
+
+    def stop(self) -> None:
+        self.plane.stop()
+
+
+def prepare_template(executor: str, pg: Postgres, work: Path) -> str:
+    """A migrated, empty metadata database for ``executor`` to copy deployments from."""
+    name = pg.create(f"bench_tmpl_{executor}")
+    plane = BenchPlane(
+        home=work / f"template-{executor}",
+        dags_folder=DAGS,
+        sql_alchemy_conn=pg.url(name),
+        extra_env=plane_env(executor),
+        bin_dir=bin_dir(executor),
+    )
+    plane.migrate()
+    return name
+
+
+def deploy(executor: str, pg: Postgres, template: str, work: Path, run: int) -> Deployment:
+    """Copy the template, start the plane, wait until every benchmark DAG is parsed."""
+    name = pg.create(f"bench_{executor}_r{run}", template=template)
+    plane = BenchPlane(
+        home=work / f"{executor}-run{run}",
+        dags_folder=DAGS,
+        sql_alchemy_conn=pg.url(name),
+        extra_env=plane_env(executor),
+        bin_dir=bin_dir(executor),
+    )
+    if executor == "edge":
+        plane.extra_env["AIRFLOW__EDGE__API_URL"] = f"{plane.url}/edge_worker/v1/rpcapi"
+    deployment = Deployment(executor=executor, plane=plane, database=name)
+    try:
+        plane.home.mkdir(parents=True, exist_ok=True)
+        if executor == "tether":
+            deployment.token = plane.create_token("bench")
+        _start(plane, "/tether/v1/health" if executor == "tether" else "/api/v2/monitor/health")
+        for dag_id in DAG_IDS:
+            plane.wait_for_dag(dag_id)
+    except BaseException:
+        deployment.stop()
+        raise
+    return deployment
+
+
+def _start(plane: BenchPlane, ready_path: str) -> None:
+    for component in ("api-server", "scheduler", "dag-processor"):
+        plane.start_component(component)
+    plane.wait_for_http(ready_path)
+
+
+@contextlib.contextmanager
+def deployed(executor: str, pg: Postgres, template: str, work: Path, run: int) -> Iterator[Deployment]:
+    deployment = deploy(executor, pg, template, work, run)
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+        pg.drop(deployment.database)
+
+
+def kill_tree(pid: int) -> None:
+    """Last resort for a process we started: SIGKILL it and everything under it."""
+    try:
+        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return
+    for proc in tree:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)

@@ -1,0 +1,419 @@
+"""The report: Markdown tables, PNG charts and the targets, from the measurements of one run.
+
+``python -m bench.report <folder>`` writes it again from the folder's ``results.json``.
+Ratios to the LocalExecutor are taken pair by pair (run i of X over run i of
+Local, measured minutes apart) and then summarised, so that the machine's
+drift over the run cancels out as far as possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.deploy import DAG_IDS, EXECUTORS
+
+MB = 1.048576  # MiB -> MB: the targets are in MB.
+NAMES = {"local": "LocalExecutor", "tether": "Tether", "edge": "Edge Executor"}
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def _fmt(value: float | None, spec: str = ".2f", unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def _spread(values: Sequence[float], spec: str = ".2f", unit: str = "") -> str:
+    if not values:
+        return "-"
+    mid = statistics.median(values)
+    if len(values) == 1:
+        return f"{mid:{spec}}{unit}"
+    return f"{mid:{spec}}{unit} ({min(values):{spec}}-{max(values):{spec}})"
+
+
+class Results:
+    def __init__(self, runs: list[dict[str, Any]]) -> None:
+        self.runs = runs
+        self.executors = [e for e in EXECUTORS if any(r["executor"] == e for r in runs)]
+
+    def of(self, executor: str) -> list[dict[str, Any]]:
+        return sorted((r for r in self.runs if r["executor"] == executor), key=lambda r: r["run"])
+
+    def values(self, executor: str, pick: Callable[[dict[str, Any]], float | None]) -> list[float]:
+        return [v for r in self.of(executor) if (v := pick(r)) is not None]
+
+    def ratios(self, executor: str, pick: Callable[[dict[str, Any]], float | None]) -> list[float]:
+        local = {r["run"]: pick(r) for r in self.of("local")}
+        out = []
+        for r in self.of(executor):
+            mine, base = pick(r), local.get(r["run"])
+            if mine is not None and base:
+                out.append(mine / base)
+        return out
+
+
+def wall(dag: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: r["dags"][dag]["wall"] if dag in r["dags"] else None
+
+
+def latency_pct(dag: str, q: float) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: _pct(r["dags"][dag]["latencies"], q) if dag in r["dags"] else None
+
+
+def per_task_mb(r: dict[str, Any]) -> float | None:
+    fan = r["dags"].get("fanout_100")
+    if not fan or not fan["peak_running"]:
+        return None
+    return (fan["peak_pss"] - r["idle"]["worker_pss"]) * MB / fan["peak_running"]
+
+
+def pooled_latencies(res: Results, executor: str, dag: str) -> list[float]:
+    return [x for r in res.of(executor) if dag in r["dags"] for x in r["dags"][dag]["latencies"]]
+
+
+def charts(out: Path, res: Results, scale: list[dict[str, Any]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    colors = {"local": "#4c72b0", "tether": "#55a868", "edge": "#c44e52"}
+
+    def bars(name: str, title: str, ylabel: str, pick: Callable[[str, str], list[float]]) -> None:
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        width = 0.8 / max(len(res.executors), 1)
+        for i, executor in enumerate(res.executors):
+            mids, lows, highs = [], [], []
+            for dag in DAG_IDS:
+                values = pick(executor, dag) or [0.0]
+                mid = statistics.median(values)
+                mids.append(mid)
+                lows.append(mid - min(values))
+                highs.append(max(values) - mid)
+            xs = [d + i * width for d in range(len(DAG_IDS))]
+            ax.bar(xs, mids, width, yerr=[lows, highs], capsize=3, label=NAMES[executor], color=colors[executor])
+        ax.set_xticks([d + width * (len(res.executors) - 1) / 2 for d in range(len(DAG_IDS))], DAG_IDS)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    if res.executors:
+        bars("wall.png", "Trigger → DAG run success (median, min-max)", "seconds", lambda e, d: res.values(e, wall(d)))
+        bars(
+            "latency.png",
+            "Queued → start, p50 per run (median, min-max)",
+            "seconds",
+            lambda e, d: res.values(e, latency_pct(d, 0.5)),
+        )
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        for executor in res.executors:
+            for r in res.of(executor):
+                samples = r["dags"].get("fanout_100", {}).get("pss_samples") or []
+                if samples:
+                    ax.plot(
+                        [t for t, _ in samples],
+                        [p * MB for _, p in samples],
+                        color=colors[executor],
+                        alpha=0.8,
+                        label=NAMES[executor] if r["run"] == 1 else None,
+                    )
+        ax.set_xlabel("seconds since trigger")
+        ax.set_ylabel("PSS of the task-running tree, MB")
+        ax.set_title("Memory during fanout_100")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "memory.png", dpi=110)
+        plt.close(fig)
+        made.append("memory.png")
+    if scale:
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        agents = [s["agents"] for s in scale]
+        for key, label in (("heartbeat_p50", "heartbeat p50"), ("heartbeat_p99", "heartbeat p99")):
+            ax.plot(agents, [(s[key] or 0) * 1000 for s in scale], marker="o", label=label)
+        ax.axhline(250, color="grey", linestyle="--", label="target p99 250 ms")
+        ax.set_xlabel("simulated agents")
+        ax.set_ylabel("ms")
+        ax.set_title("Scale test: heartbeat latency, one API server")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "scale.png", dpi=110)
+        plt.close(fig)
+        made.append("scale.png")
+    return made
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    with_suppress = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        load = os.getloadavg()
+        with_suppress = f", load average at report time {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
+    except OSError:
+        pass
+    mem = psutil.virtual_memory().total / 2**30
+    return f"{psutil.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM{with_suppress}"
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def render(res: Results, scale: list[dict[str, Any]], options: dict[str, Any], elapsed: float | None) -> str:
+    lines: list[str] = []
+    add = lines.append
+    runs = max((r["run"] for r in res.runs), default=0)
+    add(f"# Tether benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+    add("")
+    add(
+        f"Commit `{_git()}`, Airflow 3.3.2, Python {platform.python_version()}, PostgreSQL on loopback; "
+        f"{_machine()}. {runs} run(s) per executor, alternating "
+        f"({', '.join(NAMES[e] for e in res.executors)}), each on a fresh database copied from a migrated template"
+        + (f"; whole run {elapsed / 60:.1f} min." if elapsed else ".")
+    )
+    add("")
+    add(
+        "Every executor gets the same plane (API server, scheduler, DAG processor; `[core] parallelism` 16, "
+        "scheduler heartbeat 1 s) and the same DAGs. LocalExecutor runs tasks from the scheduler; Tether runs one "
+        "`tether-agent` with 16 slots (product defaults: heartbeat 10 s, long-poll 20 s); Edge runs one "
+        "`airflow edge worker --concurrency 16` (edge3 5.1.0, default settings: 5 s job poll, 30 s heartbeat). "
+        "Figures are median (min-max) over runs; ratios are taken run by run against the LocalExecutor run "
+        "measured minutes before it."
+    )
+    add("")
+    targets = target_rows(res, scale)
+    if targets:
+        add("## Targets")
+        add("")
+        add("| target | measured | met |")
+        add("|---|---|---|")
+        for name, measured, met in targets:
+            add(f"| {name} | {measured} | {'yes' if met else '**no**'} |")
+        add("")
+    if res.executors:
+        add("## DAG wall time, trigger → DAG run success (s)")
+        add("")
+        header = "| DAG | " + " | ".join(NAMES[e] for e in res.executors)
+        header += "".join(f" | {NAMES[e]} ÷ Local" for e in res.executors if e != "local") + " |"
+        add(header)
+        add("|---" * (1 + len(res.executors) + sum(e != "local" for e in res.executors)) + "|")
+        for dag in DAG_IDS:
+            row = [dag] + [_spread(res.values(e, wall(dag))) for e in res.executors]
+            row += [_spread(res.ratios(e, wall(dag)), unit="x") for e in res.executors if e != "local"]
+            add("| " + " | ".join(row) + " |")
+        add("")
+        add("## Queued → start per task (s): p50 / p90 over every task of every run")
+        add("")
+        add("| DAG | " + " | ".join(NAMES[e] for e in res.executors) + " |")
+        add("|---" * (1 + len(res.executors)) + "|")
+        for dag in DAG_IDS:
+            cells = []
+            for e in res.executors:
+                pooled = pooled_latencies(res, e, dag)
+                cells.append(f"{_fmt(_pct(pooled, 0.5), '.3f')} / {_fmt(_pct(pooled, 0.9), '.3f')}")
+            add(f"| {dag} | " + " | ".join(cells) + " |")
+        add("")
+        add("## Throughput and memory")
+        add("")
+        add("| | " + " | ".join(NAMES[e] for e in res.executors) + " |")
+        add("|---" * (1 + len(res.executors)) + "|")
+        rows: list[tuple[str, Callable[[dict[str, Any]], float | None], str]] = [
+            (
+                "fanout_100 tasks/s",
+                lambda r: 100 / r["dags"]["fanout_100"]["wall"] if "fanout_100" in r["dags"] else None,
+                ".2f",
+            ),
+            ("task-running tree, idle PSS (MB)", lambda r: r["idle"]["worker_pss"] * MB, ".0f"),
+            ("processes in that tree, idle", lambda r: r["idle"]["worker_processes"], ".0f"),
+            (
+                "peak PSS during fanout_100 (MB)",
+                lambda r: r["dags"]["fanout_100"]["peak_pss"] * MB if "fanout_100" in r["dags"] else None,
+                ".0f",
+            ),
+            (
+                "peak concurrent running tasks",
+                lambda r: r["dags"]["fanout_100"]["peak_running"] if "fanout_100" in r["dags"] else None,
+                ".0f",
+            ),
+            ("memory per running task (MB)", per_task_mb, ".1f"),
+        ]
+        for label, pick, spec in rows:
+            add(f"| {label} | " + " | ".join(_spread(res.values(e, pick), spec) for e in res.executors) + " |")
+        add("")
+        add(
+            "The task-running tree is the agent or worker process and its children; for the LocalExecutor it is "
+            "the scheduler's children (its 16 executor workers, `serve-logs` and their tasks), without the "
+            "scheduler itself. "
+            "Memory per running task = (peak - idle PSS) ÷ peak concurrent running tasks, from fanout_100."
+        )
+        add("")
+        window = res.runs[0]["idle"]["window"] if res.runs else 0
+        add(f"## Idle costs ({window:.0f} s windows, per minute)")
+        add("")
+        add("| | " + " | ".join(NAMES[e] for e in res.executors) + " |")
+        add("|---" * (1 + len(res.executors)) + "|")
+        idle_rows: list[tuple[str, Callable[[dict[str, Any]], float | None], str]] = [
+            ("API server CPU s/min, plane alone", lambda r: r["idle"]["api_cpu_no_worker"] * 60 / window, ".2f"),
+            ("API server CPU s/min, worker idle", lambda r: r["idle"]["api_cpu"] * 60 / window, ".2f"),
+            (
+                "agent / worker CPU s/min, idle",
+                lambda r: None if r["idle"]["worker_cpu"] is None else r["idle"]["worker_cpu"] * 60 / window,
+                ".2f",
+            ),
+            ("DB transactions/s, plane alone", lambda r: r["idle"]["xacts_no_worker"], ".1f"),
+            ("DB transactions/s, worker idle", lambda r: r["idle"]["xacts"], ".1f"),
+            ("DB transactions/s added by the idle worker", lambda r: r["idle"]["xacts_per_agent"], ".2f"),
+        ]
+        for label, pick, spec in idle_rows:
+            add(f"| {label} | " + " | ".join(_spread(res.values(e, pick), spec) for e in res.executors) + " |")
+        add("")
+        add(
+            "DB transactions are `xact_commit + xact_rollback` of the deployment's own database in "
+            "`pg_stat_database` (pg_stat_statements is not loaded). The LocalExecutor has no separate worker: "
+            "its 'worker idle' window is a second window of the same plane, a measure of the noise. The "
+            "scale test below gives a cleaner per-agent figure."
+        )
+        add("")
+    if scale:
+        add("## Scale test: simulated agents against one API server")
+        add("")
+        duration = scale[0]["duration"]
+        add(
+            f"Each simulated agent registers, heartbeats every 10 s (the plane's interval) and keeps a 20 s lease "
+            f"long-poll open; no jobs. {duration:.0f} s measured after every agent has gone round once; one API "
+            "server process (`[api] workers` = 1, Airflow's default); the load generator is a separate process "
+            "(asyncio, uvloop, httpx, one client per agent)."
+        )
+        add("")
+        add(
+            "| agents | heartbeats | heartbeat p50 | heartbeat p99 | heartbeat max | lease polls | "
+            "lease overrun p99 | errors | API CPU (cores) | API RSS peak (MB) | DB conns peak / mean | "
+            "DB tx/s per agent | generator lag p99 |"
+        )
+        add("|---" * 13 + "|")
+        for s in scale:
+            errors = sum(s["errors"].values())
+            add(
+                f"| {s['agents']} | {s['heartbeats']} "
+                f"| {_fmt(s['heartbeat_p50'] and s['heartbeat_p50'] * 1000, '.0f', ' ms')} "
+                f"| {_fmt(s['heartbeat_p99'] and s['heartbeat_p99'] * 1000, '.0f', ' ms')} "
+                f"| {_fmt(s['heartbeat_max'] and s['heartbeat_max'] * 1000, '.0f', ' ms')} | {s['lease_polls']} "
+                f"| {_fmt(s['lease_overrun_p99'] and s['lease_overrun_p99'] * 1000, '.0f', ' ms')} "
+                f"| {errors}{' ' + json.dumps(s['errors']) if errors else ''} | {s['api_cpu_cores']:.2f} "
+                f"| {s['api_rss_peak'] * MB:.0f} | {s['db_connections_peak']:.0f} / {s['db_connections_mean']:.1f} "
+                f"| {s['db_xacts_per_agent_second']:.3f} "
+                f"| {_fmt(s.get('loadgen_loop_lag_p99') and s['loadgen_loop_lag_p99'] * 1000, '.0f', ' ms')} |"
+            )
+        add("")
+        add(
+            "Lease overrun: how long past the requested 20 s wait an empty long-poll came back (the plane holds "
+            "each poll a random 75-100 % of the wait, so a healthy plane shows 0). Plane limits met: "
+            "none (one token serves every simulated agent; `[tether] max_agent_tokens` limits tokens, not agents)."
+        )
+        add("")
+    return "\n".join(lines)
+
+
+def target_rows(res: Results, scale: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    rows = []
+    if "tether" in res.executors and "local" in res.executors:
+        for dag, limit, extra in (("chain_10", 1.10, ""), ("fanout_100", 1.10, " (aim ≤ 1.0x)")):
+            ratios = res.ratios("tether", wall(dag))
+            if ratios:
+                mid = statistics.median(ratios)
+                rows.append((f"{dag} wall ≤ {limit:.2f}x Local{extra}", _spread(ratios, unit="x"), mid <= limit))
+    if "tether" in res.executors:
+        p50s = {dag: _pct(pooled_latencies(res, "tether", dag), 0.5) for dag in DAG_IDS}
+        measured = ", ".join(f"{d} {_fmt(v, '.3f')} s" for d, v in p50s.items())
+        rows.append(
+            ("queued→start p50 ≤ 0.15 s (every DAG)", measured, all(v is not None and v <= 0.15 for v in p50s.values()))
+        )
+        idle = res.values("tether", lambda r: r["idle"]["worker_pss"] * MB)
+        if idle:
+            rows.append(("agent tree idle PSS ≤ 150 MB", _spread(idle, ".0f", " MB"), statistics.median(idle) <= 150))
+        mine, local = res.values("tether", per_task_mb), res.values("local", per_task_mb)
+        if mine and local:
+            rows.append(
+                (
+                    "memory per running task ≤ LocalExecutor's",
+                    f"{_spread(mine, '.1f', ' MB')} vs {_spread(local, '.1f', ' MB')}",
+                    statistics.median(mine) <= statistics.median(local),
+                )
+            )
+    big = [s for s in scale if s["agents"] >= 1000]
+    for s in big:
+        errors = sum(s["errors"].values())
+        p99 = s["heartbeat_p99"]
+        rows.append(
+            (
+                f"{s['agents']} simulated agents: heartbeat p99 ≤ 250 ms, zero errors",
+                f"p99 {_fmt(p99 and p99 * 1000, '.0f', ' ms')}, {errors} errors",
+                p99 is not None and p99 <= 0.25 and errors == 0,
+            )
+        )
+    return rows
+
+
+def write_report(
+    out: Path, options: Any, results: list[Any], scale: list[dict[str, Any]], elapsed: float | None = None
+) -> Path:
+    runs = [r.as_dict() if hasattr(r, "as_dict") else r for r in results]
+    opts = vars(options) if isinstance(options, argparse.Namespace) else dict(options or {})
+    res = Results(runs)
+    text = render(res, scale, opts, elapsed)
+    made = charts(out, res, scale)
+    if made:
+        text += "\n## Charts\n\n" + "\n".join(f"![{name}]({name})" for name in made) + "\n"
+    path = out / "report.md"
+    path.write_text(text + "\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    parser.add_argument("folder", type=Path, help="a results folder holding results.json")
+    args = parser.parse_args()
+    data = json.loads((args.folder / "results.json").read_text())
+    print(write_report(args.folder, data.get("options"), data["results"], data.get("scale", []), data.get("elapsed")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The scale test: N simulated agents against one API server, measured from outside.
+
+For each N a fresh database and a lone ``airflow api-server`` (one worker, as
+the plane runs by default); the load generator runs as its own process so its
+CPU is not the API server's. While it measures, this process samples the API
+server's CPU and RSS, the database's connections and its transactions.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.deploy import DAGS, BenchPlane, Postgres, log, plane_env
+from bench.measure import tree_cpu, tree_rss
+from tether.embedded import spawn
+
+
+def one_scale(pg: Postgres, template: str, work: Path, agents: int, duration: float) -> dict[str, Any]:
+    name = pg.create(f"bench_scale_{agents}", template=template)
+    plane = BenchPlane(
+        home=work / f"scale-{agents}", dags_folder=DAGS, sql_alchemy_conn=pg.url(name), extra_env=plane_env("tether")
+    )
+    try:
+        plane.home.mkdir(parents=True, exist_ok=True)
+        token_file = plane.home / "token"
+        token_file.write_text(plane.create_token("bench-scale"))
+        plane.start_component("api-server")
+        plane.wait_for_http("/tether/v1/health")
+        out = plane.home / "loadgen.json"
+        ready = out.with_suffix(".measuring")
+        argv = [sys.executable, "-m", "bench.loadgen", "--url", plane.url, "--token-file", str(token_file)]
+        argv += ["--agents", str(agents), "--duration", str(duration), "--out", str(out)]
+        env = {**plane.env, "PYTHONPATH": str(Path(__file__).parent.parent)}
+        gen = spawn("loadgen", argv, env, plane.home / "logs")
+        plane.processes["loadgen"] = gen
+        limit = time.monotonic() + 240
+        while not ready.exists():
+            if not gen.alive() or time.monotonic() > limit:
+                raise RuntimeError(f"the load generator did not start measuring:\n{gen.tail()}")
+            time.sleep(0.5)
+        api = [plane.processes["api-server"].pid]
+        cpu0, x0, started = tree_cpu(api), pg.xact_commit(name), time.monotonic()
+        rss_peak = connections_peak = 0.0
+        connections: list[int] = []
+        while gen.alive() and time.monotonic() - started < duration:
+            rss_peak = max(rss_peak, tree_rss(api))
+            conns = pg.connections(name)
+            connections.append(conns)
+            connections_peak = max(connections_peak, conns)
+            time.sleep(1.0)
+        elapsed = time.monotonic() - started
+        cpu, xacts = tree_cpu(api) - cpu0, pg.xact_commit(name) - x0
+        gen.popen.wait(timeout=120)
+        if not out.exists():
+            raise RuntimeError(f"the load generator wrote no result:\n{gen.tail()}")
+        import json
+
+        result: dict[str, Any] = json.loads(out.read_text())
+        result.update(
+            api_cpu_cores=cpu / elapsed,
+            api_rss_peak=rss_peak,
+            db_connections_peak=connections_peak,
+            db_connections_mean=sum(connections) / len(connections) if connections else 0,
+            db_xacts_per_agent_second=xacts / elapsed / agents,
+        )
+        return result
+    finally:
+        plane.stop()
+        pg.drop(name)
+
+
+def scale_test(pg: Postgres, template: str, work: Path, counts: list[int], *, duration: float) -> list[dict[str, Any]]:
+    results = []
+    for agents in counts:
+        log(f"scale: {agents} simulated agents for {duration:.0f}s")
+        result = one_scale(pg, template, work, agents, duration)
+        log(
+            f"scale: {agents} agents: heartbeat p50 {_ms(result['heartbeat_p50'])} p99 {_ms(result['heartbeat_p99'])}, "
+            f"lease overrun p99 {_ms(result['lease_overrun_p99'])}, errors {sum(result['errors'].values())}, "
+            f"API CPU {result['api_cpu_cores']:.2f} cores, RSS {result['api_rss_peak']:.0f} MiB, "
+            f"DB connections peak {result['db_connections_peak']:.0f}"
+        )
+        results.append(result)
+    return results
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
