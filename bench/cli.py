@@ -99,13 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
+    except Exception as exc:
+        # What was measured before the failure still makes a report; the failure is in it and in the exit code.
+        log(f"failed: {exc!r}; the report covers what was measured before")
+        status = 1
+    else:
+        status = 0
     finally:
         pg.cleanup()
     from bench.report import write_report
 
     report = write_report(out, args, results, scale, elapsed=time.monotonic() - started)
     log(f"done in {(time.monotonic() - started) / 60:.1f} min: {report}")
-    return 0
+    return status
 
 
 def _save(out: Path, args: argparse.Namespace, results: list[DeploymentResult], scale: list[dict[str, object]]) -> None:

@@ -10,9 +10,7 @@ once into a template database and every deployment starts from a copy of it.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psutil
 from sqlalchemy import create_engine, text
 
 from tether.embedded import ManagedProcess, Plane, spawn, start_agent, wait_until
@@ -292,14 +289,3 @@ def deployed(executor: str, pg: Postgres, template: str, work: Path, run: int) -
     finally:
         deployment.stop()
         pg.drop(deployment.database)
-
-
-def kill_tree(pid: int) -> None:
-    """Last resort for a process we started: SIGKILL it and everything under it."""
-    try:
-        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return
-    for proc in tree:
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)

@@ -324,18 +324,21 @@ def render(res: Results, scale: list[dict[str, Any]], options: dict[str, Any], e
         )
         add("")
         add(
-            "| agents | heartbeats | heartbeat p50 | heartbeat p99 | heartbeat max | lease polls | "
+            "| agents | heartbeats | heartbeat p50 | heartbeat p99 | heartbeat max | in Tether's handler p50 / p99 | "
+            "lease polls | "
             "lease overrun p99 | errors | API CPU (cores) | API RSS peak (MB) | DB conns peak / mean | "
             "DB tx/s per agent | generator lag p99 |"
         )
-        add("|---" * 13 + "|")
+        add("|---" * 14 + "|")
         for s in scale:
             errors = sum(s["errors"].values())
             add(
                 f"| {s['agents']} | {s['heartbeats']} "
                 f"| {_fmt(s['heartbeat_p50'] and s['heartbeat_p50'] * 1000, '.0f', ' ms')} "
                 f"| {_fmt(s['heartbeat_p99'] and s['heartbeat_p99'] * 1000, '.0f', ' ms')} "
-                f"| {_fmt(s['heartbeat_max'] and s['heartbeat_max'] * 1000, '.0f', ' ms')} | {s['lease_polls']} "
+                f"| {_fmt(s['heartbeat_max'] and s['heartbeat_max'] * 1000, '.0f', ' ms')} "
+                f"| {_fmt(_ms(s.get('handler_heartbeat_p50')), '.0f')} / "
+                f"{_fmt(_ms(s.get('handler_heartbeat_p99')), '.0f', ' ms')} | {s['lease_polls']} "
                 f"| {_fmt(s['lease_overrun_p99'] and s['lease_overrun_p99'] * 1000, '.0f', ' ms')} "
                 f"| {errors}{' ' + json.dumps(s['errors']) if errors else ''} | {s['api_cpu_cores']:.2f} "
                 f"| {s['api_rss_peak'] * MB:.0f} | {s['db_connections_peak']:.0f} / {s['db_connections_mean']:.1f} "
@@ -344,12 +347,19 @@ def render(res: Results, scale: list[dict[str, Any]], options: dict[str, Any], e
             )
         add("")
         add(
+            "Heartbeat latency is measured by the simulated agent, from sending to the whole answer; 'in "
+            "Tether's handler' is what the API server logged for the same calls inside Tether's app, so the "
+            "difference is spent before it (the server's event loop, uvicorn and Airflow's own middleware). "
             "Lease overrun: how long past the requested 20 s wait an empty long-poll came back (the plane holds "
             "each poll a random 75-100 % of the wait, so a healthy plane shows 0). Plane limits met: "
             "none (one token serves every simulated agent; `[tether] max_agent_tokens` limits tokens, not agents)."
         )
         add("")
     return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
 
 
 def target_rows(res: Results, scale: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:

@@ -8,12 +8,16 @@ server's CPU and RSS, the database's connections and its transactions.
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from bench.deploy import DAGS, BenchPlane, Postgres, log, plane_env
+from bench.loadgen import percentile
 from bench.measure import tree_cpu, tree_rss
 from tether.embedded import spawn
 
@@ -56,10 +60,11 @@ def one_scale(pg: Postgres, template: str, work: Path, agents: int, duration: fl
         gen.popen.wait(timeout=120)
         if not out.exists():
             raise RuntimeError(f"the load generator wrote no result:\n{gen.tail()}")
-        import json
-
         result: dict[str, Any] = json.loads(out.read_text())
+        handled = handler_times(plane.processes["api-server"].log_path, since=float(ready.read_text()))
         result.update(
+            handler_heartbeat_p50=percentile(handled, 0.50),
+            handler_heartbeat_p99=percentile(handled, 0.99),
             api_cpu_cores=cpu / elapsed,
             api_rss_peak=rss_peak,
             db_connections_peak=connections_peak,
@@ -70,6 +75,30 @@ def one_scale(pg: Postgres, template: str, work: Path, agents: int, duration: fl
     finally:
         plane.stop()
         pg.drop(name)
+
+
+_HANDLED = re.compile(r"^(\S+) .*POST /tether/v1/agents/\S+/heartbeat -> \d+ in ([0-9.]+) ms")
+
+
+def handler_times(log_path: Path, *, since: float) -> list[float]:
+    """Heartbeat durations the API server logged itself (inside Tether's app) since ``since``, in seconds.
+
+    Set against the client's figures they show where time goes: in Tether's
+    handler, or before it (the API server's event loop and Airflow's middleware).
+    """
+    times = []
+    with log_path.open(errors="replace") as lines:
+        for line in lines:
+            match = _HANDLED.match(line)
+            if match is None:
+                continue
+            try:
+                at = datetime.fromisoformat(match.group(1).replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+            if at >= since:
+                times.append(float(match.group(2)) / 1000)
+    return times
 
 
 def scale_test(pg: Postgres, template: str, work: Path, counts: list[int], *, duration: float) -> list[dict[str, Any]]:
