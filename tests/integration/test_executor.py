@@ -102,6 +102,32 @@ def test_jobs_in_flight_count_against_parallelism(
     assert executor.slots_available == 1
 
 
+def test_a_full_executor_counts_jobs_finished_since_its_last_sync(
+    store: Store, make_workload: Callable[..., Any]
+) -> None:
+    from tether.plane.executor import TetherExecutor
+
+    now = [1000.0]
+    executor = TetherExecutor(parallelism=3, store=store, clock=lambda: now[0])
+    for i in range(3):
+        _queue(executor, store, make_workload(task_id=f"t{i}"))
+    agent = Agent(store)
+    jobs = agent.take()
+    for job_id in jobs:
+        agent.start(job_id)
+    executor.sync()
+    executor.get_event_buffer()
+    assert executor.slots_available == 0
+    agent.report(jobs[0], protocol.ReportState.SUCCESS)
+    # Asked again at once, the executor does not look again.
+    assert executor.slots_available == 0
+    # The scheduler asks before its next sync: the finished job's slot is free already,
+    # and its event waits in the buffer for the scheduler to process.
+    now[0] += 1
+    assert executor.slots_available == 1
+    assert [state for state, _ in executor.get_event_buffer().values()] == ["success"]
+
+
 def test_job_states_become_executor_events(executor: Any, store: Store, make_workload: Callable[..., Any]) -> None:
     ok, bad = make_workload(task_id="ok"), make_workload(task_id="bad")
     _queue(executor, store, ok)

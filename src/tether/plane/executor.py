@@ -19,6 +19,7 @@ from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.state import TaskInstanceState
+from sqlalchemy.exc import SQLAlchemyError
 
 from tether.plane.config import PlaneSettings
 from tether.plane.store import Store
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 _SWEEP_EVERY = timedelta(seconds=1)
 _PURGE_EVERY = timedelta(minutes=5)
 _MISSING_GRACE = timedelta(seconds=60)
+#: How old the view of finished jobs may be when a full executor is asked for free slots.
+_FULL_REFRESH_EVERY = timedelta(milliseconds=100)
 
 
 def agent_api_health_url() -> str:
@@ -48,17 +51,28 @@ def agent_api_health_url() -> str:
 
 
 def http_probe(url: str, *, timeout: float = 2.0) -> Callable[[], bool]:
-    """A probe answering whether ``url`` returns 200 now."""
+    """A probe answering whether ``url`` returns 200 now.
+
+    It keeps one client (and its connection) for its lifetime: the scheduler
+    probes every second, and a new client per probe costs a TLS context each time.
+    A failure on a kept connection (the server closed it) is retried once on a new one.
+    """
     import httpx
     from airflow.configuration import conf
 
     verify: str | bool = conf.get("api", "ssl_ca_file", fallback="") or True
+    client: httpx.Client | None = None
 
     def probe() -> bool:
-        try:
-            return httpx.get(url, timeout=timeout, verify=verify).status_code == 200
-        except httpx.HTTPError:
-            return False
+        nonlocal client
+        if client is None:
+            client = httpx.Client(timeout=timeout, verify=verify)
+        for _ in range(2):
+            try:
+                return client.get(url).status_code == 200
+            except httpx.HTTPError:
+                continue
+        return False
 
     return probe
 
@@ -114,9 +128,15 @@ class TetherExecutor(BaseExecutor):
     serve_logs = False
 
     def __init__(
-        self, *args: Any, store: Store | None = None, agent_api_watch: AgentApiWatch | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        store: Store | None = None,
+        agent_api_watch: AgentApiWatch | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._clock = clock
         self._store = store
         self._watch = agent_api_watch
         # ti id -> (key, last state reported to the scheduler)
@@ -124,6 +144,7 @@ class TetherExecutor(BaseExecutor):
         self._missing_since: dict[str, float] = {}
         self._next_sweep = 0.0
         self._next_purge = 0.0
+        self._reported_at = float("-inf")
 
     @property
     def store(self) -> Store:
@@ -153,8 +174,32 @@ class TetherExecutor(BaseExecutor):
     def _process_workloads(self, workload_items: Sequence[Any]) -> None:
         """Nothing to do: ``queue_workload`` already wrote each job for agents to claim."""
 
+    @property
+    def slots_available(self) -> int:
+        """Free slots, counting jobs that finished since the last ``sync`` when none seemed free.
+
+        The scheduler asks for free slots before it calls ``sync`` in its loop, and
+        sleeps after a loop that queued nothing. Without this look a slot freed by a
+        finished job could only be used two loops later - about two seconds on an
+        idle scheduler; with it, on the next loop.
+        """
+        free: int = super().slots_available
+        if free <= 0:
+            self._refresh_finished()
+            free = super().slots_available
+        return free
+
+    def _refresh_finished(self) -> None:
+        if self._clock() - self._reported_at < _FULL_REFRESH_EVERY.total_seconds():
+            return
+        try:
+            self._report_changes()
+        except SQLAlchemyError as exc:
+            # ``sync`` tries again in this same loop and fails loudly there if the database is gone.
+            self.log.warning("Could not look for finished Tether jobs: %s", exc)
+
     def sync(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_EVERY.total_seconds()
             counts = self.store.sweep(judge_silence=self.watch.silence_counts())
@@ -166,6 +211,7 @@ class TetherExecutor(BaseExecutor):
         self._report_changes()
 
     def _report_changes(self) -> None:
+        self._reported_at = self._clock()
         if not self._tracked:
             return
         seen: set[str] = set()
@@ -197,7 +243,7 @@ class TetherExecutor(BaseExecutor):
                 self._tracked[view.key.ti_id] = (key, view.state)
         # A job row that vanished (purged, or its scheduler's transaction rolled back)
         # must not hold a slot forever; a row not yet committed is given time to appear.
-        now = time.monotonic()
+        now = self._clock()
         for ti_id in set(self._missing_since) - set(self._tracked):
             del self._missing_since[ti_id]
         for ti_id in set(self._tracked) - seen:
