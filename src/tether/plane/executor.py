@@ -83,15 +83,30 @@ class AgentApiWatch:
     Agents heartbeat through the agent API. While it is away every agent falls
     silent at once, through no fault of theirs; after it is back each one gets
     a full health timeout to be heard again before its silence counts (ADR 4).
+
+    "Away" includes a stall: an API server whose event loop is busy for seconds
+    (Airflow builds its Execution API's routes on the first call it gets, for
+    about five seconds of CPU) answers nothing meanwhile, then answers the probe
+    at once while the heartbeats that waited with it are still on their way to
+    the database. So the API counts as there only while looks at it, each
+    answered, are at most ``max_gap`` apart: a longer gap between two answers
+    starts the grace again.
     """
 
     def __init__(
-        self, probe: Callable[[], bool], *, grace: timedelta, clock: Callable[[], float] = time.monotonic
+        self,
+        probe: Callable[[], bool],
+        *,
+        grace: timedelta,
+        max_gap: timedelta,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._probe = probe
         self._grace = grace.total_seconds()
+        self._max_gap = max_gap.total_seconds()
         self._clock = clock
         self._up_since: float | None = None
+        self._answered_at: float | None = None
         self._was_up = True
 
     def silence_counts(self) -> bool:
@@ -108,8 +123,17 @@ class AgentApiWatch:
                     self._grace,
                 )
         if not up:
-            self._up_since = None
+            self._up_since = self._answered_at = None
             return False
+        if self._answered_at is not None and now - self._answered_at > self._max_gap:
+            log.info(
+                "The agent API was not seen answering for %.1fs; agents get %.0fs to heartbeat before "
+                "missed heartbeats count",
+                now - self._answered_at,
+                self._grace,
+            )
+            self._up_since = None
+        self._answered_at = now
         if self._up_since is None:
             self._up_since = now
         return now - self._up_since >= self._grace
@@ -155,7 +179,13 @@ class TetherExecutor(BaseExecutor):
     @property
     def watch(self) -> AgentApiWatch:
         if self._watch is None:
-            self._watch = AgentApiWatch(http_probe(agent_api_health_url()), grace=self.store.settings.health_timeout)
+            settings = self.store.settings
+            self._watch = AgentApiWatch(
+                http_probe(agent_api_health_url()),
+                grace=settings.health_timeout,
+                # The scheduler looks about every second, more slowly when busy.
+                max_gap=max(settings.heartbeat_interval, 2 * _SWEEP_EVERY),
+            )
         return self._watch
 
     def start(self) -> None:

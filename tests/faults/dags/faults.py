@@ -41,6 +41,8 @@ _sleeper("faults_partition_long", "partq2", 40, retries=1)
 _sleeper("faults_unconfirmed", "leaseq", 1)
 # 8. a frozen agent.
 _sleeper("faults_frozen", "frozenq", 25, retries=1)
+# 9. a frozen plane.
+_sleeper("faults_plane_pause", "pauseq", 35)
 
 
 @dag(dag_id="faults_partition_short", schedule=None, catchup=False)
