@@ -15,24 +15,46 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
-from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tether
 from tether import errors, protocol
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
-from tether.plane.api.deps import Address, Ctx, Identity, PlaneContext
+from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext
 from tether.plane.store import NOTIFY_CHANNEL, Store
 
 log = logging.getLogger("tether.api")
 
 #: Fraction of the lease wait by which a poll may be cut short, to spread agents' polls out.
 LEASE_JITTER = 0.25
+
+
+def agent_api_session_factory(conn: str) -> Callable[[], Any]:
+    """Sessions on a connection pool of the agent API's own, as large as its database threads.
+
+    Airflow's pool in the API server (5 connections and 10 more opened and closed
+    on demand) is shared with the Execution API. Agent calls run up to
+    ``DB_THREADS`` at once: on that pool a fleet's heartbeats opened a new
+    connection - a new PostgreSQL backend - for most calls, and waited behind the
+    tasks' own calls. With a pool of their own that never overflows they do neither.
+    """
+    from airflow import settings as airflow_settings
+    from airflow.configuration import conf
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    args = airflow_settings.prepare_engine_args()  # type: ignore[no-untyped-call]
+    if conf.has_option("database", "sql_alchemy_connect_args"):
+        args["connect_args"] = conf.getimport("database", "sql_alchemy_connect_args")
+    if "poolclass" not in args:  # no pool at all when Airflow's is switched off (PgBouncer and the like)
+        args.update(pool_size=DB_THREADS, max_overflow=0)
+    engine = create_engine(conn, **args)
+    return sessionmaker(bind=engine, expire_on_commit=False)
 
 
 def _context_from_airflow() -> PlaneContext:
@@ -42,7 +64,6 @@ def _context_from_airflow() -> PlaneContext:
     from tether.plane.store import airflow_session_factory
 
     plane_settings = PlaneSettings.from_airflow()
-    store = Store(airflow_session_factory(), settings=plane_settings)
     dsn = None
     conn = airflow_settings.SQL_ALCHEMY_CONN or ""
     if conn.startswith("postgresql"):
@@ -50,6 +71,9 @@ def _context_from_airflow() -> PlaneContext:
 
         url = make_url(conn)
         dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        store = Store(agent_api_session_factory(conn), settings=plane_settings)
+    else:
+        store = Store(airflow_session_factory(), settings=plane_settings)
     # By the first agent call the API server has imported and built everything it
     # keeps for life - millions of objects. A full collection scanned all of them:
     # with a thousand agents it stopped the event loop for 0.3-0.6 s every ~10 s,
@@ -200,7 +224,7 @@ def create_app(
 
     @app.post("/v1/agents/register", response_model=protocol.RegisterResponse, tags=["agent"])
     async def register(body: protocol.RegisterRequest, ctx: Ctx, identity: Identity) -> protocol.RegisterResponse:
-        agent = await run_in_threadpool(ctx.store.register, identity, body)
+        agent = await ctx.db(ctx.store.register, identity, body)
         settings = ctx.store.settings
         return protocol.RegisterResponse(
             agent_id=uuid.UUID(agent.id),
@@ -213,7 +237,7 @@ def create_app(
     async def heartbeat(
         agent_id: uuid.UUID, body: protocol.HeartbeatRequest, ctx: Ctx, identity: Identity
     ) -> protocol.HeartbeatResponse:
-        return await run_in_threadpool(ctx.store.heartbeat, identity, str(agent_id), body)
+        return await ctx.db(ctx.store.heartbeat, identity, str(agent_id), body)
 
     @app.post("/v1/agents/{agent_id}/lease", response_model=protocol.LeaseResponse, tags=["agent"])
     async def lease(
@@ -232,7 +256,8 @@ def create_app(
         with ctx.wakeup.subscribe(list(body.queues)) as woken:
             while True:
                 woken.clear()
-                leases = await to_thread.run_sync(claim, limiter=ctx.claim_limiter())
+                async with ctx.claim_limiter():
+                    leases = await ctx.db(claim)
                 remaining = deadline - time.monotonic()
                 if leases or remaining <= 0:
                     return protocol.LeaseResponse(leases=leases)
@@ -250,13 +275,13 @@ def create_app(
     async def start(
         agent_id: uuid.UUID, job_id: uuid.UUID, body: protocol.StartRequest, ctx: Ctx, identity: Identity
     ) -> protocol.StartResponse:
-        return await run_in_threadpool(ctx.store.start, identity, str(agent_id), str(job_id), body)
+        return await ctx.db(ctx.store.start, identity, str(agent_id), str(job_id), body)
 
     @app.post("/v1/agents/{agent_id}/jobs/{job_id}/report", response_model=protocol.ReportResponse, tags=["agent"])
     async def report(
         agent_id: uuid.UUID, job_id: uuid.UUID, body: protocol.ReportRequest, ctx: Ctx, identity: Identity
     ) -> protocol.ReportResponse:
-        return await run_in_threadpool(ctx.store.report, identity, str(agent_id), str(job_id), body)
+        return await ctx.db(ctx.store.report, identity, str(agent_id), str(job_id), body)
 
     app.include_router(admin_router())
     return app

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
-from anyio import CapacityLimiter
+from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -16,8 +17,14 @@ from tether.plane.api.wakeup import Wakeup
 from tether.plane.netaccess import Network, allowed, client_address
 from tether.plane.store import Store, TokenIdentity
 
-#: Worker threads lease claims may use at once; the rest (of anyio's 40) stay free for other calls.
+#: Database calls the agent API makes at once, each in a worker thread with a connection of
+#: its own: the size of its connection pool (see ``agent_api_engine``), so no call ever waits
+#: for a connection while holding a thread, and no connection is opened and closed per call.
+DB_THREADS = 16
+#: Of those, what lease claims may hold: they come in bursts and must leave room for heartbeats.
 CLAIM_THREADS = 8
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,6 +33,7 @@ class TokenCache:
 
     ttl: float
     entries: dict[str, tuple[float, TokenIdentity]] = field(default_factory=dict)
+    _loading: dict[str, asyncio.Future[TokenIdentity]] = field(default_factory=dict)
 
     def get(self, text: str) -> TokenIdentity | None:
         hit = self.entries.get(text)
@@ -38,6 +46,28 @@ class TokenCache:
         if len(self.entries) > 10_000:
             self.entries.clear()
         self.entries[text] = (time.monotonic(), identity)
+
+    async def lookup(self, text: str, load: Callable[[], Awaitable[TokenIdentity]]) -> TokenIdentity:
+        """The cached identity, or ``load``'s - one load per token at a time.
+
+        A fleet shares a handful of tokens: when one's entry runs out, every agent
+        call in flight at that moment misses together, and each would look the
+        token up again. They wait for the first one's answer instead (a refusal too).
+        """
+        cached = self.get(text)
+        if cached is not None:
+            return cached
+        pending = self._loading.get(text)
+        if pending is None:
+            pending = asyncio.ensure_future(load())
+            self._loading[text] = pending
+            pending.add_done_callback(lambda done: self._loaded(text, done))
+        return await asyncio.shield(pending)
+
+    def _loaded(self, text: str, done: asyncio.Future[TokenIdentity]) -> None:
+        self._loading.pop(text, None)
+        if not done.cancelled() and done.exception() is None:
+            self.put(text, done.result())
 
 
 @dataclass
@@ -73,6 +103,7 @@ class PlaneContext:
     ranges: RangeCache
     listen_dsn: str | None = None
     _claim_limiter: CapacityLimiter | None = None
+    _db_limiter: CapacityLimiter | None = None
 
     def claim_limiter(self) -> CapacityLimiter:
         """Threads that lease claims may hold at once (made on the event loop, at first use).
@@ -84,6 +115,15 @@ class PlaneContext:
         if self._claim_limiter is None:
             self._claim_limiter = CapacityLimiter(CLAIM_THREADS)
         return self._claim_limiter
+
+    def db_limiter(self) -> CapacityLimiter:
+        if self._db_limiter is None:
+            self._db_limiter = CapacityLimiter(DB_THREADS)
+        return self._db_limiter
+
+    async def db(self, call: Callable[..., T], *args: Any) -> T:
+        """Run a store call in a worker thread, at most ``DB_THREADS`` at once."""
+        return await to_thread.run_sync(call, *args, limiter=self.db_limiter())
 
     @classmethod
     def for_store(cls, store: Store, *, listen_dsn: str | None = None) -> PlaneContext:
@@ -117,7 +157,7 @@ async def address_allowed(request: Request, ctx: Annotated[PlaneContext, Depends
     )
     ranges = ctx.ranges.fresh()
     if ranges is None:
-        ranges = await run_in_threadpool(ctx.ranges.get)
+        ranges = await ctx.db(ctx.ranges.get)
     if not allowed(address, ranges):
         raise errors.Forbidden(
             f"agent calls from {address} are not allowed: the address is outside the plane's allowed IP ranges",
@@ -140,12 +180,7 @@ async def authenticated(
     if not authorization or not authorization.lower().startswith("bearer "):
         raise errors.Unauthorized("an agent token is required (Authorization: Bearer ...)", reason="no_token")
     text = authorization[7:].strip()
-    cached = ctx.tokens.get(text)
-    if cached is not None:
-        return cached
-    identity = await run_in_threadpool(ctx.store.authenticate, text)
-    ctx.tokens.put(text, identity)
-    return identity
+    return await ctx.tokens.lookup(text, lambda: ctx.db(ctx.store.authenticate, text))
 
 
 Ctx = Annotated[PlaneContext, Depends(context)]
