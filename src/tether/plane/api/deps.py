@@ -18,8 +18,8 @@ from tether.plane.netaccess import Network, allowed, client_address
 from tether.plane.store import Store, TokenIdentity
 
 #: Database calls the agent API makes at once, each in a worker thread with a connection of
-#: its own: the size of its connection pool (see ``agent_api_engine``), so no call ever waits
-#: for a connection while holding a thread, and no connection is opened and closed per call.
+#: its own: the size of its connection pool (``app.agent_api_session_factory``), so no call
+#: waits for a connection while holding a thread, and none is opened and closed per call.
 DB_THREADS = 16
 #: Of those, what lease claims may hold: they come in bursts and must leave room for heartbeats.
 CLAIM_THREADS = 8
