@@ -20,7 +20,7 @@ from tether.plane.store import Store, TokenIdentity
 #: Database calls the agent API makes at once, each in a worker thread with a connection of
 #: its own: the size of its connection pool (``app.agent_api_session_factory``), so no call
 #: waits for a connection while holding a thread, and none is opened and closed per call.
-DB_THREADS = 16
+DB_THREADS = 32
 #: Of those, what lease claims may hold: they come in bursts and must leave room for heartbeats.
 CLAIM_THREADS = 8
 
