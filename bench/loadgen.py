@@ -35,6 +35,9 @@ REGISTER_CONCURRENCY = 25
 @dataclass
 class Stats:
     heartbeat: list[float] = field(default_factory=list)
+    #: When each measured heartbeat was sent, in seconds since measuring began.
+    heartbeat_sent: list[float] = field(default_factory=list)
+    measuring_since: float = 0.0
     lease: list[float] = field(default_factory=list)
     register: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
@@ -113,6 +116,7 @@ class SimulatedAgent:
             elapsed = time.monotonic() - started
             if measuring:
                 self.stats.heartbeat.append(elapsed)
+                self.stats.heartbeat_sent.append(started - self.stats.measuring_since)
             await asyncio.sleep(max(self.interval - elapsed, 0.0))
 
     async def leases(self) -> None:
@@ -151,6 +155,14 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
+def by_second(sent: list[float], latencies: list[float]) -> list[tuple[int, int, float]]:
+    """Per second of the measurement: heartbeats sent, and the slowest of them - where the tail sits in time."""
+    seconds: dict[int, list[float]] = {}
+    for at, latency in zip(sent, latencies, strict=True):
+        seconds.setdefault(int(at), []).append(latency)
+    return [(second, len(values), max(values)) for second, values in sorted(seconds.items())]
+
+
 async def run(
     url: str, token: str, agents: int, duration: float, ramp_limit: float, ready_file: Path
 ) -> dict[str, object]:
@@ -179,6 +191,7 @@ async def run(
         ramp = time.monotonic() - ramp_started
         # A steady state first: every heartbeat phase and every long-poll has come round once.
         await asyncio.sleep(max((max(s.interval, s.lease_wait) for s in sims), default=0.0) + 2)
+        stats.measuring_since = time.monotonic()
         stats.measuring = True
         ready_file.write_text(str(time.time()))
         await asyncio.sleep(duration)
@@ -204,6 +217,7 @@ async def run(
         "register_p99": percentile(stats.register, 0.99),
         "leases_granted": stats.leases_granted,
         "loadgen_loop_lag_p99": percentile(stats.loop_lag, 0.99),
+        "heartbeat_by_second": by_second(stats.heartbeat_sent, stats.heartbeat),
         "errors": dict(stats.errors),
     }
 

@@ -36,9 +36,15 @@ def _probe_class() -> type[Any]:
     class Probe(supervisor.ActivitySubprocess):  # type: ignore[misc]
         @classmethod
         def start(cls, **kwargs: Any) -> Any:
-            return supervisor.WatchedSubprocess.start.__func__(  # type: ignore[attr-defined]
+            process = supervisor.WatchedSubprocess.start.__func__(  # type: ignore[attr-defined]
                 cls, target=_quiet_then_exit, id=uuid.uuid4(), client=_Client()
             )
+            # As ActivitySubprocess.start does once the task has started. Left at 0, the
+            # supervisor counts the machine's whole uptime as time since its last heartbeat
+            # and, past a few minutes of uptime, polls without sleeping: it would notice the
+            # exit with or without the watch, and the test would depend on the machine's uptime.
+            process._last_successful_heartbeat = time.monotonic()
+            return process
 
         def wait(self) -> int:
             self._monitor_subprocess()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, text, update
+from sqlalchemy import Table, bindparam, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,93 @@ from tether.plane.netaccess import Network, parse_cidrs
 from tether.protocol import AgentStatus, JobState
 
 NOTIFY_CHANNEL = "tether_jobs"
+
+
+# The agent API's hot statements, on the tables rather than the mapped classes and built
+# once: an ORM UPDATE evaluates its WHERE clause against every object in the session and
+# each new statement computes its cache key again. A thousand agents' heartbeats and lease
+# polls spent more CPU in that than in everything else Tether does per call.
+_AGENT: Table = Agent.__table__  # type: ignore[assignment]
+_JOB: Table = Job.__table__  # type: ignore[assignment]
+
+_AGENT_FOR_CALL = select(
+    _AGENT.c.id,
+    _AGENT.c.name,
+    _AGENT.c.incarnation,
+    _AGENT.c.token_id,
+    _AGENT.c.cordoned,
+    _AGENT.c.last_heartbeat,
+    _AGENT.c.deleted_at,
+    _AGENT.c.deleted_by,
+).where(_AGENT.c.id == bindparam("agent_id"))
+
+#: A heartbeat from the agent process the plane knows; returns ``cordoned``, or no row.
+_BEAT = (
+    update(_AGENT)
+    .where(
+        _AGENT.c.id == bindparam("agent_id"),
+        _AGENT.c.token_id == bindparam("token"),
+        _AGENT.c.incarnation == bindparam("beat_incarnation"),
+        _AGENT.c.deleted_at.is_(None),
+    )
+    .values(
+        last_heartbeat=bindparam("now"),
+        free_slots=bindparam("slots_free"),
+        draining=bindparam("is_draining"),
+        metrics=bindparam("beat_metrics"),
+    )
+    .returning(_AGENT.c.cordoned)
+)
+
+_CLAIMABLE = (
+    select(_JOB.c.id, _JOB.c.pool_slots)
+    .where(
+        _JOB.c.state == JobState.QUEUED.value,
+        _JOB.c.queue.in_(bindparam("queues", expanding=True)),
+        _JOB.c.pool_slots <= bindparam("free"),
+    )
+    .order_by(_JOB.c.priority_weight.desc(), _JOB.c.queued_at, _JOB.c.id)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+
+_LEASE = (
+    update(_JOB)
+    .where(_JOB.c.id == bindparam("job_id"), _JOB.c.state == JobState.QUEUED.value)
+    .values(
+        state=JobState.LEASED.value,
+        agent_id=bindparam("holder_id"),
+        agent_name=bindparam("holder_name"),
+        incarnation=bindparam("holder_incarnation"),
+        leased_at=bindparam("now"),
+        lease_expires_at=bindparam("expires"),
+    )
+)
+
+_START = (
+    update(_JOB)
+    .where(
+        _JOB.c.id == bindparam("job_id"),
+        _JOB.c.state == JobState.LEASED.value,
+        _JOB.c.incarnation == bindparam("holder_incarnation"),
+    )
+    .values(state=JobState.RUNNING.value, started_at=bindparam("now"), lease_expires_at=None)
+)
+
+_FINISH = (
+    update(_JOB)
+    .where(
+        _JOB.c.id == bindparam("job_id"),
+        _JOB.c.state == JobState.RUNNING.value,
+        _JOB.c.agent_id == bindparam("holder_id"),
+    )
+    .values(
+        state=bindparam("outcome"),
+        finished_at=bindparam("now"),
+        exit_code=bindparam("code"),
+        reason=bindparam("why"),
+    )
+)
 
 
 def utcnow() -> datetime:
@@ -113,7 +200,7 @@ def token_live(token: AgentToken | None, now: datetime) -> bool:
 
 
 def agent_status(
-    agent: Agent, settings: PlaneSettings, now: datetime, *, token: AgentToken | None = None, check_token: bool = False
+    agent: Any, settings: PlaneSettings, now: datetime, *, token: AgentToken | None = None, check_token: bool = False
 ) -> AgentStatus:
     """DESIGN §5: TERMINATED once deleted; UNHEALTHY when silent too long or its token is dead."""
     if agent.deleted_at is not None:
@@ -394,19 +481,9 @@ class Store:
             session.expunge(agent)
         return agent
 
-    def _agent_for_call(
-        self,
-        session: Session,
-        identity: TokenIdentity,
-        agent_id: str,
-        incarnation: uuid.UUID,
-        *,
-        lock: bool = False,
-    ) -> Agent:
-        query = select(Agent).where(Agent.id == agent_id)
-        if lock:
-            query = query.with_for_update()
-        agent = session.scalars(query).one_or_none()
+    def _agent_for_call(self, session: Session, identity: TokenIdentity, agent_id: str, incarnation: uuid.UUID) -> Any:
+        """The calling agent's row (the columns of ``_AGENT_FOR_CALL``), or the refusal that says why not."""
+        agent = session.connection().execute(_AGENT_FOR_CALL, {"agent_id": agent_id}).one_or_none()
         if agent is None:
             raise errors.NotFound(f"agent {agent_id} is not registered; register again", reason="agent_not_found")
         if agent.deleted_at is not None:
@@ -434,53 +511,38 @@ class Store:
         now: datetime | None = None,
     ) -> protocol.HeartbeatResponse:
         now = now or utcnow()
+        beat = {
+            "agent_id": agent_id,
+            "token": identity.id,
+            "beat_incarnation": str(request.incarnation),
+            "now": now,
+            "slots_free": request.free_slots,
+            "is_draining": request.draining,
+            "beat_metrics": dict(request.metrics),
+        }
         if not request.running_jobs:
             # An idle agent - the common case, and the whole load of a large fleet - in one
             # statement. Anything unusual (unknown, deleted, superseded) takes the path below,
             # which says what is wrong.
             with self._tx() as session:
-                cordoned = session.execute(
-                    update(Agent)
-                    .where(
-                        Agent.id == agent_id,
-                        Agent.token_id == identity.id,
-                        Agent.incarnation == str(request.incarnation),
-                        Agent.deleted_at.is_(None),
-                    )
-                    .values(
-                        last_heartbeat=now,
-                        free_slots=request.free_slots,
-                        draining=request.draining,
-                        metrics=dict(request.metrics),
-                    )
-                    .returning(Agent.cordoned)
-                ).scalar_one_or_none()
+                cordoned = session.connection().execute(_BEAT, beat).scalar_one_or_none()
             if cordoned is not None:
-                return protocol.HeartbeatResponse(
-                    status=AgentStatus.HEALTHY,
-                    cordoned=cordoned,
-                    heartbeat_interval=self.settings.heartbeat_interval.total_seconds(),
-                    commands=[],
-                )
+                return self._heartbeat_answer(cordoned, [])
         with self._tx() as session:
             agent = self._agent_for_call(session, identity, agent_id, request.incarnation)
-            agent.last_heartbeat = now
-            agent.free_slots = request.free_slots
-            agent.draining = request.draining
-            agent.metrics = dict(request.metrics)
+            cordoned = session.connection().execute(_BEAT, beat).scalar_one_or_none()
             # Anything the agent runs that the plane no longer lets it hold must die:
             # revoked, failed by a sweep, or handed to another agent.
             held = (
-                {
-                    row.id
-                    for row in session.scalars(
-                        select(Job).where(
+                set(
+                    session.scalars(
+                        select(Job.id).where(
                             Job.agent_id == agent.id,
                             Job.incarnation == agent.incarnation,
                             Job.state.in_([JobState.LEASED.value, JobState.RUNNING.value]),
                         )
                     )
-                }
+                )
                 if request.running_jobs
                 else set()
             )
@@ -490,12 +552,15 @@ class Store:
                     job = session.get(Job, str(job_id))
                     why = f"the plane holds this job as {job.state}" if job else "the plane no longer knows this job"
                     commands.append(protocol.KillJob(job_id=job_id, reason=why))
-            return protocol.HeartbeatResponse(
-                status=AgentStatus.HEALTHY,
-                cordoned=agent.cordoned,
-                heartbeat_interval=self.settings.heartbeat_interval.total_seconds(),
-                commands=commands,
-            )
+            return self._heartbeat_answer(agent.cordoned if cordoned is None else cordoned, commands)
+
+    def _heartbeat_answer(self, cordoned: bool, commands: list[protocol.KillJob]) -> protocol.HeartbeatResponse:
+        return protocol.HeartbeatResponse(
+            status=AgentStatus.HEALTHY,
+            cordoned=cordoned,
+            heartbeat_interval=self.settings.heartbeat_interval.total_seconds(),
+            commands=commands,
+        )
 
     def agent_views(self, *, now: datetime | None = None) -> list[AgentView]:
         now = now or utcnow()
@@ -705,36 +770,21 @@ class Store:
             if agent.cordoned or agent_status(agent, self.settings, now) is not AgentStatus.HEALTHY:
                 return []
             free = request.free_slots
-            query = (
-                select(Job.id, Job.pool_slots, Job.queue)
-                .where(
-                    Job.state == JobState.QUEUED.value,
-                    Job.queue.in_(list(request.queues)),
-                    Job.pool_slots <= free,
-                )
-                .order_by(Job.priority_weight.desc(), Job.queued_at, Job.id)
-                .limit(free)
-                .with_for_update(skip_locked=True)
-            )
-            candidates = list(session.execute(query))
+            conn = session.connection()
+            candidates = conn.execute(_CLAIMABLE, {"queues": list(request.queues), "free": free, "limit": free}).all()
             expires = now + self.settings.lease_timeout
+            lease = {
+                "holder_id": agent.id,
+                "holder_name": agent.name,
+                "holder_incarnation": agent.incarnation,
+                "now": now,
+                "expires": expires,
+            }
             claimed: list[str] = []
-            for job_id, pool_slots, _queue in candidates:
+            for job_id, pool_slots in candidates:
                 if pool_slots > free:
                     continue
-                result = session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
-                    .values(
-                        state=JobState.LEASED.value,
-                        agent_id=agent.id,
-                        agent_name=agent.name,
-                        incarnation=agent.incarnation,
-                        leased_at=now,
-                        lease_expires_at=expires,
-                    )
-                )
-                if result.rowcount == 1:  # type: ignore[attr-defined]
+                if conn.execute(_LEASE, {**lease, "job_id": job_id}).rowcount == 1:
                     claimed.append(job_id)
                     free -= pool_slots
                 if free <= 0:
@@ -779,16 +829,10 @@ class Store:
                 expired = True
             else:
                 expired = False
-                result = session.execute(
-                    update(Job)
-                    .where(
-                        Job.id == job.id,
-                        Job.state == JobState.LEASED.value,
-                        Job.incarnation == agent.incarnation,
-                    )
-                    .values(state=JobState.RUNNING.value, started_at=now, lease_expires_at=None)
+                started = session.connection().execute(
+                    _START, {"job_id": job.id, "holder_incarnation": agent.incarnation, "now": now}
                 )
-                if result.rowcount != 1:  # type: ignore[attr-defined]
+                if started.rowcount != 1:
                     raise errors.Conflict(f"job {job_id} changed while starting; not started", reason="not_leased")
         if expired:
             raise errors.Conflict(
@@ -836,12 +880,18 @@ class Store:
                 )
             if target is JobState.RUNNING:
                 return protocol.ReportResponse(job_id=uuid.UUID(job.id), state=current)
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.state == JobState.RUNNING.value, Job.agent_id == agent.id)
-                .values(state=target.value, finished_at=now, exit_code=request.exit_code, reason=request.reason)
+            finished = session.connection().execute(
+                _FINISH,
+                {
+                    "job_id": job.id,
+                    "holder_id": agent.id,
+                    "outcome": target.value,
+                    "now": now,
+                    "code": request.exit_code,
+                    "why": request.reason,
+                },
             )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+            if finished.rowcount != 1:
                 raise errors.Conflict(f"job {job_id} changed while reporting", reason="job_final")
             return protocol.ReportResponse(job_id=uuid.UUID(job.id), state=target)
 
