@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -64,6 +65,11 @@ def agent(client: TestClient, token: str) -> AgentCalls:
     calls = AgentCalls(client, token)
     assert calls.register().status_code == 200
     return calls
+
+
+def _hold_polls_long(store: Store) -> None:
+    """Hold long-polls for the 20 s agents ask, not the tests' usual second: a busy machine cannot end one early."""
+    store.settings = dataclasses.replace(store.settings, lease_wait=timedelta(seconds=20))
 
 
 def _count(store: Store, model: type) -> int:
@@ -297,6 +303,7 @@ def test_a_long_poll_returns_as_soon_as_a_job_is_queued(
     import time
 
     result: dict[str, Any] = {}
+    _hold_polls_long(store)
 
     def poll() -> None:
         result["response"] = agent.lease(wait=20)
@@ -308,3 +315,39 @@ def test_a_long_poll_returns_as_soon_as_a_job_is_queued(
     thread.join(timeout=15)
     assert not thread.is_alive(), "the waiting lease was not woken by the new job"
     assert len(result["response"].json()["leases"]) == 1
+
+
+def test_idle_polls_skip_the_database_while_the_queue_is_known_empty(
+    client: TestClient,
+    store: Store,
+    agent: AgentCalls,
+    make_workload: Callable[..., Any],
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    claims: list[object] = []
+    real_claim = store.claim
+
+    def counted_claim(*args: Any, **kwargs: Any) -> Any:
+        claims.append(args)
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(store, "claim", counted_claim)
+    _hold_polls_long(store)
+    assert agent.lease().json()["leases"] == []  # the first poll starts the listener
+    listens = database_url.startswith("postgresql")
+    if listens:
+        limit = time.monotonic() + 10
+        while not client.app.state.tether.wakeup.listening and time.monotonic() < limit:  # type: ignore[attr-defined]
+            time.sleep(0.05)
+    assert agent.lease().json()["leases"] == []  # looks, and finds the queue empty
+    looked = len(claims)
+    for _ in range(5):
+        assert agent.lease().json()["leases"] == []
+    # With LISTEN (PostgreSQL) nothing new can have come without a notification; SQLite must look each time.
+    assert len(claims) - looked == (0 if listens else 5)
+    # A job queued now is leased by the next poll, which the notification wakes if it did not look.
+    enqueue(store, make_workload())
+    assert len(agent.lease(wait=10).json()["leases"]) == 1

@@ -62,7 +62,7 @@ class Agent:
             self.agent_id,
             protocol.LeaseRequest(incarnation=self.incarnation, free_slots=n, queues=["default"], wait=0),
         )
-        return [str(lease.job_id) for lease in leases]
+        return [str(lease.job_id) for lease in leases or []]
 
     def start(self, job_id: str) -> None:
         self.store.start(self.identity, self.agent_id, job_id, protocol.StartRequest(incarnation=self.incarnation))

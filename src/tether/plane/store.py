@@ -763,12 +763,13 @@ class Store:
         request: protocol.LeaseRequest,
         *,
         now: datetime | None = None,
-    ) -> list[protocol.Lease]:
+    ) -> list[protocol.Lease] | None:
+        """The jobs leased to the agent: none if its queues hold nothing it can take, None if it may take nothing."""
         now = now or utcnow()
         with self._tx() as session:
             agent = self._agent_for_call(session, identity, agent_id, request.incarnation)
             if agent.cordoned or agent_status(agent, self.settings, now) is not AgentStatus.HEALTHY:
-                return []
+                return None
             free = request.free_slots
             conn = session.connection()
             candidates = conn.execute(_CLAIMABLE, {"queues": list(request.queues), "free": free, "limit": free}).all()

@@ -253,14 +253,24 @@ def create_app(
             ctx.wakeup.start_listening(ctx.listen_dsn, NOTIFY_CHANNEL)
         poll = settings.poll_interval.total_seconds()
         claim = functools.partial(ctx.store.claim, identity, str(agent_id), body)
-        with ctx.wakeup.subscribe(list(body.queues)) as woken:
+        queues = list(body.queues)
+        with ctx.wakeup.subscribe(queues) as woken:
+            # A queue found empty since its last notification needs no second look: a fleet's
+            # idle polls then cost the database nothing until a job comes.
+            look_now = not ctx.wakeup.known_empty(queues, body.free_slots)
             while True:
                 woken.clear()
-                async with ctx.claim_limiter():
-                    leases = await ctx.db(claim)
+                leases: list[protocol.Lease] | None = []
+                if look_now:
+                    look = ctx.wakeup.look(queues)
+                    async with ctx.claim_limiter():
+                        leases = await ctx.db(claim)
+                    if leases == []:
+                        ctx.wakeup.found_empty(look, body.free_slots)
+                look_now = True
                 remaining = deadline - time.monotonic()
                 if leases or remaining <= 0:
-                    return protocol.LeaseResponse(leases=leases)
+                    return protocol.LeaseResponse(leases=leases or [])
                 # With LISTEN in place a new job wakes us; without it, look again on a timer.
                 listening = ctx.wakeup.listening
                 pause = remaining if listening else min(poll, remaining)

@@ -5,6 +5,12 @@ queue named in each notification. While that connection is down, and after it
 comes back, waiters fall back to looking on a timer, so a lost notification
 costs at most one poll interval. SQLite has no notifications: waiters rely on
 the timer alone.
+
+While listening it also remembers which queues a claim has just found empty:
+a lease request for those needs no trip to the database, only the wait. A
+notification for a queue, a new LISTEN connection or ``EMPTY_FOR`` seconds end
+that knowledge - the last bounds the one case no notification covers, a claim
+that saw a job locked by another claim whose transaction then rolled back.
 """
 
 from __future__ import annotations
@@ -13,12 +19,25 @@ import asyncio
 import logging
 import select
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+#: Seconds a queue found empty is trusted to stay empty without a notification.
+EMPTY_FOR = 2.0
+
+
+@dataclass(frozen=True)
+class Look:
+    """What the listener had heard when a claim began: the LISTEN connection and each queue's notifications."""
+
+    connection: int
+    notified: dict[str, int]
 
 
 class Wakeup:
@@ -29,6 +48,12 @@ class Wakeup:
         self._stop = threading.Event()
         #: True while LISTEN is in place: waiters can then sleep until woken.
         self.listening = False
+        #: Counts LISTEN connections made: what was learnt on one means nothing on the next.
+        self._connection = 0
+        #: Notifications received per queue.
+        self._notified: dict[str, int] = defaultdict(int)
+        #: Queues a claim found empty: (Look.connection, notifications then, free slots it had, when).
+        self._empty: dict[str, tuple[int, int, int, float]] = {}
 
     def start_listening(self, dsn: str, channel: str) -> None:
         if self._thread is not None:
@@ -62,8 +87,45 @@ class Wakeup:
 
     def wake(self, queue: str) -> None:
         """Wake the waiters of one queue; call on the event loop."""
+        self._notified[queue] += 1
         for event in list(self._waiters.get(queue, ())):
             event.set()
+
+    def look(self, queues: list[str]) -> Look:
+        """Note what has been heard so far, just before a claim looks at ``queues``."""
+        return Look(self._connection, {queue: self._notified[queue] for queue in queues})
+
+    def found_empty(self, look: Look, free_slots: int) -> None:
+        """A claim begun at ``look`` found nothing for an agent with ``free_slots``."""
+        now = time.monotonic()
+        for queue, notified in look.notified.items():
+            if notified != self._notified[queue]:
+                continue  # a job came while the claim ran: the queue may not be empty
+            known = self._empty.get(queue)
+            if (
+                known is not None
+                and known[:2] == (look.connection, notified)
+                and known[2] > free_slots
+                and now - known[3] <= EMPTY_FOR
+            ):
+                continue  # a larger agent found it empty: that says more than this look
+            self._empty[queue] = (look.connection, notified, free_slots, now)
+
+    def known_empty(self, queues: list[str], free_slots: int) -> bool:
+        """True if every one of ``queues`` was found empty for this many free slots since its last notification."""
+        if not self.listening:
+            return False
+        now = time.monotonic()
+        for queue in queues:
+            known = self._empty.get(queue)
+            if (
+                known is None
+                or known[:2] != (self._connection, self._notified[queue])
+                or free_slots > known[2]
+                or now - known[3] > EMPTY_FOR
+            ):
+                return False
+        return True
 
     def _listen(self, dsn: str, channel: str) -> None:
         import psycopg2
@@ -75,6 +137,7 @@ class Wakeup:
                 with conn.cursor() as cursor:
                     cursor.execute(f"LISTEN {channel}")
                 log.info("Listening for new Tether jobs on %s", channel)
+                self._connection += 1
                 self.listening = True
                 # Notifications sent while we were not listening are lost: everyone looks again.
                 self._wake_all_threadsafe()
