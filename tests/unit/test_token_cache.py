@@ -21,8 +21,8 @@ def test_calls_that_miss_together_share_one_lookup() -> None:
         return TokenIdentity(id="abc", name="fleet")
 
     async def main() -> list[TokenIdentity]:
-        cache = TokenCache(ttl=60)
-        return await asyncio.gather(*(cache.lookup("secret", load) for _ in range(50)))
+        cache = TokenCache(60)
+        return await asyncio.gather(*(cache.get("secret", load) for _ in range(50)))
 
     identities = asyncio.run(main())
     assert loads == 1
@@ -42,10 +42,10 @@ def test_a_refusal_reaches_every_waiting_call_and_is_not_kept() -> None:
         return TokenIdentity(id="abc", name="fleet")
 
     async def main() -> tuple[list[object], TokenIdentity]:
-        cache = TokenCache(ttl=60)
-        outcomes = await asyncio.gather(*(cache.lookup("secret", refuse) for _ in range(10)), return_exceptions=True)
+        cache = TokenCache(60)
+        outcomes = await asyncio.gather(*(cache.get("secret", refuse) for _ in range(10)), return_exceptions=True)
         # Refused once is not refused for good: the next call looks again.
-        return outcomes, await cache.lookup("secret", accept)
+        return outcomes, await cache.get("secret", accept)
 
     outcomes, later = asyncio.run(main())
     assert loads == 1
@@ -53,21 +53,55 @@ def test_a_refusal_reaches_every_waiting_call_and_is_not_kept() -> None:
     assert later.name == "fleet"
 
 
-def test_an_entry_is_looked_up_again_once_its_time_is_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_entry_is_refreshed_in_the_background_before_its_time_is_up(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr("tether.plane.api.deps.time.monotonic", lambda: now[0])
-    names = iter(["first", "second"])
+    names = iter(["first", "second", "third"])
+    loads: list[float] = []
 
     async def load() -> TokenIdentity:
+        loads.append(now[0])
         return TokenIdentity(id="abc", name=next(names))
 
     async def main() -> list[str]:
-        cache = TokenCache(ttl=2)
-        seen = [(await cache.lookup("secret", load)).name]
-        now[0] += 1.5
-        seen.append((await cache.lookup("secret", load)).name)
-        now[0] += 1.0
-        seen.append((await cache.lookup("secret", load)).name)
+        cache = TokenCache(2)
+        seen = [(await cache.get("secret", load)).name]
+        now[0] += 0.5  # first half of its time: used as it is
+        seen.append((await cache.get("secret", load)).name)
+        assert len(loads) == 1
+        now[0] += 1.0  # second half: still used at once, while one load runs in the background
+        seen.append((await cache.get("secret", load)).name)
+        seen.append((await cache.get("secret", load)).name)
+        for _ in range(3):  # the load, then its completion, each take a turn of the event loop
+            await asyncio.sleep(0)
+        assert len(loads) == 2
+        seen.append((await cache.get("secret", load)).name)
+        now[0] += 2.5  # past its time (counted from when its load began): every call waits for a new one
+        seen.append((await cache.get("secret", load)).name)
         return seen
 
-    assert asyncio.run(main()) == ["first", "first", "second"]
+    assert asyncio.run(main()) == ["first", "first", "first", "first", "second", "third"]
+
+
+def test_a_clear_discards_what_a_load_begun_before_it_finds() -> None:
+    release = asyncio.Event
+    names = iter(["before", "after"])
+
+    async def main() -> list[str]:
+        gate = release()
+
+        async def slow_load() -> TokenIdentity:
+            await gate.wait()
+            return TokenIdentity(id="abc", name=next(names))
+
+        cache = TokenCache(60)
+        waiting = asyncio.ensure_future(cache.get("secret", slow_load))
+        await asyncio.sleep(0)
+        cache.clear()  # the token was revoked while it was being looked up
+        gate.set()
+        seen = [(await waiting).name]
+        seen.append((await cache.get("secret", slow_load)).name)
+        return seen
+
+    # The call that was waiting gets its answer, but it is not kept: the next call looks again.
+    assert asyncio.run(main()) == ["before", "after"]

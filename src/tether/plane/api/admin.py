@@ -99,7 +99,7 @@ def admin_router() -> APIRouter:
     @router.post("/v1/tokens/{token_id}/revoke", response_model=TokenOut)
     async def revoke_token(token_id: str, ctx: Ctx, user: Changer) -> TokenOut:
         row = await run_in_threadpool(lambda: ctx.store.revoke_token(token_id, revoked_by=user))
-        ctx.tokens.entries.clear()
+        ctx.tokens.clear()
         return TokenOut.from_row(row, utcnow())
 
     # -- agents -------------------------------------------------------------------
@@ -136,7 +136,7 @@ def admin_router() -> APIRouter:
 
     async def _change(ctx: PlaneContext, cidrs: list[str], user: str, mode: str) -> IpRangesOut:
         await run_in_threadpool(lambda: ctx.store.set_allowed_ranges(cidrs, actor=user, mode=mode))
-        ctx.ranges.invalidate()
+        ctx.ranges.clear()
         return await _ranges(ctx)
 
     @router.put("/v1/allowed-ip-ranges", response_model=IpRangesOut)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, TypeVar
 
 from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Header, Request
@@ -25,74 +25,74 @@ DB_THREADS = 32
 CLAIM_THREADS = 8
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
-@dataclass
-class TokenCache:
-    """Accepted tokens, trusted for ``ttl`` seconds so a revocation bites within that time."""
+class SharedLoads(Generic[K, T]):
+    """Values by key, each trusted for ``ttl`` seconds, loaded once at a time and refreshed ahead of need.
 
-    ttl: float
-    entries: dict[str, tuple[float, TokenIdentity]] = field(default_factory=dict)
-    _loading: dict[str, asyncio.Future[TokenIdentity]] = field(default_factory=dict)
+    A value is trusted from the moment its load began. In the second half of its
+    time the first call to see it starts one load in the background and every call
+    goes on using it; only a value past its time (or none) makes callers wait -
+    all of them for the same one load. With steady traffic nobody waits: a fleet's
+    calls no longer pile up behind a reload every ``ttl`` seconds. A load that
+    fails (a refused token) drops the value, and the calls waiting on it get the
+    failure; the next call loads again.
+    """
 
-    def get(self, text: str) -> TokenIdentity | None:
-        hit = self.entries.get(text)
-        if hit is None or time.monotonic() - hit[0] > self.ttl:
-            self.entries.pop(text, None)
-            return None
-        return hit[1]
+    def __init__(self, ttl: float, *, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._values: dict[K, tuple[float, T]] = {}
+        self._loading: dict[K, asyncio.Future[T]] = {}
+        #: Raised by ``clear``: a load begun before it must not put back what it removed.
+        self._generation = 0
 
-    def put(self, text: str, identity: TokenIdentity) -> None:
-        if len(self.entries) > 10_000:
-            self.entries.clear()
-        self.entries[text] = (time.monotonic(), identity)
+    async def get(self, key: K, load: Callable[[], Awaitable[T]]) -> T:
+        held = self._values.get(key)
+        if held is not None:
+            age = time.monotonic() - held[0]
+            if age <= self.ttl:
+                if age > self.ttl / 2:
+                    self._load(key, load)
+                return held[1]
+        return await asyncio.shield(self._load(key, load))
 
-    async def lookup(self, text: str, load: Callable[[], Awaitable[TokenIdentity]]) -> TokenIdentity:
-        """The cached identity, or ``load``'s - one load per token at a time.
+    def clear(self) -> None:
+        self._values.clear()
+        self._generation += 1
 
-        A fleet shares a handful of tokens: when one's entry runs out, every agent
-        call in flight at that moment misses together, and each would look the
-        token up again. They wait for the first one's answer instead (a refusal too).
-        """
-        cached = self.get(text)
-        if cached is not None:
-            return cached
-        pending = self._loading.get(text)
+    def _load(self, key: K, load: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        pending = self._loading.get(key)
         if pending is None:
+            began, generation = time.monotonic(), self._generation
             pending = asyncio.ensure_future(load())
-            self._loading[text] = pending
-            pending.add_done_callback(lambda done: self._loaded(text, done))
-        return await asyncio.shield(pending)
+            self._loading[key] = pending
+            pending.add_done_callback(lambda done: self._loaded(key, done, began, generation))
+        return pending
 
-    def _loaded(self, text: str, done: asyncio.Future[TokenIdentity]) -> None:
-        self._loading.pop(text, None)
-        if not done.cancelled() and done.exception() is None:
-            self.put(text, done.result())
+    def _loaded(self, key: K, done: asyncio.Future[T], began: float, generation: int) -> None:
+        self._loading.pop(key, None)
+        if done.cancelled() or done.exception() is not None:
+            self._values.pop(key, None)
+        elif generation == self._generation:
+            if len(self._values) >= self.max_entries:
+                self._values.clear()
+            self._values[key] = (began, done.result())
 
 
-@dataclass
-class RangeCache:
-    """The allowed IP ranges, re-read at most every ``ttl`` seconds (and at once after a change here)."""
+class TokenCache(SharedLoads[str, TokenIdentity]):
+    """Accepted tokens, trusted for ``ttl`` seconds so a revocation bites within that time.
 
-    ttl: float
-    load: Callable[[], list[Network]]
-    _value: list[Network] = field(default_factory=list)
-    _loaded_at: float | None = None
+    A fleet shares a handful of tokens: each is looked up once at a time, by one call.
+    """
 
-    def get(self) -> list[Network]:
-        if self._loaded_at is None or time.monotonic() - self._loaded_at > self.ttl:
-            self._value = self.load()
-            self._loaded_at = time.monotonic()
-        return self._value
 
-    def fresh(self) -> list[Network] | None:
-        """The ranges if they need no reload; the caller then avoids a trip to a worker thread."""
-        if self._loaded_at is None or time.monotonic() - self._loaded_at > self.ttl:
-            return None
-        return self._value
+class RangeCache(SharedLoads[None, list[Network]]):
+    """The allowed IP ranges, read at most once every ``ttl`` seconds (and at once after a change here)."""
 
-    def invalidate(self) -> None:
-        self._loaded_at = None
+    async def current(self, load: Callable[[], Awaitable[list[Network]]]) -> list[Network]:
+        return await self.get(None, load)
 
 
 @dataclass
@@ -131,8 +131,8 @@ class PlaneContext:
         return cls(
             store=store,
             wakeup=Wakeup(),
-            tokens=TokenCache(ttl=ttl),
-            ranges=RangeCache(ttl=ttl, load=store.allowed_networks),
+            tokens=TokenCache(ttl),
+            ranges=RangeCache(ttl),
             listen_dsn=listen_dsn,
         )
 
@@ -155,9 +155,7 @@ async def address_allowed(request: Request, ctx: Annotated[PlaneContext, Depends
         request.headers.get("X-Forwarded-For"),
         ctx.store.settings.trusted_proxies,
     )
-    ranges = ctx.ranges.fresh()
-    if ranges is None:
-        ranges = await ctx.db(ctx.ranges.get)
+    ranges = await ctx.ranges.current(lambda: ctx.db(ctx.store.allowed_networks))
     if not allowed(address, ranges):
         raise errors.Forbidden(
             f"agent calls from {address} are not allowed: the address is outside the plane's allowed IP ranges",
@@ -180,7 +178,7 @@ async def authenticated(
     if not authorization or not authorization.lower().startswith("bearer "):
         raise errors.Unauthorized("an agent token is required (Authorization: Bearer ...)", reason="no_token")
     text = authorization[7:].strip()
-    return await ctx.tokens.lookup(text, lambda: ctx.db(ctx.store.authenticate, text))
+    return await ctx.tokens.get(text, lambda: ctx.db(ctx.store.authenticate, text))
 
 
 Ctx = Annotated[PlaneContext, Depends(context)]
