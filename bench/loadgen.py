@@ -27,6 +27,7 @@ import uvloop
 
 import tether
 from tether import protocol
+from tether.collector import settle_garbage_collector
 
 #: Registrations in flight at once while the simulated agents start.
 REGISTER_CONCURRENCY = 25
@@ -189,6 +190,9 @@ async def run(
         while len(registered) < agents and time.monotonic() - ramp_started < ramp_limit:
             await asyncio.sleep(0.1)
         ramp = time.monotonic() - ramp_started
+        # The generator holds every simulated agent's requests open, as the API server does: its own
+        # full collections would stop it for tenths of a second and count in every latency it measures.
+        settle_garbage_collector()
         # A steady state first: every heartbeat phase and every long-poll has come round once.
         await asyncio.sleep(max((max(s.interval, s.lease_wait) for s in sims), default=0.0) + 2)
         stats.measuring_since = time.monotonic()

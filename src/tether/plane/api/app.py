@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import random
 import time
@@ -24,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tether
 from tether import errors, protocol
+from tether.collector import settle_garbage_collector
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
 from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext
 from tether.plane.store import NOTIFY_CHANNEL, Store
@@ -74,11 +74,8 @@ def _context_from_airflow() -> PlaneContext:
         store = Store(agent_api_session_factory(conn), settings=plane_settings)
     else:
         store = Store(airflow_session_factory(), settings=plane_settings)
-    # By the first agent call the API server has imported and built everything it
-    # keeps for life - millions of objects. A full collection scanned all of them:
-    # with a thousand agents it stopped the event loop for 0.3-0.6 s every ~10 s,
-    # which was the whole tail of heartbeat latency. Frozen, they are not scanned again.
-    gc.freeze()
+    # By the first agent call the API server has imported and built everything it keeps for life.
+    settle_garbage_collector()
     return PlaneContext.for_store(store, listen_dsn=dsn)
 
 
