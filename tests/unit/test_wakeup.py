@@ -83,3 +83,14 @@ def test_a_lost_listener_forgets(listening: Wakeup) -> None:
     _found_empty(listening, ["default"], 4)
     listening.listening = False
     assert not listening.known_empty(["default"], 4)
+
+
+def test_what_a_claim_learnt_counts_from_when_it_began(listening: Wakeup, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(wakeup.time, "monotonic", lambda: now[0])
+    look = listening.look(["default"])
+    now[0] += wakeup.EMPTY_FOR * 0.75  # a slow claim: its query saw the queue at some moment in between
+    listening.found_empty(look, 4)
+    assert listening.known_empty(["default"], 4)
+    now[0] += wakeup.EMPTY_FOR * 0.5
+    assert not listening.known_empty(["default"], 4)

@@ -38,6 +38,7 @@ class Look:
 
     connection: int
     notified: dict[str, int]
+    at: float
 
 
 class Wakeup:
@@ -93,11 +94,14 @@ class Wakeup:
 
     def look(self, queues: list[str]) -> Look:
         """Note what has been heard so far, just before a claim looks at ``queues``."""
-        return Look(self._connection, {queue: self._notified[queue] for queue in queues})
+        return Look(self._connection, {queue: self._notified[queue] for queue in queues}, time.monotonic())
 
     def found_empty(self, look: Look, free_slots: int) -> None:
-        """A claim begun at ``look`` found nothing for an agent with ``free_slots``."""
-        now = time.monotonic()
+        """A claim begun at ``look`` found nothing for an agent with ``free_slots``.
+
+        Known from when the claim began, not from its answer: its query saw the queue
+        at some moment in between, and ``EMPTY_FOR`` counts from the earliest.
+        """
         for queue, notified in look.notified.items():
             if notified != self._notified[queue]:
                 continue  # a job came while the claim ran: the queue may not be empty
@@ -106,10 +110,10 @@ class Wakeup:
                 known is not None
                 and known[:2] == (look.connection, notified)
                 and known[2] > free_slots
-                and now - known[3] <= EMPTY_FOR
+                and look.at - known[3] <= EMPTY_FOR
             ):
                 continue  # a larger agent found it empty: that says more than this look
-            self._empty[queue] = (look.connection, notified, free_slots, now)
+            self._empty[queue] = (look.connection, notified, free_slots, look.at)
 
     def known_empty(self, queues: list[str], free_slots: int) -> bool:
         """True if every one of ``queues`` was found empty for this many free slots since its last notification."""
