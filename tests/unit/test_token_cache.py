@@ -84,11 +84,10 @@ def test_an_entry_is_refreshed_in_the_background_before_its_time_is_up(monkeypat
 
 
 def test_a_clear_discards_what_a_load_begun_before_it_finds() -> None:
-    release = asyncio.Event
     names = iter(["before", "after"])
 
     async def main() -> list[str]:
-        gate = release()
+        gate = asyncio.Event()
 
         async def slow_load() -> TokenIdentity:
             await gate.wait()
