@@ -168,6 +168,8 @@ def ensure_edge_venv() -> None:
             "--quiet",
             "--python",
             str(python),
+            # Bytecode compiled at install, as for Tether's and the LocalExecutor's venv.
+            "--compile-bytecode",
             "-c",
             str(REPO / "requirements" / "lock.txt"),
             *EDGE_PACKAGES,
