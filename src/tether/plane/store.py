@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, func, or_, select, text, update
+from sqlalchemy import Table, bindparam, delete, exists, func, or_, select, text, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -68,8 +69,16 @@ _BEAT = (
     .returning(_AGENT.c.cordoned)
 )
 
+#: The calling agent process, as the plane knows it: registered with this token, this incarnation, not deleted.
+_CALLER_IS_CURRENT = exists().where(
+    _AGENT.c.id == bindparam("holder_id"),
+    _AGENT.c.token_id == bindparam("token"),
+    _AGENT.c.incarnation == bindparam("holder_incarnation"),
+    _AGENT.c.deleted_at.is_(None),
+)
+
 _CLAIMABLE = (
-    select(_JOB.c.id, _JOB.c.pool_slots)
+    select(_JOB.c.id, _JOB.c.pool_slots, _JOB.c.workload)
     .where(
         _JOB.c.state == JobState.QUEUED.value,
         _JOB.c.queue.in_(bindparam("queues", expanding=True)),
@@ -82,7 +91,7 @@ _CLAIMABLE = (
 
 _LEASE = (
     update(_JOB)
-    .where(_JOB.c.id == bindparam("job_id"), _JOB.c.state == JobState.QUEUED.value)
+    .where(_JOB.c.id.in_(bindparam("job_ids", expanding=True)), _JOB.c.state == JobState.QUEUED.value)
     .values(
         state=JobState.LEASED.value,
         agent_id=bindparam("holder_id"),
@@ -91,6 +100,7 @@ _LEASE = (
         leased_at=bindparam("now"),
         lease_expires_at=bindparam("expires"),
     )
+    .returning(_JOB.c.id)
 )
 
 _START = (
@@ -99,6 +109,37 @@ _START = (
         _JOB.c.id == bindparam("job_id"),
         _JOB.c.state == JobState.LEASED.value,
         _JOB.c.incarnation == bindparam("holder_incarnation"),
+    )
+    .values(state=JobState.RUNNING.value, started_at=bindparam("now"), lease_expires_at=None)
+)
+
+#: An outcome from the job's holder, registered with this token (any incarnation: see ``Store.report``).
+_FINISH_HELD = (
+    update(_JOB)
+    .where(
+        _JOB.c.id == bindparam("job_id"),
+        _JOB.c.state == JobState.RUNNING.value,
+        _JOB.c.agent_id == bindparam("holder_id"),
+        exists().where(_AGENT.c.id == bindparam("holder_id"), _AGENT.c.token_id == bindparam("token")),
+    )
+    .values(
+        state=bindparam("outcome"),
+        finished_at=bindparam("now"),
+        exit_code=bindparam("code"),
+        reason=bindparam("why"),
+    )
+)
+
+#: The start gate when nothing is amiss: the caller's unexpired lease becomes a start, in one statement.
+_START_HELD = (
+    update(_JOB)
+    .where(
+        _JOB.c.id == bindparam("job_id"),
+        _JOB.c.state == JobState.LEASED.value,
+        _JOB.c.agent_id == bindparam("holder_id"),
+        _JOB.c.incarnation == bindparam("holder_incarnation"),
+        _JOB.c.lease_expires_at > bindparam("now"),
+        _CALLER_IS_CURRENT,
     )
     .values(state=JobState.RUNNING.value, started_at=bindparam("now"), lease_expires_at=None)
 )
@@ -235,6 +276,18 @@ class Store:
         try:
             with session.begin():
                 yield session
+        finally:
+            session.close()
+
+    @contextmanager
+    def _statement(self) -> Iterator[Connection]:
+        """A connection for one statement that commits as it runs: no BEGIN and COMMIT round trips.
+
+        For the agent API's hot paths, each a single conditional statement: atomic on its own.
+        """
+        session = self._session_factory()
+        try:
+            yield session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         finally:
             session.close()
 
@@ -524,8 +577,8 @@ class Store:
             # An idle agent - the common case, and the whole load of a large fleet - in one
             # statement. Anything unusual (unknown, deleted, superseded) takes the path below,
             # which says what is wrong.
-            with self._tx() as session:
-                cordoned = session.connection().execute(_BEAT, beat).scalar_one_or_none()
+            with self._statement() as conn:
+                cordoned = conn.execute(_BEAT, beat).scalar_one_or_none()
             if cordoned is not None:
                 return self._heartbeat_answer(cordoned, [])
         with self._tx() as session:
@@ -781,26 +834,25 @@ class Store:
                 "now": now,
                 "expires": expires,
             }
-            claimed: list[str] = []
-            for job_id, pool_slots in candidates:
-                if pool_slots > free:
-                    continue
-                if conn.execute(_LEASE, {**lease, "job_id": job_id}).rowcount == 1:
-                    claimed.append(job_id)
-                    free -= pool_slots
+            picked = []
+            for candidate in candidates:
+                if candidate.pool_slots <= free:
+                    picked.append(candidate)
+                    free -= candidate.pool_slots
                 if free <= 0:
                     break
-            if not claimed:
+            if not picked:
                 return []
-            rows = session.scalars(select(Job).where(Job.id.in_(claimed)))
+            leased = set(conn.execute(_LEASE, {**lease, "job_ids": [c.id for c in picked]}).scalars())
             return [
                 protocol.Lease(
-                    job_id=uuid.UUID(row.id),
-                    pool_slots=row.pool_slots,
+                    job_id=uuid.UUID(c.id),
+                    pool_slots=c.pool_slots,
                     lease_expires_at=expires,
-                    workload=json.loads(row.workload),
+                    workload=json.loads(c.workload),
                 )
-                for row in rows
+                for c in picked
+                if c.id in leased
             ]
 
     def start(
@@ -813,6 +865,11 @@ class Store:
         now: datetime | None = None,
     ) -> protocol.StartResponse:
         now = now or utcnow()
+        held = {"job_id": job_id, "holder_id": agent_id, "holder_incarnation": str(request.incarnation)}
+        with self._statement() as conn:
+            if conn.execute(_START_HELD, {**held, "token": identity.id, "now": now}).rowcount == 1:
+                return protocol.StartResponse(job_id=uuid.UUID(job_id), state=JobState.RUNNING)
+        # Not started: the path below says why (or finds it already started, for a retried call).
         with self._tx() as session:
             agent = self._agent_for_call(session, identity, agent_id, request.incarnation)
             job = session.get(Job, job_id)
@@ -856,6 +913,20 @@ class Store:
             protocol.ReportState.SUCCESS: JobState.SUCCESS,
             protocol.ReportState.FAILED: JobState.FAILED,
         }[request.state]
+        if target.terminal:
+            outcome = {
+                "job_id": job_id,
+                "holder_id": agent_id,
+                "token": identity.id,
+                "outcome": target.value,
+                "now": now,
+                "code": request.exit_code,
+                "why": request.reason,
+            }
+            with self._statement() as conn:
+                if conn.execute(_FINISH_HELD, outcome).rowcount == 1:
+                    return protocol.ReportResponse(job_id=uuid.UUID(job_id), state=target)
+        # Not recorded: the path below says why (or finds it already recorded, for a retried call).
         with self._tx() as session:
             # The incarnation is not checked here: an outcome found after a restart
             # is still the holder's to deliver, and the job row says who holds it.
