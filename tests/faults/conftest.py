@@ -200,13 +200,26 @@ def trigger(plane: Plane, dag_id: str) -> str:
 
 
 def wait_running(plane: Plane, dag_id: str, run_id: str, timeout: float = 90) -> dict[str, Any]:
-    """Wait until the run's first job is RUNNING on an agent and its task instance too."""
+    """Wait until the run's first job is RUNNING on an agent and its task's own code runs.
+
+    A task instance is ``running`` from its supervisor's start call, before the task
+    process has stored its rendered fields - the last call it makes to the plane
+    before the task's code. A fault injected before that call fails the task in
+    Airflow's own preparation, not in the code the scenario means to outlast it.
+    """
     return wait_until(
         lambda: next(
             (
                 job
                 for job in jobs(plane, dag_id, run_id)
-                if job["state"] == "RUNNING" and ti_state(plane, dag_id, run_id, job["task_id"]) == "running"
+                if job["state"] == "RUNNING"
+                and ti_state(plane, dag_id, run_id, job["task_id"]) == "running"
+                and plane.query(
+                    "SELECT 1 FROM rendered_task_instance_fields WHERE dag_id = :d AND run_id = :r AND task_id = :t",
+                    d=dag_id,
+                    r=run_id,
+                    t=job["task_id"],
+                )
             ),
             None,
         ),
