@@ -23,6 +23,7 @@ def test_defaults_and_derived_values() -> None:
     assert s.queues == ("default",)
     assert s.slots == 4
     assert s.drain_timeout == timedelta(seconds=540)
+    assert s.task_nice == 10
 
 
 def test_flag_beats_environment_beats_file(tmp_path: Path) -> None:
@@ -71,6 +72,8 @@ def test_token_file_is_read(tmp_path: Path) -> None:
             "no file at /no/ca.pem",
         ),
         (("--plane-url", "http://p", "--token", "t", "--log-level", "LOUD"), {}, "--log-level"),
+        (("--plane-url", "http://p", "--token", "t", "--task-nice", "20"), {}, "must be from 0 to 19"),
+        (("--plane-url", "http://p", "--token", "t"), {"TETHER_TASK_NICE": "-1"}, "--task-nice / TETHER_TASK_NICE"),
         (("--plane-url", "http://p", "--token", "t", "--queues", " , "), {}, "at least one queue"),
     ],
 )

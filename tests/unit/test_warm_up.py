@@ -1,8 +1,8 @@
-"""A task's supervisor, forked from a warmed-up agent, imports nothing the agent did not.
+"""A task's supervisor, a spare or a fork of a warmed-up agent, imports nothing the agent did not.
 
 Every module a forked child imports costs each task its load time and a private
 copy of its objects. The check runs in a fresh interpreter (what this test
-process happened to import must not hide a missing warm-up): it forks a task's
+process happened to import must not hide a missing warm-up): it starts a task's
 supervisor as the agent does and, when the supervisor is about to tell the
 Execution API the task started, records which modules it loaded after the fork.
 """
@@ -16,6 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 _PROBE = textwrap.dedent(
     """
     import asyncio, json, os, signal, sys, uuid
@@ -24,11 +26,18 @@ _PROBE = textwrap.dedent(
     from airflow.executors.workloads.task import TaskInstanceDTO
     from airflow.sdk.execution_time import supervisor
 
-    from tether.agent.runner import ForkRunner
+    from tether.agent import runner as runner_module
 
-    out = sys.argv[1]
-    runner = ForkRunner(execution_api_url="http://127.0.0.1:9/execution/")
-    before = set(sys.modules)
+    out, spares = sys.argv[1], int(sys.argv[2])
+    before = set()
+    real_warm_up = runner_module.warm_up
+
+    def warm_up_then_look():
+        # A spare is a copy of the agent as it was at the end of its warm-up.
+        real_warm_up()
+        before.update(sys.modules)
+
+    runner_module.warm_up = warm_up_then_look
 
     def report_imports(self, **kwargs):
         # Instead of telling the Execution API: write down what the fork had to import.
@@ -38,6 +47,10 @@ _PROBE = textwrap.dedent(
         os._exit(0)
 
     supervisor.ActivitySubprocess._on_child_started = report_imports
+    runner = runner_module.ForkRunner(execution_api_url="http://127.0.0.1:9/execution/", max_spares=spares)
+    if not spares:
+        # A fork is a copy of the agent as it is when the task starts.
+        before.update(sys.modules)
     ti = TaskInstanceDTO(
         id=uuid.uuid4(), task_id="t", dag_id="d", run_id="r", try_number=1, map_index=-1,
         dag_version_id=uuid.uuid4(), queue="default", pool_slots=1, priority_weight=1,
@@ -46,18 +59,25 @@ _PROBE = textwrap.dedent(
         ti=ti, dag_rel_path="d.py", token="jwt", bundle_info=BundleInfo(name="dags-folder"),
         log_path="dag_id=d/run_id=r/task_id=t/attempt=1.log",
     )
-    process = runner.spawn(workload.model_dump(mode="json"))
-    sys.exit(asyncio.run(asyncio.wait_for(process.wait(), 60)))
+
+    async def start_and_wait():
+        process = await runner.spawn(workload.model_dump(mode="json"))
+        return await asyncio.wait_for(process.wait(), 60)
+
+    code = asyncio.run(start_and_wait())
+    runner.close()
+    sys.exit(code)
     """
 )
 
 
-def test_a_forked_supervisor_imports_nothing_new(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spares", [2, 0], ids=["spare", "fork"])
+def test_a_forked_supervisor_imports_nothing_new(tmp_path: Path, spares: int) -> None:
     out = tmp_path / "imports.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env.update(AIRFLOW_HOME=str(tmp_path), AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(tmp_path / "logs"))
     probe = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(out)],
+        [sys.executable, "-c", _PROBE, str(out), str(spares)],
         env=env,
         capture_output=True,
         text=True,

@@ -134,6 +134,7 @@ class Agent:
             log.error("%s", exc)
             return 3
         finally:
+            self.runner.close()
             if self._health is not None:
                 await self._health.stop()
             await self.client.aclose()
@@ -367,7 +368,7 @@ class Agent:
             if not await self._pass_start_gate(reg.agent_id, held):
                 return
             try:
-                held.process = self.runner.spawn(held.lease.workload)
+                held.process = await self.runner.spawn(held.lease.workload)
             except Exception as exc:
                 log.exception("Job %s could not be started", job_id)
                 await self._report(reg.agent_id, job_id, protocol.ReportState.FAILED, None, f"start failed: {exc}")

@@ -75,7 +75,7 @@ async def _check(settings: agent_settings.AgentSettings) -> int:
 async def _run(settings: agent_settings.AgentSettings) -> int:
     from tether.agent.agent import Agent
     from tether.agent.client import PlaneClient, make_http_client
-    from tether.agent.runner import ForkRunner
+    from tether.agent.runner import MIN_SPARES, ForkRunner
 
     log = logging.getLogger("tether.agent")
     agent = Agent(
@@ -86,6 +86,9 @@ async def _run(settings: agent_settings.AgentSettings) -> int:
             ca_bundle=settings.ca_bundle,
             client_cert=settings.client_cert,
             client_key=settings.client_key,
+            task_nice=settings.task_nice,
+            min_spares=min(MIN_SPARES, settings.slots),
+            max_spares=settings.slots,
         ),
     )
     loop = asyncio.get_running_loop()

@@ -1,8 +1,13 @@
 """Runs one Airflow workload in a child process with the Task SDK supervisor.
 
-The child is forked from the agent, which has already imported the Task SDK, so
-a task does not pay interpreter start-up. The child gets its own process group
-and default signal handlers; its outcome is its exit code, nothing else.
+The child is a warm copy of the agent, which has already imported the Task SDK,
+so a task does not pay interpreter start-up: a spare made ahead of time by the
+launcher (``tether.agent.launcher``), or a fork of the agent when none is
+ready. Either way it is the agent's child, with its own process group and
+default signal handlers; its outcome is its exit code, nothing else. The task
+process under the supervisor runs ``task_nice`` steps below the agent's CPU
+priority, so the processes that start, watch and report tasks stay responsive
+while tasks use every CPU.
 
 Stopping: ``terminate`` sends SIGTERM to the supervisor, which forwards it to the
 task so ``on_kill`` hooks run; ``kill`` sends SIGKILL to every process of the
@@ -15,21 +20,31 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import json
 import logging
 import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import psutil
+
+from tether.agent.launcher import MAX_WORKLOAD_BYTES, Launcher, reap_strays
 
 log = logging.getLogger(__name__)
 
 #: Exit code the child uses when the supervisor could not even be started.
 EXIT_SETUP_FAILED = 125
+#: Spares an idle agent keeps ready; a busy one keeps more (see ``tether.agent.launcher``).
+MIN_SPARES = 2
+#: Longest wait for a spare before the agent forks the task itself.
+SPARE_WAIT = 2.0
+#: How often exited orphans the agent adopted are reaped, and spares beyond demand let go.
+HOUSEKEEPING_EVERY = 5.0
 
 
 class TaskProcess(Protocol):
@@ -43,7 +58,9 @@ class TaskProcess(Protocol):
 
 
 class Runner(Protocol):
-    def spawn(self, workload: dict[str, Any]) -> TaskProcess: ...
+    async def spawn(self, workload: dict[str, Any]) -> TaskProcess: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -51,6 +68,7 @@ class ForkedTask:
     pid: int
     _pidfd: int
     _exit_code: int | None = None
+    _on_reaped: Callable[[int], None] | None = None
 
     async def wait(self) -> int:
         if self._exit_code is not None:
@@ -70,6 +88,8 @@ class ForkedTask:
         _, status = os.waitpid(self.pid, 0)
         os.close(self._pidfd)
         self._exit_code = os.waitstatus_to_exitcode(status)
+        if self._on_reaped is not None:
+            self._on_reaped(self.pid)
         return self._exit_code
 
     def terminate(self) -> None:
@@ -156,7 +176,7 @@ def warm_up() -> None:
 
 
 class ForkRunner:
-    """Forks a supervisor per workload."""
+    """Runs a supervisor per workload in a warm child of the agent: a spare, or a fork when none is ready."""
 
     def __init__(
         self,
@@ -165,18 +185,30 @@ class ForkRunner:
         ca_bundle: Path | None = None,
         client_cert: Path | None = None,
         client_key: Path | None = None,
+        task_nice: int = 10,
+        min_spares: int = MIN_SPARES,
+        max_spares: int = MIN_SPARES,
     ) -> None:
         self.execution_api_url = execution_api_url
+        self.task_nice = task_nice
         os.environ.update(task_sdk_tls_environment(ca_bundle=ca_bundle, client_cert=client_cert, client_key=client_key))
         warm_up()
+        # Forked now, before the agent opens any socket: the spares inherit none.
+        self._launcher = (
+            Launcher.fork(min_spares=min_spares, max_spares=max_spares, run=self._run_in_spare)
+            if max_spares > 0
+            else None
+        )
+        self._children: set[int] = set()
+        self._housekeeping: asyncio.TimerHandle | None = None
 
-    def spawn(self, workload: dict[str, Any]) -> ForkedTask:
+    def supervisor_arguments(self, workload: dict[str, Any]) -> dict[str, Any]:
+        """``supervise_task``'s arguments for a workload; raises if the workload is malformed."""
         from airflow.sdk.api.datamodels._generated import BundleInfo, TaskInstance
 
-        # Parsed in the parent: a malformed workload fails here, visibly, not in a child.
         ti = TaskInstance.model_validate({k: v for k, v in workload["ti"].items() if k in TaskInstance.model_fields})
         bundle_info = BundleInfo.model_validate(workload["bundle_info"])
-        kwargs = {
+        return {
             "ti": ti,
             "bundle_info": bundle_info,
             "dag_rel_path": workload["dag_rel_path"],
@@ -185,14 +217,68 @@ class ForkRunner:
             "log_path": workload.get("log_path"),
             "sentry_integration": workload.get("sentry_integration") or "",
         }
+
+    async def spawn(self, workload: dict[str, Any]) -> ForkedTask:
+        # Parsed in the agent: a malformed workload fails here, visibly, not in a child.
+        kwargs = self.supervisor_arguments(workload)
+        self._start_housekeeping()
+        message = json.dumps(workload).encode()
+        if self._launcher is not None and len(message) <= MAX_WORKLOAD_BYTES:
+            spare = await self._launcher.take(SPARE_WAIT)
+            if spare is not None:
+                try:
+                    spare.hand(message)
+                except OSError as exc:
+                    log.warning("Spare process %d could not take its task (%s); forking instead", spare.pid, exc)
+                    spare.discard()
+                else:
+                    return self._track(ForkedTask(pid=spare.pid, _pidfd=spare.pidfd))
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
-            _child_main(kwargs)
+            _child_main(kwargs, self.task_nice)
         try:
             os.setpgid(pid, pid)
         except OSError:
             pass  # the child already did it, or already exited
-        return ForkedTask(pid=pid, _pidfd=os.pidfd_open(pid))
+        return self._track(ForkedTask(pid=pid, _pidfd=os.pidfd_open(pid)))
+
+    def close(self) -> None:
+        """Stop the launcher and its spares; tasks already started run on. Safe to call twice."""
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            self._housekeeping = None
+        if self._launcher is not None:
+            self._launcher.close()
+        self._reap()
+
+    def _track(self, task: ForkedTask) -> ForkedTask:
+        self._children.add(task.pid)
+        task._on_reaped = self._children.discard
+        return task
+
+    def _run_in_spare(self, message: bytes) -> NoReturn:  # pragma: no cover - runs in a spare
+        try:
+            kwargs = self.supervisor_arguments(json.loads(message))
+        except BaseException:
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(EXIT_SETUP_FAILED)
+        _child_main(kwargs, self.task_nice)
+
+    def _start_housekeeping(self) -> None:
+        if self._housekeeping is None:
+            self._housekeeping = asyncio.get_running_loop().call_later(HOUSEKEEPING_EVERY, self._keep_house)
+
+    def _keep_house(self) -> None:
+        self._reap()
+        if self._launcher is not None:
+            self._launcher.trim()
+        self._housekeeping = asyncio.get_running_loop().call_later(HOUSEKEEPING_EVERY, self._keep_house)
+
+    def _reap(self) -> None:
+        keep = self._children | (self._launcher.pids() if self._launcher is not None else set())
+        for pid in reap_strays(keep):
+            log.debug("Reaped process %d, left behind by a task", pid)
 
 
 class _ExitWatch:
@@ -255,7 +341,42 @@ def watch_task_exit(process_class: Any) -> bool:
     return True
 
 
-def _child_main(kwargs: dict[str, Any]) -> None:  # pragma: no cover - runs in the child
+def run_started_tasks_nicer(process_class: Any, increment: int) -> bool:
+    """Run the task, and its supervisor once the task has started, ``increment`` steps nicer than now.
+
+    Called in a task's supervisor. Its only fork is the task process, which gets
+    the lower priority at once; the supervisor itself keeps the agent's priority
+    until the task has started, so starting a task is served before running
+    them. The target is absolute, so what the task forks keeps the task's
+    priority instead of dropping another ``increment``. Raising niceness needs no
+    privilege. Returns whether the supervisor's own priority follows; when the
+    SDK no longer looks as expected, only the task process runs nicer.
+    """
+    if increment <= 0:
+        return False
+    target = min(os.getpriority(os.PRIO_PROCESS, 0) + increment, 19)
+
+    def lower() -> None:
+        with contextlib.suppress(OSError):
+            if os.getpriority(os.PRIO_PROCESS, 0) < target:
+                os.setpriority(os.PRIO_PROCESS, 0, target)
+
+    os.register_at_fork(after_in_child=lower)
+    original = process_class.__dict__.get("start")
+    if not isinstance(original, classmethod):
+        return False
+    start = original.__func__
+
+    def start_then_lower(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        process = start(cls, *args, **kwargs)
+        lower()
+        return process
+
+    process_class.start = classmethod(start_then_lower)
+    return True
+
+
+def _child_main(kwargs: dict[str, Any], task_nice: int) -> NoReturn:  # pragma: no cover - runs in the child
     code = EXIT_SETUP_FAILED
     try:
         os.setpgid(0, 0)
@@ -265,6 +386,7 @@ def _child_main(kwargs: dict[str, Any]) -> None:  # pragma: no cover - runs in t
         from airflow.sdk.execution_time.supervisor import ActivitySubprocess, supervise_task
 
         watch_task_exit(ActivitySubprocess)
+        run_started_tasks_nicer(ActivitySubprocess, task_nice)
 
         try:
             from setproctitle import setproctitle

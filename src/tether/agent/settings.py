@@ -74,6 +74,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _nice(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise ValueError("must be from 0 to 19")
+    return value
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -90,6 +97,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("slots", "Task slots; a task takes pool_slots of them", default="4", parse=_positive_int),
     Option("labels", "Comma-separated key=value labels", default="", parse=_labels),
     Option("drain_timeout", "Seconds running tasks get to finish after SIGTERM", default="540", parse=_seconds),
+    Option(
+        "task_nice",
+        "Niceness tasks run with above the agent's (0-19), so the agent and the tasks' supervisors keep the CPU "
+        "they need to start, watch and report tasks while tasks use all of it (0: the agent's own)",
+        default="10",
+        parse=_nice,
+    ),
     Option("health_host", "Address of the /healthz, /readyz and /metrics server", default="0.0.0.0"),
     Option(
         "health_port",
@@ -122,6 +136,7 @@ class AgentSettings:
     slots: int = 4
     labels: Mapping[str, str] = field(default_factory=dict)
     drain_timeout: timedelta = timedelta(seconds=540)
+    task_nice: int = 10
     health_host: str = "0.0.0.0"
     health_port: int = 8790
     ca_bundle: Path | None = None
@@ -241,6 +256,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         slots=values["slots"],
         labels=values["labels"],
         drain_timeout=values["drain_timeout"],
+        task_nice=values["task_nice"],
         health_host=values["health_host"],
         health_port=values["health_port"],
         ca_bundle=Path(values["ca_bundle"]) if values["ca_bundle"] else None,

@@ -47,11 +47,15 @@ class FakeRunner:
     tasks: list[FakeTask] = field(default_factory=list)
     ignore_sigterm: bool = False
     spawned: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
 
-    def spawn(self, workload: dict[str, Any]) -> FakeTask:
+    async def spawn(self, workload: dict[str, Any]) -> FakeTask:
         task = FakeTask(pid=10_000 + len(self.tasks), workload=workload)
         if self.ignore_sigterm:
             task.on_terminate = None
         self.tasks.append(task)
         self.spawned.set()
         return task
+
+    def close(self) -> None:
+        self.closed = True

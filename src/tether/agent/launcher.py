@@ -1,0 +1,468 @@
+"""Warm processes made ahead of time, so starting a task costs the agent a message, not a fork.
+
+Forking the agent for each task stops its event loop for the fork (a warm agent
+maps some 150 MB: 5-15 ms of page tables, several times that on a busy
+machine), and while the child lives every page the agent writes is copied
+first. With many tasks starting at once the forks queue up on the loop, and the
+start-gate answers of the other jobs wait behind them.
+
+So the agent forks one **launcher** right after its warm-up, before it opens a
+socket. The launcher makes **spares**: processes with the warm image, each
+waiting on a socket for one workload. Like a pre-fork server's spare servers,
+the agent keeps a few ready when idle and as many as it started tasks in the
+last ``DEMAND_WINDOW`` when busy (at most its slots), so a burst of starts finds
+them made; spares beyond that are let go once the burst is over.
+
+A spare is made with a double fork: the launcher forks an intermediate, which
+forks the spare and exits (the kernel reaps it: the launcher ignores SIGCHLD).
+The agent is a child subreaper, so the orphaned spare becomes the agent's own
+child: the agent waits for it (pidfd, ``waitpid``) exactly as for a child it
+forked itself, and a launcher that dies takes no running task with it. Being a
+subreaper, the agent also adopts what tasks leave behind (daemons whose parent
+exited); ``reap_strays`` collects them once they exit.
+
+Wire format, over ``SOCK_SEQPACKET`` socketpairs (one message per packet):
+
+- agent -> launcher: one byte per spare wanted;
+- launcher -> agent: ``b"S"`` carrying one file descriptor, the agent's end of
+  the new spare's socket;
+- spare -> agent: its pid (4 bytes, native order), once the agent is its parent;
+- agent -> spare: the workload (JSON), once the plane's start gate confirmed
+  the lease. The end of the socket instead (the agent let the spare go, or
+  exited) ends the spare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NoReturn
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+#: Largest workload a spare accepts; a larger one is started with a fork of the agent.
+MAX_WORKLOAD_BYTES = 1024 * 1024
+#: Starts within this window are how many spares a busy agent keeps ready.
+DEMAND_WINDOW = 10.0
+#: Spares in a row that never came up before the agent stops asking the launcher.
+_MAX_FAILED_SPARES = 3
+#: Starts in a row that waited in vain for a spare before the agent stops asking the launcher.
+_MAX_MISSED_TAKES = 3
+#: How long a new spare waits to be adopted by the agent before it gives up.
+_ADOPTION_TIMEOUT = 10.0
+_PID = struct.Struct("=i")
+
+#: What a spare does with its workload; it never returns.
+SpareRun = Callable[[bytes], NoReturn]
+
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of this process its children (Linux ``PR_SET_CHILD_SUBREAPER``)."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _set_title(title: str) -> None:
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)
+
+
+# -- in the launcher and the spares ---------------------------------------------------
+
+
+def _launcher_main(channel: socket.socket, agent_pid: int, run: SpareRun) -> NoReturn:
+    """Make a spare for every byte the agent sends; exit when the agent closes the channel or dies."""
+    try:
+        # Its own process group and default signal handling: a terminal's Ctrl-C and the
+        # agent's handlers (which write to the agent's event loop) are not the launcher's.
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != agent_pid:  # the agent died before we could ask to die with it
+            os._exit(0)
+        _set_title("tether-agent launcher")
+        # Intermediates are reaped by the kernel as they exit: the next spare need not wait for one.
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        while True:
+            wanted = channel.recv(64)
+            if not wanted:
+                break
+            for _ in wanted:
+                _make_spare(channel, agent_pid, run)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _make_spare(channel: socket.socket, agent_pid: int, run: SpareRun) -> None:
+    agents_end, spares_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        if os.fork() == 0:  # the intermediate
+            try:
+                if os.fork() == 0:
+                    agents_end.close()
+                    channel.close()
+                    _spare_main(spares_end, agent_pid, run)
+            finally:
+                os._exit(0)
+        socket.send_fds(channel, [b"S"], [agents_end.fileno()])
+    finally:
+        agents_end.close()
+        spares_end.close()
+
+
+def _spare_main(channel: socket.socket, agent_pid: int, run: SpareRun) -> NoReturn:
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a supervisor waits for its task process
+        # The agent adopts us when the intermediate has exited; only then can it wait for us.
+        deadline = time.monotonic() + _ADOPTION_TIMEOUT
+        while os.getppid() != agent_pid:
+            if time.monotonic() > deadline:
+                os._exit(0)
+            time.sleep(0.001)
+        _set_title("tether-agent spare")
+        channel.send(_PID.pack(os.getpid()))
+        workload = channel.recv(MAX_WORKLOAD_BYTES)
+        channel.close()
+    except BaseException:
+        os._exit(0)
+    if not workload:
+        os._exit(0)
+    run(workload)
+
+
+# -- in the agent ---------------------------------------------------------------------
+
+
+@dataclass
+class Spare:
+    """A warm child of the agent, waiting for one workload."""
+
+    pid: int
+    pidfd: int
+    channel: socket.socket
+
+    def hand(self, workload: bytes) -> None:
+        """Give the spare its workload: it is the task's supervisor from now on. Raises ``OSError``."""
+        try:
+            self.channel.send(workload)
+        finally:
+            self.channel.close()
+
+    def discard(self) -> None:
+        """Let the spare go without starting anything; it exits, and is reaped as a stray."""
+        self.channel.close()
+        os.close(self.pidfd)
+
+
+class Launcher:
+    """The agent's side of the launcher: asks for spares, keeps the ready ones, hands them out.
+
+    Everything but ``fork`` runs on the agent's event loop; its readers are
+    attached at the first ``take``.
+    """
+
+    def __init__(
+        self,
+        *,
+        pid: int,
+        channel: socket.socket,
+        min_spares: int,
+        max_spares: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pid = pid
+        self._channel: socket.socket | None = channel
+        self.min_spares = min_spares
+        self.max_spares = max(max_spares, min_spares)
+        self._clock = clock
+        self._ready: deque[Spare] = deque()
+        self._coming: set[socket.socket] = set()
+        self._asked = 0  # spares asked for whose socket has not come yet
+        self._waiters: deque[asyncio.Future[Spare | None]] = deque()
+        self._taken: deque[float] = deque()
+        self._failed_in_a_row = 0
+        self._missed_in_a_row = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def fork(cls, *, min_spares: int, max_spares: int, run: SpareRun) -> Launcher | None:
+        """Fork the launcher now; ``run`` is what a spare does with its workload.
+
+        None when this system cannot make the agent its spares' parent, or cannot fork now.
+        """
+        if not become_subreaper():
+            log.warning("Cannot become a child subreaper; tasks are started by forking the agent")
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        agent_pid = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.warning("Cannot start the task launcher (%s); tasks are started by forking the agent", exc)
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:  # pragma: no cover - runs in the launcher
+            ours.close()
+            _launcher_main(theirs, agent_pid, run)
+        theirs.close()
+        ours.setblocking(False)
+        return cls(pid=pid, channel=ours, min_spares=min_spares, max_spares=max_spares)
+
+    @property
+    def usable(self) -> bool:
+        return self._channel is not None
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def target(self) -> int:
+        """How many spares to keep ready: the starts of the last ``DEMAND_WINDOW``, within the bounds."""
+        horizon = self._clock() - DEMAND_WINDOW
+        while self._taken and self._taken[0] < horizon:
+            self._taken.popleft()
+        return min(max(len(self._taken), self.min_spares), self.max_spares)
+
+    def pids(self) -> set[int]:
+        """The launcher while it serves, and the spares not handed out yet: children that are not strays."""
+        spares = {spare.pid for spare in self._ready}
+        return spares | {self.pid} if self._channel is not None else spares
+
+    async def take(self, timeout: float) -> Spare | None:
+        """A ready spare, waiting up to ``timeout`` for one; None when the launcher cannot give one."""
+        self._attach()
+        self._taken.append(self._clock())
+        if self._ready:
+            spare = self._ready.popleft()
+            self._unwatch(spare.pidfd)
+            self._top_up()
+            return spare
+        if not self.usable:
+            return None
+        assert self._loop is not None
+        waiter: asyncio.Future[Spare | None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        self._top_up()
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        except BaseException:
+            came = waiter.result() if waiter.done() else None
+            if came is not None:
+                self._keep(came)  # it came as this start was given up
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+        if waiter.done():
+            self._missed_in_a_row = 0
+            return waiter.result()
+        waiter.cancel()
+        self._missed_in_a_row += 1
+        if self._missed_in_a_row >= _MAX_MISSED_TAKES:
+            self._launcher_gone(f"no spare within {timeout:.0f}s, {self._missed_in_a_row} times in a row")
+        return None
+
+    def trim(self) -> None:
+        """Let go of ready spares beyond ``target()``, oldest first: a burst of starts is over."""
+        extra = len(self._ready) - self.target()
+        for _ in range(max(extra, 0)):
+            spare = self._ready.popleft()
+            self._unwatch(spare.pidfd)
+            spare.discard()
+
+    def close(self, *, wait: float = 1.0) -> None:
+        """Stop the launcher and every spare not handed out, waiting up to ``wait`` s to reap them.
+
+        Safe to call twice.
+        """
+        stopping = {spare.pid for spare in self._ready}
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            stopping.add(self.pid)
+            self._unwatch(channel)
+            channel.close()
+        for spare in self._ready:
+            self._unwatch(spare.pidfd)
+            spare.discard()
+        self._ready.clear()
+        for sock in self._coming:
+            self._unwatch(sock)
+            sock.close()
+        self._coming.clear()
+        self._release_waiters()
+        # Each of them exits as soon as it reads the end of its socket.
+        deadline = time.monotonic() + wait
+        while stopping and time.monotonic() < deadline:
+            for pid in list(stopping):
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                        continue
+                stopping.discard(pid)
+            if stopping:
+                time.sleep(0.01)
+
+    # -- event loop callbacks -----------------------------------------------------
+
+    def _attach(self) -> None:
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        if self._channel is not None:
+            self._loop.add_reader(self._channel, self._on_launcher)
+            self._top_up()
+
+    def _unwatch(self, fd: socket.socket | int) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(fd)
+
+    def _top_up(self) -> None:
+        """Ask for enough spares to keep ``target()`` ready and one for every waiting start."""
+        if self._channel is None:
+            return
+        missing = self.target() + len(self._waiters) - len(self._ready) - len(self._coming) - self._asked
+        if missing <= 0:
+            return
+        try:
+            self._channel.send(b"+" * missing)
+        except OSError as exc:
+            self._launcher_gone(f"cannot reach it: {exc}")
+            return
+        self._asked += missing
+
+    def _on_launcher(self) -> None:
+        assert self._channel is not None and self._loop is not None
+        try:
+            message, fds, _, _ = socket.recv_fds(self._channel, 16, 8)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._launcher_gone(str(exc))
+            return
+        if not message and not fds:
+            self._launcher_gone("it exited")
+            return
+        for fd in fds:
+            self._asked = max(self._asked - 1, 0)
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            self._coming.add(sock)
+            self._loop.add_reader(sock, self._on_spare_up, sock)
+
+    def _on_spare_up(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(_PID.size)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._unwatch(sock)
+        self._coming.discard(sock)
+        pidfd = None
+        if len(data) == _PID.size:
+            (pid,) = _PID.unpack(data)
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)
+        if pidfd is None:
+            sock.close()
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= _MAX_FAILED_SPARES:
+                self._launcher_gone(f"{self._failed_in_a_row} spares in a row never came up")
+            else:
+                self._top_up()
+            return
+        self._failed_in_a_row = 0
+        spare = Spare(pid=pid, pidfd=pidfd, channel=sock)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(spare)
+                return
+        self._keep(spare)
+
+    def _keep(self, spare: Spare) -> None:
+        assert self._loop is not None
+        self._ready.append(spare)
+        self._loop.add_reader(spare.pidfd, self._on_idle_spare_exit, spare)
+
+    def _on_idle_spare_exit(self, spare: Spare) -> None:
+        """A ready spare died (killed, out of memory): drop it and ask for another."""
+        log.warning("Spare process %d exited before it was given a task", spare.pid)
+        self._unwatch(spare.pidfd)
+        with contextlib.suppress(ValueError):
+            self._ready.remove(spare)
+        spare.discard()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(spare.pid, os.WNOHANG)
+        self._top_up()
+
+    def _launcher_gone(self, why: str) -> None:
+        if self._channel is None:
+            return
+        log.warning("The task launcher stopped (%s); tasks are started by forking the agent", why)
+        self._unwatch(self._channel)
+        self._channel.close()
+        self._channel = None
+        self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+def reap_strays(keep: Iterable[int]) -> list[int]:
+    """Reap exited children of this process whose pids are not in ``keep``; returns their pids.
+
+    A child subreaper adopts every orphaned descendant; without this they would
+    stay zombies. Children in ``keep`` are waited for by whoever owns them.
+    """
+    kept = set(keep)
+    reaped: list[int] = []
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return reaped
+    for child in children:
+        if child.pid in kept:
+            continue
+        with contextlib.suppress(ChildProcessError):
+            pid, _ = os.waitpid(child.pid, os.WNOHANG)
+            if pid:
+                reaped.append(pid)
+    return reaped

@@ -1,0 +1,177 @@
+"""The agent's side of the launcher, against a stand-in launcher on the other end of its socket.
+
+The stand-in answers each byte asked with a socket whose far end the test holds,
+and announces this test process's own pid on it: a spare that is not a process,
+so the pool's bookkeeping can be driven without forking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from tether.agent.launcher import DEMAND_WINDOW, Launcher
+
+
+class StandInLauncher:
+    def __init__(self) -> None:
+        self.agents_end, self.end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.end.setblocking(False)
+        self.agents_end.setblocking(False)
+        self.asked = 0
+        self.spares: list[socket.socket] = []
+
+    def read_asks(self) -> int:
+        while True:
+            try:
+                data = self.end.recv(64)
+            except BlockingIOError:
+                return self.asked
+            if not data:
+                return self.asked
+            self.asked += len(data)
+
+    def send_spare(self, *, announce: bool = True) -> socket.socket:
+        agents, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        socket.send_fds(self.end, [b"S"], [agents.fileno()])
+        agents.close()
+        if announce:
+            ours.send(struct.pack("=i", os.getpid()))
+        else:
+            ours.close()
+        self.spares.append(ours)
+        return ours
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _launcher(stand_in: StandInLauncher, clock: Clock, *, min_spares: int = 2, max_spares: int = 8) -> Launcher:
+    return Launcher(
+        pid=os.getpid(), channel=stand_in.agents_end, min_spares=min_spares, max_spares=max_spares, clock=clock
+    )
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def _run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_a_burst_of_starts_is_served_and_the_pool_follows_demand() -> None:
+    async def scenario() -> None:
+        stand_in, clock = StandInLauncher(), Clock()
+        launcher = _launcher(stand_in, clock)
+        takes = [asyncio.create_task(launcher.take(5)) for _ in range(5)]
+        await asyncio.sleep(0)
+        # Five starts waiting and nothing ready: a spare for each, and as many to keep ready
+        # as there were starts in the window.
+        await _until(lambda: stand_in.read_asks() == 10)
+        for _ in range(5):
+            stand_in.send_spare()
+        spares = await asyncio.gather(*takes)
+        assert all(spare is not None and spare.pid == os.getpid() for spare in spares)
+        assert launcher.target() == 5
+        for _ in range(5):
+            stand_in.send_spare()
+        await _until(lambda: launcher.ready == 5)
+        launcher.trim()
+        assert launcher.ready == 5
+        assert stand_in.read_asks() == 10
+        # The burst is over: the spares beyond the idle two are let go.
+        clock.now += DEMAND_WINDOW + 1
+        assert launcher.target() == 2
+        launcher.trim()
+        assert launcher.ready == 2
+        launcher.close(wait=0)
+
+    _run(scenario)
+
+
+def test_the_pool_never_grows_past_its_bound() -> None:
+    async def scenario() -> None:
+        stand_in, clock = StandInLauncher(), Clock()
+        launcher = _launcher(stand_in, clock, min_spares=1, max_spares=3)
+        for _ in range(6):
+            take = asyncio.create_task(launcher.take(5))
+            await _until(lambda: stand_in.read_asks() > len(stand_in.spares))
+            stand_in.send_spare()
+            assert await take is not None
+        assert launcher.target() == 3
+        launcher.close(wait=0)
+
+    _run(scenario)
+
+
+def test_spares_that_never_come_up_make_the_agent_fork_itself() -> None:
+    async def scenario() -> None:
+        stand_in, clock = StandInLauncher(), Clock()
+        launcher = _launcher(stand_in, clock)
+        take = asyncio.create_task(launcher.take(5))
+        await _until(lambda: stand_in.read_asks() >= 3)
+        for _ in range(3):
+            stand_in.send_spare(announce=False)
+        assert await take is None
+        assert not launcher.usable
+        assert await launcher.take(5) is None
+        launcher.close(wait=0)
+
+    _run(scenario)
+
+
+def test_a_launcher_that_exits_releases_waiting_starts() -> None:
+    async def scenario() -> None:
+        stand_in, clock = StandInLauncher(), Clock()
+        launcher = _launcher(stand_in, clock)
+        take = asyncio.create_task(launcher.take(30))
+        await _until(lambda: stand_in.read_asks() > 0)
+        stand_in.end.close()
+        assert await asyncio.wait_for(take, 5) is None
+        assert not launcher.usable
+        assert launcher.pids() == set()
+        launcher.close(wait=0)
+
+    _run(scenario)
+
+
+def test_starts_that_wait_in_vain_give_up_on_the_launcher() -> None:
+    async def scenario() -> None:
+        stand_in, clock = StandInLauncher(), Clock()
+        launcher = _launcher(stand_in, clock)
+        for _ in range(3):
+            assert await launcher.take(0.01) is None
+        assert not launcher.usable
+        launcher.close(wait=0)
+
+    _run(scenario)
+
+
+def test_a_spare_that_comes_after_its_start_gave_up_is_kept() -> None:
+    async def scenario() -> None:
+        stand_in, clock = StandInLauncher(), Clock()
+        launcher = _launcher(stand_in, clock)
+        take = asyncio.create_task(launcher.take(30))
+        await _until(lambda: stand_in.read_asks() > 0)
+        take.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await take
+        stand_in.send_spare()
+        await _until(lambda: launcher.ready == 1)
+        assert await launcher.take(1) is not None
+        launcher.close(wait=0)
+
+    _run(scenario)

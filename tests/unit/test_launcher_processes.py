@@ -1,0 +1,138 @@
+"""The launcher and its spares as real processes: parenthood, failures, clean-up.
+
+Each scenario runs in a fresh interpreter: the agent's side becomes a child
+subreaper, which the test process itself must not become.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+_SCENARIOS = textwrap.dedent(
+    """
+    import asyncio, json, os, signal, sys, time
+
+    import psutil
+
+    from tether.agent.launcher import Launcher, reap_strays
+    from tether.agent.runner import ForkedTask
+
+
+    def run(message):
+        # In a spare: "exit N", or "orphan N" (leave a grandchild behind that exits after N ms).
+        verb, value = message.decode().split()
+        if verb == "orphan" and os.fork() == 0:
+            time.sleep(int(value) / 1000)
+            os._exit(0)
+        os._exit(int(value) if verb == "exit" else 0)
+
+
+    async def until(predicate, timeout=10):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.01)
+
+
+    def zombies():
+        return [c.pid for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
+
+
+    async def spare_runs_as_our_child(launcher):
+        spare = await launcher.take(10)
+        parent = psutil.Process(spare.pid).ppid()
+        spare.hand(b"exit 7")
+        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd).wait()
+        title = " ".join(psutil.Process(launcher.pid).cmdline()).strip()
+        return {"parent_is_agent": parent == os.getpid(), "exit_code": code, "title": title}
+
+
+    async def launcher_killed(launcher):
+        spare = await launcher.take(10)
+        os.kill(launcher.pid, signal.SIGKILL)
+        await until(lambda: not launcher.usable)
+        spare.hand(b"exit 3")
+        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd).wait()
+        # Spares made before still serve; then the agent is told to fork for itself.
+        left = 0
+        while (more := await launcher.take(1)) is not None:
+            more.hand(b"exit 0")
+            await ForkedTask(pid=more.pid, _pidfd=more.pidfd).wait()
+            left += 1
+        reap_strays(launcher.pids())
+        return {"handed_out_spare_ran": code == 3, "spares_left": left <= 4, "zombies": zombies()}
+
+
+    async def idle_spare_killed(launcher):
+        await launcher.take(10)  # attaches, and asks for the spares kept ready
+        await until(lambda: launcher.ready == 2)
+        victim = next(iter(launcher.pids() - {launcher.pid}))
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: victim not in launcher.pids() and launcher.ready == 2)
+        return {"replaced": True, "victim_reaped": not psutil.pid_exists(victim)}
+
+
+    async def close_reaps_everything(launcher):
+        await launcher.take(10)
+        await until(lambda: launcher.ready == 2)
+        launcher.close()
+        reap_strays(())
+        return {"children": [c.pid for c in psutil.Process().children()]}
+
+
+    async def strays_are_reaped(launcher):
+        spare = await launcher.take(10)
+        spare.hand(b"orphan 300")
+        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd).wait()
+        await until(lambda: zombies())  # the grandchild, adopted, exited
+        reaped = reap_strays(launcher.pids())
+        return {"exit_code": code, "reaped": len(reaped), "zombies": zombies()}
+
+
+    async def main(name):
+        launcher = Launcher.fork(min_spares=2, max_spares=4, run=run)
+        assert launcher is not None, "not a subreaper"
+        try:
+            return await globals()[name](launcher)
+        finally:
+            launcher.close()
+
+
+    print(json.dumps(asyncio.run(asyncio.wait_for(main(sys.argv[1]), 60))))
+    """
+)
+
+
+def _scenario(name: str) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, "-c", _SCENARIOS, name], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_a_spare_is_the_agents_own_child_and_its_exit_code_is_the_outcome() -> None:
+    assert _scenario("spare_runs_as_our_child") == {
+        "parent_is_agent": True,
+        "exit_code": 7,
+        "title": "tether-agent launcher",
+    }
+
+
+def test_a_killed_launcher_takes_no_task_with_it() -> None:
+    assert _scenario("launcher_killed") == {"handed_out_spare_ran": True, "spares_left": True, "zombies": []}
+
+
+def test_a_ready_spare_that_dies_is_reaped_and_replaced() -> None:
+    assert _scenario("idle_spare_killed") == {"replaced": True, "victim_reaped": True}
+
+
+def test_closing_stops_the_launcher_and_its_spares() -> None:
+    assert _scenario("close_reaps_everything") == {"children": []}
+
+
+def test_what_a_task_leaves_behind_is_adopted_and_reaped() -> None:
+    assert _scenario("strays_are_reaped") == {"exit_code": 0, "reaped": 1, "zombies": []}
