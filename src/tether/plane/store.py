@@ -113,35 +113,11 @@ _START = (
     .values(state=JobState.RUNNING.value, started_at=bindparam("now"), lease_expires_at=None)
 )
 
-#: An outcome from the job's holder, registered with this token (any incarnation: see ``Store.report``).
-_FINISH_HELD = (
-    update(_JOB)
-    .where(
-        _JOB.c.id == bindparam("job_id"),
-        _JOB.c.state == JobState.RUNNING.value,
-        _JOB.c.agent_id == bindparam("holder_id"),
-        exists().where(_AGENT.c.id == bindparam("holder_id"), _AGENT.c.token_id == bindparam("token")),
-    )
-    .values(
-        state=bindparam("outcome"),
-        finished_at=bindparam("now"),
-        exit_code=bindparam("code"),
-        reason=bindparam("why"),
-    )
-)
-
 #: The start gate when nothing is amiss: the caller's unexpired lease becomes a start, in one statement.
-_START_HELD = (
-    update(_JOB)
-    .where(
-        _JOB.c.id == bindparam("job_id"),
-        _JOB.c.state == JobState.LEASED.value,
-        _JOB.c.agent_id == bindparam("holder_id"),
-        _JOB.c.incarnation == bindparam("holder_incarnation"),
-        _JOB.c.lease_expires_at > bindparam("now"),
-        _CALLER_IS_CURRENT,
-    )
-    .values(state=JobState.RUNNING.value, started_at=bindparam("now"), lease_expires_at=None)
+_START_HELD = _START.where(
+    _JOB.c.agent_id == bindparam("holder_id"),
+    _JOB.c.lease_expires_at > bindparam("now"),
+    _CALLER_IS_CURRENT,
 )
 
 _FINISH = (
@@ -157,6 +133,11 @@ _FINISH = (
         exit_code=bindparam("code"),
         reason=bindparam("why"),
     )
+)
+
+#: An outcome from the job's holder, registered with this token (any incarnation: see ``Store.report``).
+_FINISH_HELD = _FINISH.where(
+    exists().where(_AGENT.c.id == bindparam("holder_id"), _AGENT.c.token_id == bindparam("token"))
 )
 
 
