@@ -9,7 +9,7 @@ start-gate answers of the other jobs wait behind them.
 So the agent forks one **launcher** right after its warm-up, before it opens a
 socket. The launcher makes **spares**: processes with the warm image, each
 waiting on a socket for one workload. Like a pre-fork server's spare servers,
-the agent keeps a few ready when idle and as many as it started tasks in the
+the agent keeps one ready when idle and as many as it started tasks in the
 last ``DEMAND_WINDOW`` when busy (at most its slots), so a burst of starts finds
 them made; spares beyond that are let go once the burst is over.
 
@@ -240,8 +240,12 @@ class Launcher:
             ours.close()
             _launcher_main(theirs, agent_pid, run)
         theirs.close()
+        # The first spares are made now, while the agent starts up: the first task need not wait.
+        ours.send(b"+" * min_spares)
         ours.setblocking(False)
-        return cls(pid=pid, channel=ours, min_spares=min_spares, max_spares=max_spares)
+        launcher = cls(pid=pid, channel=ours, min_spares=min_spares, max_spares=max_spares)
+        launcher._asked = min_spares
+        return launcher
 
     @property
     def usable(self) -> bool:

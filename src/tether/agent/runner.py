@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 #: Exit code the child uses when the supervisor could not even be started.
 EXIT_SETUP_FAILED = 125
 #: Spares an idle agent keeps ready; a busy one keeps more (see ``tether.agent.launcher``).
-MIN_SPARES = 2
+MIN_SPARES = 1
 #: Longest wait for a spare before the agent forks the task itself.
 SPARE_WAIT = 2.0
 #: How often exited orphans the agent adopted are reaped, and spares beyond demand let go.
