@@ -92,6 +92,23 @@ _SCENARIOS = textwrap.dedent(
         return {"exit_code": code, "reaped": len(reaped), "zombies": zombies()}
 
 
+    async def a_fork_holds_no_spare(launcher):
+        # A task forked from the agent itself (no spare was ready) must not keep a spare it let go alive.
+        await launcher.take(10)
+        await until(lambda: launcher.ready == 2)
+        spare = next(iter(launcher.pids() - {launcher.pid}))
+        child = os.fork()
+        if child == 0:
+            launcher.close_inherited()
+            time.sleep(5)
+            os._exit(0)
+        launcher.close(wait=2)
+        let_go = not psutil.pid_exists(spare)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        return {"spare_gone": let_go}
+
+
     async def main(name):
         launcher = Launcher.fork(min_spares=2, max_spares=4, run=run)
         assert launcher is not None, "not a subreaper"
@@ -132,6 +149,10 @@ def test_a_ready_spare_that_dies_is_reaped_and_replaced() -> None:
 
 def test_closing_stops_the_launcher_and_its_spares() -> None:
     assert _scenario("close_reaps_everything") == {"children": []}
+
+
+def test_a_task_forked_from_the_agent_keeps_no_spare_alive() -> None:
+    assert _scenario("a_fork_holds_no_spare") == {"spare_gone": True}
 
 
 def test_what_a_task_leaves_behind_is_adopted_and_reaped() -> None:

@@ -309,6 +309,17 @@ class Launcher:
             self._unwatch(spare.pidfd)
             spare.discard()
 
+    def close_inherited(self) -> None:
+        """In a child forked from the agent: close its copies of the launcher's and the spares' sockets.
+
+        Held open by a task's supervisor, they would keep a spare the agent let go
+        waiting, and the launcher alive, for as long as that task runs.
+        """
+        for sock in (self._channel, *(spare.channel for spare in self._ready), *self._coming):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    os.close(sock.fileno())
+
     def close(self, *, wait: float = 1.0) -> None:
         """Stop the launcher and every spare not handed out, waiting up to ``wait`` s to reap them.
 

@@ -235,7 +235,11 @@ class ForkRunner:
                     return self._track(ForkedTask(pid=spare.pid, _pidfd=spare.pidfd))
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
-            _child_main(kwargs, self.task_nice)
+            try:
+                if self._launcher is not None:
+                    self._launcher.close_inherited()
+            finally:
+                _child_main(kwargs, self.task_nice)
         try:
             os.setpgid(pid, pid)
         except OSError:
