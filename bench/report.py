@@ -362,6 +362,14 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
+def _start_p50s(res: Results, executor: str) -> dict[str, float | None]:
+    return {dag: _pct(pooled_latencies(res, executor, dag), 0.5) for dag in DAG_IDS}
+
+
+def _listing(p50s: dict[str, float | None]) -> str:
+    return ", ".join(f"{dag} {_fmt(v, '.3f')} s" for dag, v in p50s.items())
+
+
 def target_rows(res: Results, scale: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
     rows = []
     if "tether" in res.executors and "local" in res.executors:
@@ -371,8 +379,11 @@ def target_rows(res: Results, scale: list[dict[str, Any]]) -> list[tuple[str, st
                 mid = statistics.median(ratios)
                 rows.append((f"{dag} wall ≤ {limit:.2f}x Local{extra}", _spread(ratios, unit="x"), mid <= limit))
     if "tether" in res.executors:
-        p50s = {dag: _pct(pooled_latencies(res, "tether", dag), 0.5) for dag in DAG_IDS}
-        measured = ", ".join(f"{d} {_fmt(v, '.3f')} s" for d, v in p50s.items())
+        p50s = _start_p50s(res, "tether")
+        measured = _listing(p50s)
+        if "local" in res.executors:
+            # The no-hop limit on the same machine, so a miss can be read against it.
+            measured += f" (Local: {_listing(_start_p50s(res, 'local'))})"
         rows.append(
             ("queued→start p50 ≤ 0.15 s (every DAG)", measured, all(v is not None and v <= 0.15 for v in p50s.values()))
         )
