@@ -144,6 +144,28 @@ class StartResponse(_Model):
     state: JobState
 
 
+class StartManyRequest(_Model):
+    """The start gate for the jobs of one lease answer, in one call."""
+
+    incarnation: uuid.UUID
+    job_ids: list[uuid.UUID] = Field(min_length=1, max_length=1024)
+
+
+class StartRefusal(_Model):
+    """Why one job of a ``StartManyRequest`` must not start: what a single start would have answered."""
+
+    job_id: uuid.UUID
+    status: int
+    reason: ShortText
+    detail: str
+
+
+class StartManyResponse(_Model):
+    #: The jobs that passed the gate: run these, and only these.
+    started: list[uuid.UUID] = Field(default_factory=list)
+    refused: list[StartRefusal] = Field(default_factory=list)
+
+
 class ReportRequest(_Model):
     incarnation: uuid.UUID
     state: ReportState

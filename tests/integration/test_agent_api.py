@@ -151,6 +151,48 @@ def test_expired_lease_is_refused_at_the_start_gate_and_requeued_without_a_retry
     assert agent.lease().json()["leases"][0]["job_id"] == job_id
 
 
+def test_one_start_call_starts_the_held_jobs_and_refuses_each_other_on_its_own(
+    client: TestClient, store: Store, agent: AgentCalls, token: str, make_workload: Callable[..., Any]
+) -> None:
+    enqueue(store, *(make_workload(task_id=f"t{i}") for i in range(4)))
+    fresh, expired, again, foreign = (lease["job_id"] for lease in agent.lease(free_slots=4).json()["leases"])
+    assert agent.post(f"/jobs/{again}/start", {}).status_code == 200
+    with store._tx() as session:
+        session.get(Job, expired).lease_expires_at = utcnow() - timedelta(seconds=1)
+        session.get(Job, foreign).agent_id = str(uuid.uuid4())
+    unknown = str(uuid.uuid4())
+    answer = agent.post("/jobs/start", {"job_ids": [fresh, expired, again, foreign, unknown, fresh]})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    # A start already made counts as started (a retried call); a repeated id is one job.
+    assert body["started"] == [fresh, again]
+    assert {r["job_id"]: (r["status"], r["reason"]) for r in body["refused"]} == {
+        expired: (409, "lease_expired"),
+        foreign: (409, "not_holder"),
+        unknown: (404, "job_not_found"),
+    }
+    with store._tx() as session:
+        states = {job_id: session.get(Job, job_id).state for job_id in (fresh, expired, again, foreign)}
+    assert states == {fresh: "RUNNING", expired: "QUEUED", again: "RUNNING", foreign: "LEASED"}
+
+
+def test_a_start_call_from_a_superseded_process_starts_nothing(
+    client: TestClient, store: Store, agent: AgentCalls, token: str, make_workload: Callable[..., Any]
+) -> None:
+    enqueue(store, make_workload(), make_workload())
+    job_ids = [lease["job_id"] for lease in agent.lease(free_slots=2).json()["leases"]]
+    successor = AgentCalls(client, token, name=agent.name)
+    successor.agent_id = agent.agent_id
+    # The same name and id, another process: the plane knows only the newest incarnation.
+    with store._tx() as session:
+        session.get(Agent, agent.agent_id).incarnation = successor.incarnation
+    refused = agent.post("/jobs/start", {"job_ids": job_ids})
+    assert refused.status_code == 409 and refused.json()["reason"] == "superseded"
+    with store._tx() as session:
+        assert {session.get(Job, job_id).state for job_id in job_ids} == {"LEASED"}
+    assert agent.post("/jobs/start", {"job_ids": []}).status_code == 422
+
+
 def test_a_live_name_cannot_be_taken_but_a_dead_one_can(
     client: TestClient, store: Store, agent: AgentCalls, token: str, make_workload: Callable[..., Any]
 ) -> None:

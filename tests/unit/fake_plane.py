@@ -22,6 +22,12 @@ class FakePlane:
     registrations: int = 0
     down: bool = False
     refuse_start: bool = False
+    #: Jobs whose start is refused on their own, the others of the call starting.
+    refuse_jobs: set[str] = field(default_factory=set)
+    #: False: a plane that only starts jobs one by one.
+    batched_start: bool = True
+    #: The job ids of each start call, in order.
+    start_calls: list[list[str]] = field(default_factory=list)
     cordoned: bool = False
     kill: set[str] = field(default_factory=set)
     agent_id: str = field(default_factory=lambda: str(uuid.uuid4()))
@@ -70,9 +76,24 @@ class FakePlane:
                     }
                 )
             return httpx.Response(200, json={"leases": leases})
+        if path.endswith("/jobs/start"):
+            if not self.batched_start:
+                return httpx.Response(404, json={"detail": "Not Found"})  # no such route
+            self.start_calls.append(body["job_ids"])
+            if self.refuse_start:
+                return httpx.Response(409, json={"detail": "superseded", "reason": "superseded"})
+            started = [j for j in body["job_ids"] if j not in self.refuse_jobs]
+            self.started.extend(started)
+            refused = [
+                {"job_id": j, "status": 409, "reason": "lease_expired", "detail": "lease expired"}
+                for j in body["job_ids"]
+                if j in self.refuse_jobs
+            ]
+            return httpx.Response(200, json={"started": started, "refused": refused})
         if path.endswith("/start"):
             job_id = path.split("/")[-2]
-            if self.refuse_start:
+            self.start_calls.append([job_id])
+            if self.refuse_start or job_id in self.refuse_jobs:
                 return httpx.Response(409, json={"detail": "lease expired", "reason": "lease_expired"})
             self.started.append(job_id)
             return httpx.Response(200, json={"job_id": job_id, "state": "RUNNING"})

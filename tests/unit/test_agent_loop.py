@@ -76,6 +76,32 @@ def test_nothing_runs_when_the_start_gate_refuses() -> None:
     _run(scenario)
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-by-one"])
+def test_one_lease_answer_passes_one_start_gate_and_only_confirmed_jobs_run(batched: bool) -> None:
+    async def scenario() -> None:
+        plane, runner = FakePlane(batched_start=batched), FakeRunner()
+        ok, refused = plane.add_job("ok"), plane.add_job("refused")
+        plane.refuse_jobs.add(refused)
+        agent = _agent(plane, runner)
+        running = asyncio.create_task(agent.run())
+        await _until(lambda: len(runner.tasks) == 1 and not agent.state.jobs.get(refused))
+        # One call for both jobs; a plane without the batched start gets one call each, for good.
+        assert plane.start_calls == ([[ok, refused]] if batched else [[ok], [refused]])
+        assert plane.started == [ok]
+        assert [t.workload["ti"]["task_id"] for t in runner.tasks] == ["ok"]
+        assert agent.free_slots == 1
+        plane.add_job("later")
+        runner.tasks[0].finish(0)
+        await _until(lambda: len(runner.tasks) == 2)
+        assert len(plane.start_calls) == (2 if batched else 3)
+        runner.tasks[1].finish(0)
+        await _until(lambda: len(plane.reports) == 2)
+        agent.stop()
+        assert await running == 0
+
+    _run(scenario)
+
+
 def test_slots_bound_what_is_leased() -> None:
     async def scenario() -> None:
         plane, runner = FakePlane(), FakeRunner()

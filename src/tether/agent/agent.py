@@ -19,7 +19,7 @@ from datetime import timedelta
 
 import tether
 from tether import protocol
-from tether.agent.client import PlaneClient, PlaneRefused, PlaneUnavailable, backoff_for
+from tether.agent.client import NO_REASON, PlaneClient, PlaneRefused, PlaneUnavailable, backoff_for
 from tether.agent.health import AgentMetrics, HealthServer
 from tether.agent.runner import Runner, TaskProcess
 from tether.agent.settings import AgentSettings
@@ -29,6 +29,8 @@ log = logging.getLogger("tether.agent")
 
 #: Time a terminated task gets between SIGTERM and SIGKILL.
 KILL_GRACE = timedelta(seconds=10)
+#: Refusals of a start that concern the agent, not the job: no other job of the call may start either.
+_AGENT_REFUSALS = frozenset({"agent_not_found", "agent_deleted", "token_mismatch", "superseded"})
 
 
 class AgentStopped(TetherError):
@@ -85,6 +87,7 @@ class Agent:
         self._slot_freed: asyncio.Event | None = None
         self._health: HealthServer | None = None
         self._pending_stop = False
+        self._start_one_by_one = False
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -345,10 +348,13 @@ class Agent:
                 # The plane answered "nothing" without holding the poll open (cordoned, or
                 # configured without long-polls): pace the next ask instead of spinning.
                 await self._sleep_or_stop(max(reg.lease_wait, 0.05))
-            for lease in answer.leases:
-                held = HeldJob(lease=lease)
-                self.state.jobs[lease.job_id] = held
-                held.task = asyncio.create_task(self._run_job(held), name=f"job-{lease.job_id}")
+            if answer.leases:
+                held_jobs = [HeldJob(lease=lease) for lease in answer.leases]
+                # One start gate for the whole answer: the jobs came together, they start together.
+                gate = asyncio.create_task(self._pass_start_gate(reg.agent_id, held_jobs), name="start-gate")
+                for held in held_jobs:
+                    self.state.jobs[held.job_id] = held
+                    held.task = asyncio.create_task(self._run_job(held, gate), name=f"job-{held.job_id}")
             self._update_slot_metrics()
 
     def _update_slot_metrics(self) -> None:
@@ -357,15 +363,13 @@ class Agent:
 
     # -- one job ----------------------------------------------------------------
 
-    async def _run_job(self, held: HeldJob) -> None:
+    async def _run_job(self, held: HeldJob, gate: asyncio.Task[set[uuid.UUID]]) -> None:
         reg = self.state.registration
         assert reg is not None
         job_id = held.job_id
         try:
-            if self._stopping():
-                log.info("Job %s not started: the agent is stopping; its lease will expire", job_id)
-                return
-            if not await self._pass_start_gate(reg.agent_id, held):
+            # Shielded: the gate is shared, and ending one job's wait must not end the others'.
+            if job_id not in await asyncio.shield(gate):
                 return
             try:
                 held.process = await self.runner.spawn(held.lease.workload)
@@ -395,22 +399,62 @@ class Agent:
             self._update_slot_metrics()
             self._wake_lease_loop()
 
-    async def _pass_start_gate(self, agent_id: uuid.UUID, held: HeldJob) -> bool:
+    async def _pass_start_gate(self, agent_id: uuid.UUID, held_jobs: list[HeldJob]) -> set[uuid.UUID]:
+        """The jobs the plane confirms may start; the others must not run here."""
         backoff = backoff_for(self.settings)
-        deadline = held.lease.lease_expires_at.timestamp()
+        job_ids = [held.job_id for held in held_jobs]
+        named = ", ".join(str(job_id) for job_id in job_ids)
+        deadline = min(held.lease.lease_expires_at.timestamp() for held in held_jobs)
+        if self._stopping():
+            log.info("Not started: the agent is stopping; the leases will expire (jobs %s)", named)
+            return set()
         while True:
             try:
-                await self.client.jobs.start(agent_id, held.job_id, protocol.StartRequest(incarnation=self.incarnation))
-                return True
+                answer = await self._start(agent_id, job_ids)
+                break
             except PlaneRefused as exc:
-                log.warning("Job %s not started: the plane refused its start (%s)", held.job_id, exc)
-                return False
+                log.warning("Not started: the plane refused the start (%s) (jobs %s)", exc, named)
+                return set()
             except PlaneUnavailable as exc:
                 if time.time() >= deadline or self._stopping():
-                    log.warning("Job %s not started: its lease ran out while the plane was unreachable", held.job_id)
-                    return False
+                    log.warning("Not started: the leases ran out while the plane was unreachable (jobs %s)", named)
+                    return set()
                 await asyncio.sleep(min(backoff.next_delay(), max(deadline - time.time(), 0.1)))
-                log.info("Retrying the start of job %s after: %s", held.job_id, exc)
+                log.info("Retrying the start of jobs %s after: %s", named, exc)
+        for refusal in answer.refused:
+            log.warning(
+                "Job %s not started: the plane refused its start (%d %s: %s)",
+                refusal.job_id,
+                refusal.status,
+                refusal.reason,
+                refusal.detail,
+            )
+        return set(answer.started)
+
+    async def _start(self, agent_id: uuid.UUID, job_ids: list[uuid.UUID]) -> protocol.StartManyResponse:
+        """One call for every job; one call each to a plane older than the batched start."""
+        if not self._start_one_by_one:
+            try:
+                return await self.client.jobs.start_many(
+                    agent_id, protocol.StartManyRequest(incarnation=self.incarnation, job_ids=job_ids)
+                )
+            except PlaneRefused as exc:
+                if exc.status != 404 or exc.reason != NO_REASON:
+                    raise
+                log.info("The plane does not start jobs in batches; starting them one by one")
+                self._start_one_by_one = True
+        started, refused = [], []
+        for job_id in job_ids:
+            try:
+                await self.client.jobs.start(agent_id, job_id, protocol.StartRequest(incarnation=self.incarnation))
+                started.append(job_id)
+            except PlaneRefused as exc:
+                if exc.reason in _AGENT_REFUSALS:
+                    raise
+                refused.append(
+                    protocol.StartRefusal(job_id=job_id, status=exc.status, reason=exc.reason, detail=exc.detail)
+                )
+        return protocol.StartManyResponse(started=started, refused=refused)
 
     async def _report(
         self,

@@ -24,6 +24,9 @@ from tether.errors import TetherError
 
 T = TypeVar("T", bound=BaseModel)
 
+#: The reason of a 4xx that names none, such as a plane's "no such route".
+NO_REASON = "refused"
+
 
 class PlaneUnavailable(TetherError):
     """The plane could not be reached or answered 5xx; worth retrying."""
@@ -100,9 +103,9 @@ def _decode(response: httpx.Response, answer: type[T], rid: str) -> T:
     if response.status_code >= 400:
         try:
             problem = response.json()
-            detail, reason = str(problem.get("detail")), str(problem.get("reason", "refused"))
+            detail, reason = str(problem.get("detail")), str(problem.get("reason", NO_REASON))
         except ValueError:
-            detail, reason = response.text[:200], "refused"
+            detail, reason = response.text[:200], NO_REASON
         raise PlaneRefused(response.status_code, f"{detail} [request_id={rid}]", reason)
     return answer.model_validate_json(response.content)
 
@@ -123,6 +126,9 @@ class Jobs(_Resource):
         self, agent_id: uuid.UUID, job_id: uuid.UUID, body: protocol.StartRequest
     ) -> protocol.StartResponse:
         return await self._post(f"/agents/{agent_id}/jobs/{job_id}/start", body, protocol.StartResponse)
+
+    async def start_many(self, agent_id: uuid.UUID, body: protocol.StartManyRequest) -> protocol.StartManyResponse:
+        return await self._post(f"/agents/{agent_id}/jobs/start", body, protocol.StartManyResponse)
 
     async def report(
         self, agent_id: uuid.UUID, job_id: uuid.UUID, body: protocol.ReportRequest

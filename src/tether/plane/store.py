@@ -103,21 +103,24 @@ _LEASE = (
     .returning(_JOB.c.id)
 )
 
-_START = (
+_START_LEASED = (
     update(_JOB)
-    .where(
-        _JOB.c.id == bindparam("job_id"),
-        _JOB.c.state == JobState.LEASED.value,
-        _JOB.c.incarnation == bindparam("holder_incarnation"),
-    )
+    .where(_JOB.c.state == JobState.LEASED.value, _JOB.c.incarnation == bindparam("holder_incarnation"))
     .values(state=JobState.RUNNING.value, started_at=bindparam("now"), lease_expires_at=None)
 )
+_START = _START_LEASED.where(_JOB.c.id == bindparam("job_id"))
 
-#: The start gate when nothing is amiss: the caller's unexpired lease becomes a start, in one statement.
-_START_HELD = _START.where(
+#: What makes a start pass the gate at once: the caller is current and holds an unexpired lease.
+_HELD_UNEXPIRED = (
     _JOB.c.agent_id == bindparam("holder_id"),
     _JOB.c.lease_expires_at > bindparam("now"),
     _CALLER_IS_CURRENT,
+)
+#: The start gate when nothing is amiss: the caller's unexpired lease becomes a start, in one statement.
+_START_HELD = _START.where(*_HELD_UNEXPIRED)
+#: The same for every job of one lease answer.
+_START_HELD_MANY = _START_LEASED.where(_JOB.c.id.in_(bindparam("job_ids", expanding=True)), *_HELD_UNEXPIRED).returning(
+    _JOB.c.id
 )
 
 _FINISH = (
@@ -878,6 +881,45 @@ class Store:
                 f"the lease on job {job_id} expired; it went back to the queue", reason="lease_expired"
             )
         return protocol.StartResponse(job_id=uuid.UUID(job_id), state=JobState.RUNNING)
+
+    def start_many(
+        self,
+        identity: TokenIdentity,
+        agent_id: str,
+        request: protocol.StartManyRequest,
+        *,
+        now: datetime | None = None,
+    ) -> protocol.StartManyResponse:
+        """The start gate for several jobs at once: each starts or is refused on its own.
+
+        A refusal that concerns the caller rather than one job (unknown, deleted or
+        superseded agent) refuses the whole call, as it would a single start.
+        """
+        now = now or utcnow()
+        job_ids = list(dict.fromkeys(str(job_id) for job_id in request.job_ids))
+        held = {"holder_id": agent_id, "holder_incarnation": str(request.incarnation), "token": identity.id}
+        with self._statement() as conn:
+            started = set(conn.execute(_START_HELD_MANY, {**held, "job_ids": job_ids, "now": now}).scalars())
+        rest = [job_id for job_id in job_ids if job_id not in started]
+        refused: list[protocol.StartRefusal] = []
+        if rest:
+            with self._tx() as session:
+                self._agent_for_call(session, identity, agent_id, request.incarnation)
+            single = protocol.StartRequest(incarnation=request.incarnation)
+            for job_id in rest:
+                try:
+                    self.start(identity, agent_id, job_id, single, now=now)
+                except errors.PlaneError as exc:
+                    refused.append(
+                        protocol.StartRefusal(
+                            job_id=uuid.UUID(job_id), status=exc.status_code, reason=exc.reason, detail=exc.detail
+                        )
+                    )
+                else:
+                    started.add(job_id)
+        return protocol.StartManyResponse(
+            started=[uuid.UUID(job_id) for job_id in job_ids if job_id in started], refused=refused
+        )
 
     def report(
         self,

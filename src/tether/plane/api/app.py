@@ -284,6 +284,12 @@ def create_app(
     ) -> protocol.StartResponse:
         return await ctx.db(ctx.store.start, identity, str(agent_id), str(job_id), body)
 
+    @app.post("/v1/agents/{agent_id}/jobs/start", response_model=protocol.StartManyResponse, tags=["agent"])
+    async def start_many(
+        agent_id: uuid.UUID, body: protocol.StartManyRequest, ctx: Ctx, identity: Identity
+    ) -> protocol.StartManyResponse:
+        return await ctx.db(ctx.store.start_many, identity, str(agent_id), body)
+
     @app.post("/v1/agents/{agent_id}/jobs/{job_id}/report", response_model=protocol.ReportResponse, tags=["agent"])
     async def report(
         agent_id: uuid.UUID, job_id: uuid.UUID, body: protocol.ReportRequest, ctx: Ctx, identity: Identity
