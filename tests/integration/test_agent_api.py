@@ -152,7 +152,7 @@ def test_expired_lease_is_refused_at_the_start_gate_and_requeued_without_a_retry
 
 
 def test_one_start_call_starts_the_held_jobs_and_refuses_each_other_on_its_own(
-    client: TestClient, store: Store, agent: AgentCalls, token: str, make_workload: Callable[..., Any]
+    store: Store, agent: AgentCalls, make_workload: Callable[..., Any]
 ) -> None:
     enqueue(store, *(make_workload(task_id=f"t{i}") for i in range(4)))
     fresh, expired, again, foreign = (lease["job_id"] for lease in agent.lease(free_slots=4).json()["leases"])
