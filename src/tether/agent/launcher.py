@@ -86,12 +86,25 @@ def become_subreaper() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def _set_title(title: str) -> None:
+def set_title(title: str) -> None:
+    """Name this process in ``ps`` and ``top``, where ``setproctitle`` is installed."""
     try:
         from setproctitle import setproctitle
     except ImportError:
         return
     setproctitle(title)
+
+
+def leave_agents_signals() -> None:
+    """In a process forked from the agent: a process group of its own, and default signal handling.
+
+    A terminal's Ctrl-C is then not this process's, nor are the agent's handlers,
+    which write to the agent's event loop.
+    """
+    os.setpgid(0, 0)
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 # -- in the launcher and the spares ---------------------------------------------------
@@ -100,16 +113,11 @@ def _set_title(title: str) -> None:
 def _launcher_main(channel: socket.socket, agent_pid: int, run: SpareRun) -> NoReturn:
     """Make a spare for every byte the agent sends; exit when the agent closes the channel or dies."""
     try:
-        # Its own process group and default signal handling: a terminal's Ctrl-C and the
-        # agent's handlers (which write to the agent's event loop) are not the launcher's.
-        os.setpgid(0, 0)
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_DFL)
+        leave_agents_signals()
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != agent_pid:  # the agent died before we could ask to die with it
             os._exit(0)
-        _set_title("tether-agent launcher")
+        set_title("tether-agent launcher")
         # Intermediates are reaped by the kernel as they exit: the next spare need not wait for one.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         while True:
@@ -153,7 +161,7 @@ def _spare_main(channel: socket.socket, agent_pid: int, run: SpareRun) -> NoRetu
             if time.monotonic() > deadline:
                 os._exit(0)
             time.sleep(0.001)
-        _set_title("tether-agent spare")
+        set_title("tether-agent spare")
         channel.send(_PID.pack(os.getpid()))
         workload = channel.recv(MAX_WORKLOAD_BYTES)
         channel.close()

@@ -33,7 +33,7 @@ from typing import Any, NoReturn, Protocol
 
 import psutil
 
-from tether.agent.launcher import MAX_WORKLOAD_BYTES, Launcher, reap_strays
+from tether.agent.launcher import MAX_WORKLOAD_BYTES, Launcher, leave_agents_signals, reap_strays, set_title
 
 log = logging.getLogger(__name__)
 
@@ -383,26 +383,17 @@ def run_started_tasks_nicer(process_class: Any, increment: int) -> bool:
 def _child_main(kwargs: dict[str, Any], task_nice: int) -> NoReturn:  # pragma: no cover - runs in the child
     code = EXIT_SETUP_FAILED
     try:
-        os.setpgid(0, 0)
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_DFL)
+        leave_agents_signals()
         from airflow.sdk.execution_time.supervisor import ActivitySubprocess, supervise_task
 
         watch_task_exit(ActivitySubprocess)
         run_started_tasks_nicer(ActivitySubprocess, task_nice)
 
-        try:
-            from setproctitle import setproctitle
-
-            ti = kwargs["ti"]
-            setproctitle(f"tether-agent task: {ti.dag_id}.{ti.task_id} run={ti.run_id} try={ti.try_number}")
-        except ImportError:
-            pass
+        ti = kwargs["ti"]
+        set_title(f"tether-agent task: {ti.dag_id}.{ti.task_id} run={ti.run_id} try={ti.try_number}")
         code = supervise_task(**kwargs)
     except BaseException:
         traceback.print_exc(file=sys.stderr)
-        code = code if code != EXIT_SETUP_FAILED else EXIT_SETUP_FAILED
     finally:
         sys.stderr.flush()
         os._exit(code)

@@ -110,18 +110,14 @@ _START_LEASED = (
 )
 _START = _START_LEASED.where(_JOB.c.id == bindparam("job_id"))
 
-#: What makes a start pass the gate at once: the caller is current and holds an unexpired lease.
-_HELD_UNEXPIRED = (
+#: The start gate when nothing is amiss: each of the jobs whose unexpired lease the current
+#: caller holds becomes a start, in one statement.
+_START_HELD = _START_LEASED.where(
+    _JOB.c.id.in_(bindparam("job_ids", expanding=True)),
     _JOB.c.agent_id == bindparam("holder_id"),
     _JOB.c.lease_expires_at > bindparam("now"),
     _CALLER_IS_CURRENT,
-)
-#: The start gate when nothing is amiss: the caller's unexpired lease becomes a start, in one statement.
-_START_HELD = _START.where(*_HELD_UNEXPIRED)
-#: The same for every job of one lease answer.
-_START_HELD_MANY = _START_LEASED.where(_JOB.c.id.in_(bindparam("job_ids", expanding=True)), *_HELD_UNEXPIRED).returning(
-    _JOB.c.id
-)
+).returning(_JOB.c.id)
 
 _FINISH = (
     update(_JOB)
@@ -849,37 +845,8 @@ class Store:
         now: datetime | None = None,
     ) -> protocol.StartResponse:
         now = now or utcnow()
-        held = {"job_id": job_id, "holder_id": agent_id, "holder_incarnation": str(request.incarnation)}
-        with self._statement() as conn:
-            if conn.execute(_START_HELD, {**held, "token": identity.id, "now": now}).rowcount == 1:
-                return protocol.StartResponse(job_id=uuid.UUID(job_id), state=JobState.RUNNING)
-        # Not started: the path below says why (or finds it already started, for a retried call).
-        with self._tx() as session:
-            agent = self._agent_for_call(session, identity, agent_id, request.incarnation)
-            job = session.get(Job, job_id)
-            if job is None:
-                raise errors.NotFound(f"no job {job_id}", reason="job_not_found")
-            if job.agent_id != agent.id or job.incarnation != agent.incarnation:
-                raise errors.Conflict(f"job {job_id} is not leased to this agent", reason="not_holder")
-            if job.state == JobState.RUNNING.value:
-                return protocol.StartResponse(job_id=uuid.UUID(job.id), state=JobState.RUNNING)
-            if job.state != JobState.LEASED.value:
-                raise errors.Conflict(f"job {job_id} is {job.state}, not leased", reason="not_leased")
-            if job.lease_expires_at is None or job.lease_expires_at <= now:
-                # Committed before refusing: the job must go back even though the call fails.
-                self._requeue(session, [job.id], now=now)
-                expired = True
-            else:
-                expired = False
-                started = session.connection().execute(
-                    _START, {"job_id": job.id, "holder_incarnation": agent.incarnation, "now": now}
-                )
-                if started.rowcount != 1:
-                    raise errors.Conflict(f"job {job_id} changed while starting; not started", reason="not_leased")
-        if expired:
-            raise errors.Conflict(
-                f"the lease on job {job_id} expired; it went back to the queue", reason="lease_expired"
-            )
+        if not self._start_held(identity, agent_id, [job_id], request.incarnation, now):
+            self._start_or_say_why(identity, agent_id, job_id, request.incarnation, now)
         return protocol.StartResponse(job_id=uuid.UUID(job_id), state=JobState.RUNNING)
 
     def start_many(
@@ -897,18 +864,16 @@ class Store:
         """
         now = now or utcnow()
         job_ids = list(dict.fromkeys(str(job_id) for job_id in request.job_ids))
-        held = {"holder_id": agent_id, "holder_incarnation": str(request.incarnation), "token": identity.id}
-        with self._statement() as conn:
-            started = set(conn.execute(_START_HELD_MANY, {**held, "job_ids": job_ids, "now": now}).scalars())
-        rest = [job_id for job_id in job_ids if job_id not in started]
+        started = self._start_held(identity, agent_id, job_ids, request.incarnation, now)
         refused: list[protocol.StartRefusal] = []
-        if rest:
+        if len(started) < len(job_ids):
             with self._tx() as session:
                 self._agent_for_call(session, identity, agent_id, request.incarnation)
-            single = protocol.StartRequest(incarnation=request.incarnation)
-            for job_id in rest:
+            for job_id in job_ids:
+                if job_id in started:
+                    continue
                 try:
-                    self.start(identity, agent_id, job_id, single, now=now)
+                    self._start_or_say_why(identity, agent_id, job_id, request.incarnation, now)
                 except errors.PlaneError as exc:
                     refused.append(
                         protocol.StartRefusal(
@@ -920,6 +885,54 @@ class Store:
         return protocol.StartManyResponse(
             started=[uuid.UUID(job_id) for job_id in job_ids if job_id in started], refused=refused
         )
+
+    def _start_held(
+        self, identity: TokenIdentity, agent_id: str, job_ids: list[str], incarnation: uuid.UUID, now: datetime
+    ) -> set[str]:
+        """Start the jobs the caller holds unexpired leases on, in one statement; the ids it started."""
+        params = {
+            "job_ids": job_ids,
+            "holder_id": agent_id,
+            "holder_incarnation": str(incarnation),
+            "token": identity.id,
+            "now": now,
+        }
+        with self._statement() as conn:
+            return set(conn.execute(_START_HELD, params).scalars())
+
+    def _start_or_say_why(
+        self, identity: TokenIdentity, agent_id: str, job_id: str, incarnation: uuid.UUID, now: datetime
+    ) -> None:
+        """A job ``_start_held`` did not start: raise why, or start it if it turns out startable.
+
+        Already running (a retried call) counts as started.
+        """
+        with self._tx() as session:
+            agent = self._agent_for_call(session, identity, agent_id, incarnation)
+            job = session.get(Job, job_id)
+            if job is None:
+                raise errors.NotFound(f"no job {job_id}", reason="job_not_found")
+            if job.agent_id != agent.id or job.incarnation != agent.incarnation:
+                raise errors.Conflict(f"job {job_id} is not leased to this agent", reason="not_holder")
+            if job.state == JobState.RUNNING.value:
+                return
+            if job.state != JobState.LEASED.value:
+                raise errors.Conflict(f"job {job_id} is {job.state}, not leased", reason="not_leased")
+            if job.lease_expires_at is None or job.lease_expires_at <= now:
+                # Committed before refusing: the job must go back even though the call fails.
+                self._requeue(session, [job.id], now=now)
+                expired = True
+            else:
+                expired = False
+                started = session.connection().execute(
+                    _START, {"job_id": job.id, "holder_incarnation": agent.incarnation, "now": now}
+                )
+                if started.rowcount != 1:
+                    raise errors.Conflict(f"job {job_id} changed while starting; not started", reason="not_leased")
+        if expired:
+            raise errors.Conflict(
+                f"the lease on job {job_id} expired; it went back to the queue", reason="lease_expired"
+            )
 
     def report(
         self,
