@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import pytest
 
 from tests.unit.fake_plane import FakePlane
+from tests.unit.scenarios import run, until
 from tether.agent.agent import Agent
 from tether.agent.client import PlaneClient, make_http_client
 from tether.agent.settings import AgentSettings
@@ -33,32 +33,22 @@ def _agent(plane: FakePlane, runner: FakeRunner, drain_timeout: float = 5) -> Ag
     )
 
 
-async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
-def _run(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), 20))
-
-
 def test_the_outcome_is_reported_from_the_exit_code() -> None:
     async def scenario() -> None:
         plane, runner = FakePlane(), FakeRunner()
         ok, bad = plane.add_job("ok"), plane.add_job("bad")
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await _until(lambda: len(runner.tasks) == 2)
+        await until(lambda: len(runner.tasks) == 2)
         assert plane.started == [ok, bad]
         runner.tasks[0].finish(0)
         runner.tasks[1].finish(1)
-        await _until(lambda: len(plane.reports) == 2)
+        await until(lambda: len(plane.reports) == 2)
         assert sorted(plane.reports) == sorted([(ok, "success", 0), (bad, "failed", 1)])
         agent.stop()
         assert await running == 0
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_nothing_runs_when_the_start_gate_refuses() -> None:
@@ -67,13 +57,13 @@ def test_nothing_runs_when_the_start_gate_refuses() -> None:
         plane.add_job()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await _until(lambda: not plane.queued and len(plane.heartbeats) > 2)
+        await until(lambda: not plane.queued and len(plane.heartbeats) > 2)
         assert runner.tasks == [] and plane.reports == []
         assert agent.free_slots == 2
         agent.stop()
         await running
 
-    _run(scenario)
+    run(scenario)
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "one-by-one"])
@@ -84,7 +74,7 @@ def test_one_lease_answer_passes_one_start_gate_and_only_confirmed_jobs_run(batc
         plane.refuse_jobs.add(refused)
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await _until(lambda: len(runner.tasks) == 1 and not agent.state.jobs.get(refused))
+        await until(lambda: len(runner.tasks) == 1 and not agent.state.jobs.get(refused))
         # One call for both jobs; a plane without the batched start gets one call each, for good.
         assert plane.start_calls == ([[ok, refused]] if batched else [[ok], [refused]])
         assert plane.started == [ok]
@@ -92,14 +82,14 @@ def test_one_lease_answer_passes_one_start_gate_and_only_confirmed_jobs_run(batc
         assert agent.free_slots == 1
         plane.add_job("later")
         runner.tasks[0].finish(0)
-        await _until(lambda: len(runner.tasks) == 2)
+        await until(lambda: len(runner.tasks) == 2)
         assert len(plane.start_calls) == (2 if batched else 3)
         runner.tasks[1].finish(0)
-        await _until(lambda: len(plane.reports) == 2)
+        await until(lambda: len(plane.reports) == 2)
         agent.stop()
         assert await running == 0
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_slots_bound_what_is_leased() -> None:
@@ -109,17 +99,17 @@ def test_slots_bound_what_is_leased() -> None:
             plane.add_job()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await _until(lambda: len(runner.tasks) == 2)
+        await until(lambda: len(runner.tasks) == 2)
         await asyncio.sleep(0.2)
         assert len(runner.tasks) == 2 and len(plane.queued) == 1
         runner.tasks[0].finish(0)
-        await _until(lambda: len(runner.tasks) == 3)
+        await until(lambda: len(runner.tasks) == 3)
         for task in runner.tasks:
             task.finish(0)
         agent.stop()
         await running
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_an_outcome_waits_for_the_plane_to_come_back() -> None:
@@ -128,19 +118,19 @@ def test_an_outcome_waits_for_the_plane_to_come_back() -> None:
         job = plane.add_job()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await _until(lambda: len(runner.tasks) == 1)
+        await until(lambda: len(runner.tasks) == 1)
         plane.down = True
         runner.tasks[0].finish(0)
         await asyncio.sleep(0.3)
         assert plane.reports == []
-        await _until(lambda: agent.ready()[0] is False)
+        await until(lambda: agent.ready()[0] is False)
         plane.down = False
-        await _until(lambda: plane.reports == [(job, "success", 0)])
-        await _until(lambda: agent.ready()[0])
+        await until(lambda: plane.reports == [(job, "success", 0)])
+        await until(lambda: agent.ready()[0])
         agent.stop()
         await running
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_a_kill_command_ends_the_task_and_reports_it_failed() -> None:
@@ -149,15 +139,15 @@ def test_a_kill_command_ends_the_task_and_reports_it_failed() -> None:
         job = plane.add_job()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await _until(lambda: len(runner.tasks) == 1)
+        await until(lambda: len(runner.tasks) == 1)
         plane.kill.add(job)
-        await _until(lambda: len(plane.reports) == 1)
+        await until(lambda: len(plane.reports) == 1)
         assert runner.tasks[0].killed
         assert plane.reports[0][:2] == (job, "failed")
         agent.stop()
         await running
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_a_cordoned_agent_leases_nothing_until_uncordoned() -> None:
@@ -165,17 +155,17 @@ def test_a_cordoned_agent_leases_nothing_until_uncordoned() -> None:
         plane, runner = FakePlane(cordoned=True), FakeRunner()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await _until(lambda: len(plane.heartbeats) >= 2)
+        await until(lambda: len(plane.heartbeats) >= 2)
         plane.add_job()
         await asyncio.sleep(0.2)
         assert runner.tasks == []
         plane.cordoned = False
-        await _until(lambda: len(runner.tasks) == 1)
+        await until(lambda: len(runner.tasks) == 1)
         runner.tasks[0].finish(0)
         agent.stop()
         await running
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_stop_drains_running_tasks_and_leases_nothing_more() -> None:
@@ -184,18 +174,18 @@ def test_stop_drains_running_tasks_and_leases_nothing_more() -> None:
         job = plane.add_job()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await _until(lambda: len(runner.tasks) == 1)
+        await until(lambda: len(runner.tasks) == 1)
         agent.stop()
         plane.add_job()
         await asyncio.sleep(0.2)
         assert len(runner.tasks) == 1 and not runner.tasks[0].terminated
-        await _until(lambda: plane.heartbeats[-1]["draining"] is True)
+        await until(lambda: plane.heartbeats[-1]["draining"] is True)
         runner.tasks[0].finish(0)
         assert await running == 0
         assert plane.reports == [(job, "success", 0)]
         assert len(plane.queued) == 1
 
-    _run(scenario)
+    run(scenario)
 
 
 @pytest.mark.parametrize("ignores_sigterm", [False, True])
@@ -205,14 +195,14 @@ def test_past_the_drain_timeout_tasks_are_terminated_then_killed_and_reported(ig
         job = plane.add_job()
         agent = _agent(plane, runner, drain_timeout=0.1)
         running = asyncio.create_task(agent.run())
-        await _until(lambda: len(runner.tasks) == 1)
+        await until(lambda: len(runner.tasks) == 1)
         agent.stop()
         assert await running == 0
         task = runner.tasks[0]
         assert task.terminated and task.killed is ignores_sigterm
         assert plane.reports[0][:2] == (job, "failed")
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_stop_before_run_and_twice_is_harmless() -> None:
@@ -224,4 +214,4 @@ def test_stop_before_run_and_twice_is_harmless() -> None:
         assert await agent.run() == 0
         assert runner.tasks == []
 
-    _run(scenario)
+    run(scenario)

@@ -11,10 +11,13 @@ import asyncio
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
 
+from tests.unit.scenarios import run, until
 from tether.agent.launcher import DEMAND_WINDOW, Launcher
 
 
@@ -56,122 +59,114 @@ class Clock:
         return self.now
 
 
-def _launcher(stand_in: StandInLauncher, clock: Clock, *, min_spares: int = 2, max_spares: int = 8) -> Launcher:
-    return Launcher(
+@dataclass
+class Pool:
+    stand_in: StandInLauncher
+    clock: Clock
+    launcher: Launcher
+
+
+@contextmanager
+def _pool(*, min_spares: int = 2, max_spares: int = 8) -> Iterator[Pool]:
+    """A launcher's agent side on a stand-in, closed at the end."""
+    stand_in, clock = StandInLauncher(), Clock()
+    launcher = Launcher(
         pid=os.getpid(), channel=stand_in.agents_end, min_spares=min_spares, max_spares=max_spares, clock=clock
     )
-
-
-async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
-def _run(scenario: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), 20))
+    try:
+        yield Pool(stand_in, clock, launcher)
+    finally:
+        launcher.close(wait=0)
 
 
 def test_a_burst_of_starts_is_served_and_the_pool_follows_demand() -> None:
     async def scenario() -> None:
-        stand_in, clock = StandInLauncher(), Clock()
-        launcher = _launcher(stand_in, clock)
-        takes = [asyncio.create_task(launcher.take(5)) for _ in range(5)]
-        await asyncio.sleep(0)
-        # Five starts waiting and nothing ready: a spare for each, and as many to keep ready
-        # as there were starts in the window.
-        await _until(lambda: stand_in.read_asks() == 10)
-        for _ in range(5):
-            stand_in.send_spare()
-        spares = await asyncio.gather(*takes)
-        assert all(spare is not None and spare.pid == os.getpid() for spare in spares)
-        assert launcher.target() == 5
-        for _ in range(5):
-            stand_in.send_spare()
-        await _until(lambda: launcher.ready == 5)
-        launcher.trim()
-        assert launcher.ready == 5
-        assert stand_in.read_asks() == 10
-        # The burst is over: the spares beyond the idle two are let go.
-        clock.now += DEMAND_WINDOW + 1
-        assert launcher.target() == 2
-        launcher.trim()
-        assert launcher.ready == 2
-        launcher.close(wait=0)
+        with _pool() as pool:
+            takes = [asyncio.create_task(pool.launcher.take(5)) for _ in range(5)]
+            await asyncio.sleep(0)
+            # Five starts waiting and nothing ready: a spare for each, and as many to keep ready
+            # as there were starts in the window.
+            await until(lambda: pool.stand_in.read_asks() == 10)
+            for _ in range(5):
+                pool.stand_in.send_spare()
+            spares = await asyncio.gather(*takes)
+            assert all(spare is not None and spare.pid == os.getpid() for spare in spares)
+            assert pool.launcher.target() == 5
+            for _ in range(5):
+                pool.stand_in.send_spare()
+            await until(lambda: pool.launcher.ready == 5)
+            pool.launcher.trim()
+            assert pool.launcher.ready == 5
+            assert pool.stand_in.read_asks() == 10
+            # The burst is over: the spares beyond the idle two are let go.
+            pool.clock.now += DEMAND_WINDOW + 1
+            assert pool.launcher.target() == 2
+            pool.launcher.trim()
+            assert pool.launcher.ready == 2
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_the_pool_never_grows_past_its_bound() -> None:
     async def scenario() -> None:
-        stand_in, clock = StandInLauncher(), Clock()
-        launcher = _launcher(stand_in, clock, min_spares=1, max_spares=3)
-        for _ in range(6):
-            take = asyncio.create_task(launcher.take(5))
-            await _until(lambda: stand_in.read_asks() > len(stand_in.spares))
-            stand_in.send_spare()
-            assert await take is not None
-        assert launcher.target() == 3
-        launcher.close(wait=0)
+        with _pool(min_spares=1, max_spares=3) as pool:
+            for _ in range(6):
+                take = asyncio.create_task(pool.launcher.take(5))
+                await until(lambda: pool.stand_in.read_asks() > len(pool.stand_in.spares))
+                pool.stand_in.send_spare()
+                assert await take is not None
+            assert pool.launcher.target() == 3
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_spares_that_never_come_up_make_the_agent_fork_itself() -> None:
     async def scenario() -> None:
-        stand_in, clock = StandInLauncher(), Clock()
-        launcher = _launcher(stand_in, clock)
-        take = asyncio.create_task(launcher.take(5))
-        await _until(lambda: stand_in.read_asks() >= 3)
-        for _ in range(3):
-            stand_in.send_spare(announce=False)
-        assert await take is None
-        assert not launcher.usable
-        assert await launcher.take(5) is None
-        launcher.close(wait=0)
+        with _pool() as pool:
+            take = asyncio.create_task(pool.launcher.take(5))
+            await until(lambda: pool.stand_in.read_asks() >= 3)
+            for _ in range(3):
+                pool.stand_in.send_spare(announce=False)
+            assert await take is None
+            assert not pool.launcher.usable
+            assert await pool.launcher.take(5) is None
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_a_launcher_that_exits_releases_waiting_starts() -> None:
     async def scenario() -> None:
-        stand_in, clock = StandInLauncher(), Clock()
-        launcher = _launcher(stand_in, clock)
-        take = asyncio.create_task(launcher.take(30))
-        await _until(lambda: stand_in.read_asks() > 0)
-        stand_in.end.close()
-        assert await asyncio.wait_for(take, 5) is None
-        assert not launcher.usable
-        assert launcher.pids() == set()
-        launcher.close(wait=0)
+        with _pool() as pool:
+            take = asyncio.create_task(pool.launcher.take(30))
+            await until(lambda: pool.stand_in.read_asks() > 0)
+            pool.stand_in.end.close()
+            assert await asyncio.wait_for(take, 5) is None
+            assert not pool.launcher.usable
+            assert pool.launcher.pids() == set()
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_starts_that_wait_in_vain_give_up_on_the_launcher() -> None:
     async def scenario() -> None:
-        stand_in, clock = StandInLauncher(), Clock()
-        launcher = _launcher(stand_in, clock)
-        for _ in range(3):
-            assert await launcher.take(0.01) is None
-        assert not launcher.usable
-        launcher.close(wait=0)
+        with _pool() as pool:
+            for _ in range(3):
+                assert await pool.launcher.take(0.01) is None
+            assert not pool.launcher.usable
 
-    _run(scenario)
+    run(scenario)
 
 
 def test_a_spare_that_comes_after_its_start_gave_up_is_kept() -> None:
     async def scenario() -> None:
-        stand_in, clock = StandInLauncher(), Clock()
-        launcher = _launcher(stand_in, clock)
-        take = asyncio.create_task(launcher.take(30))
-        await _until(lambda: stand_in.read_asks() > 0)
-        take.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await take
-        stand_in.send_spare()
-        await _until(lambda: launcher.ready == 1)
-        assert await launcher.take(1) is not None
-        launcher.close(wait=0)
+        with _pool() as pool:
+            take = asyncio.create_task(pool.launcher.take(30))
+            await until(lambda: pool.stand_in.read_asks() > 0)
+            take.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await take
+            pool.stand_in.send_spare()
+            await until(lambda: pool.launcher.ready == 1)
+            assert await pool.launcher.take(1) is not None
 
-    _run(scenario)
+    run(scenario)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 _PROBE = textwrap.dedent(
     """
     import json, os, sys
@@ -62,21 +64,16 @@ def _probe(increment: int) -> dict[str, object]:
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
-def test_the_task_and_then_its_supervisor_run_nicer() -> None:
-    assert _probe(5) == {
-        "applied": True,
+@pytest.mark.parametrize(
+    ("increment", "applied", "after_start"),
+    [(5, True, 5), (0, False, 0)],
+    ids=["the task and then its supervisor run nicer", "zero leaves every priority alone"],
+)
+def test_task_priority(increment: int, applied: bool, after_start: int) -> None:
+    assert _probe(increment) == {
+        "applied": applied,
         "supervisor while starting": 0,
-        "task": 5,
-        "what the task forks": 5,
-        "supervisor once started": 5,
-    }
-
-
-def test_zero_leaves_every_priority_alone() -> None:
-    assert _probe(0) == {
-        "applied": False,
-        "supervisor while starting": 0,
-        "task": 0,
-        "what the task forks": 0,
-        "supervisor once started": 0,
+        "task": after_start,
+        "what the task forks": after_start,
+        "supervisor once started": after_start,
     }
