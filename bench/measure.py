@@ -140,7 +140,7 @@ class DagRun:
     wall: float
     latencies: list[float]
     peak_running: int
-    peak_pss: float
+    peak_pss: float | None
     tasks: int
     pss_samples: list[tuple[float, float]] = field(default_factory=list)
 
@@ -163,11 +163,18 @@ def peak_overlap(intervals: list[tuple[datetime, datetime]]) -> int:
     return peak
 
 
-def run_dag(deployment: Deployment, dag_id: str, timeout: float) -> DagRun:
+def run_dag(deployment: Deployment, dag_id: str, timeout: float, *, sample_memory: bool = False) -> DagRun:
+    """Trigger one run and wait for it; with ``sample_memory``, the worker tree's PSS is sampled throughout.
+
+    Sampling reads every process's ``smaps_rollup`` twice a second: on two cores
+    that takes CPU from what it observes, and not equally for every executor, so
+    timed runs are left unobserved and memory has a run of its own.
+    """
     plane = deployment.plane
     run_id = f"bench_{secrets.token_hex(4)}"
     roots, include = deployment.worker_roots()
-    with PeakSampler(roots, include_roots=include, limit=timeout + 60) as sampler:
+    sampler = PeakSampler(roots, include_roots=include, limit=timeout + 60) if sample_memory else None
+    with sampler or contextlib.nullcontext():
         plane.trigger(dag_id, run_id)
         state = plane.wait_for_run(dag_id, run_id, timeout=timeout)
     (queued_at, end_date), *_ = plane.query(
@@ -187,9 +194,9 @@ def run_dag(deployment: Deployment, dag_id: str, timeout: float) -> DagRun:
         wall=(end_date - queued_at).total_seconds(),
         latencies=sorted(latencies),
         peak_running=peak_overlap(intervals),
-        peak_pss=sampler.peak,
+        peak_pss=sampler.peak if sampler else None,
         tasks=len(rows),
-        pss_samples=sampler.samples,
+        pss_samples=sampler.samples if sampler else [],
     )
 
 
@@ -198,6 +205,9 @@ class DeploymentResult:
     executor: str
     run: int
     idle: IdleCosts
+    #: The memory run: fanout_100 with the worker tree's PSS sampled, not timed.
+    memory: DagRun
+    #: The timed runs, one per DAG, unobserved.
     dags: dict[str, DagRun]
 
     def as_dict(self) -> dict[str, Any]:
@@ -207,22 +217,31 @@ class DeploymentResult:
             "executor": self.executor,
             "run": self.run,
             "idle": idle,
+            "memory": self.memory.as_dict(),
             "dags": {k: v.as_dict() for k, v in self.dags.items()},
         }
+
+
+def _check(deployment: Deployment, result: DagRun, what: str) -> None:
+    p50 = statistics.median(result.latencies) if result.latencies else float("nan")
+    log(
+        f"  {deployment.executor}: {what} {result.state} in {result.wall:.2f}s "
+        f"(queued->start p50 {p50:.3f}s, peak running {result.peak_running}"
+        + (f", peak PSS {result.peak_pss:.0f} MiB)" if result.peak_pss is not None else ")")
+    )
+    if result.state != "success":
+        raise RuntimeError(f"{deployment.executor}: {result.dag_id} ended {result.state}")
 
 
 def measure(deployment: Deployment, pg: Postgres, *, run: int, idle_window: float, timeout: float) -> DeploymentResult:
     log(f"  {deployment.executor}: idle windows ({idle_window:.0f}s each)")
     idle = idle_costs(deployment, pg, idle_window)
+    # First, so it is also every executor's warm-up: the API server builds its
+    # Execution API routes on the first call a task makes, a second or two.
+    memory = run_dag(deployment, "fanout_100", timeout, sample_memory=True)
+    _check(deployment, memory, "fanout_100 (memory run, not timed)")
     dags = {}
     for dag_id in DAG_IDS:
-        result = run_dag(deployment, dag_id, timeout)
-        p50 = statistics.median(result.latencies) if result.latencies else float("nan")
-        log(
-            f"  {deployment.executor}: {dag_id} {result.state} in {result.wall:.2f}s "
-            f"(queued->start p50 {p50:.3f}s, peak running {result.peak_running}, peak PSS {result.peak_pss:.0f} MiB)"
-        )
-        if result.state != "success":
-            raise RuntimeError(f"{deployment.executor}: {dag_id} ended {result.state}")
-        dags[dag_id] = result
-    return DeploymentResult(executor=deployment.executor, run=run, idle=idle, dags=dags)
+        dags[dag_id] = run_dag(deployment, dag_id, timeout)
+        _check(deployment, dags[dag_id], dag_id)
+    return DeploymentResult(executor=deployment.executor, run=run, idle=idle, memory=memory, dags=dags)
