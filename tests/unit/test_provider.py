@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 import yaml
@@ -45,3 +46,15 @@ def test_values_file_is_valid_yaml_prefilled_for_the_namespace(capsys: pytest.Ca
     assert values["agentTokenSecretName"]
     assert values["workers"][0]["queues"] == ["default", "etl"]
     assert {"secretBackend", "xcomBackend"} <= set(values)
+
+
+def test_loading_example_dags_finds_the_providers_package_without_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    from airflow.dag_processing.bundles.manager import _add_provider_example_dags_to_bundle
+    from airflow.providers_manager import ProvidersManager
+
+    assert "airflow-tether" in ProvidersManager().providers
+    bundles: list[object] = []
+    with caplog.at_level(logging.ERROR, logger="airflow.dag_processing.bundles.manager"):
+        _add_provider_example_dags_to_bundle(bundles)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert not [b for b in bundles if "tether" in getattr(b, "name", "")]
