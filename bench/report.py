@@ -14,7 +14,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,7 +100,7 @@ def per_task_mb(r: dict[str, Any]) -> float | None:
     peak, running = peak_pss_mb(r), peak_running(r)
     if peak is None or not running:
         return None
-    return (peak - r["idle"]["worker_pss"] * MB) / running
+    return (peak - float(r["idle"]["worker_pss"]) * MB) / running
 
 
 def pooled_latencies(res: Results, executor: str, dag: str) -> list[float]:
@@ -449,4 +448,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
