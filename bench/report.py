@@ -81,7 +81,7 @@ def latency_pct(dag: str, q: float) -> Callable[[dict[str, Any]], float | None]:
 
 
 def memory_run(r: dict[str, Any]) -> dict[str, Any] | None:
-    """The sampled fanout_100 run (results from before it had its own run sampled the timed one)."""
+    """The sampled fanout_100 run; in results written before it existed, the timed one was sampled."""
     run: dict[str, Any] | None = r.get("memory") or r["dags"].get("fanout_100")
     return run
 
