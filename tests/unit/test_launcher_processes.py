@@ -13,7 +13,7 @@ import textwrap
 
 _SCENARIOS = textwrap.dedent(
     """
-    import asyncio, json, os, signal, sys, time
+    import asyncio, json, os, signal, sys, tempfile, time
 
     import psutil
 
@@ -109,8 +109,34 @@ _SCENARIOS = textwrap.dedent(
         return {"spare_gone": let_go}
 
 
+    MARKS = tempfile.mkdtemp()
+
+
+    def prepare(channel):
+        # In a new spare, before it says it is up: mark it ready, and say how it is let go.
+        mark = os.path.join(MARKS, str(os.getpid()))
+        open(mark + ".ready", "w").close()
+        return lambda: open(mark + ".released", "w").close()
+
+
+    def marks(pid):
+        return [m.split(".")[1] for m in sorted(os.listdir(MARKS)) if m.startswith(f"{pid}.")]
+
+
+    async def prepared_spares(launcher):
+        spare = await launcher.take(10)
+        await until(lambda: launcher.ready == 2)
+        idle = launcher.pids() - {launcher.pid}
+        spare.hand(b"exit 0")
+        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd).wait()
+        launcher.close(wait=5)
+        return {"exit_code": code, "handed_out": marks(spare.pid), "let_go": [marks(pid) for pid in idle]}
+
+
     async def main(name):
-        launcher = Launcher.fork(min_spares=2, max_spares=4, run=run)
+        launcher = Launcher.fork(
+            min_spares=2, max_spares=4, run=run, prepare=prepare if name.startswith("prepared") else None
+        )
         assert launcher is not None, "not a subreaper"
         try:
             return await globals()[name](launcher)
@@ -157,3 +183,11 @@ def test_a_task_forked_from_the_agent_keeps_no_spare_alive() -> None:
 
 def test_what_a_task_leaves_behind_is_adopted_and_reaped() -> None:
     assert _scenario("strays_are_reaped") == {"exit_code": 0, "reaped": 1, "zombies": []}
+
+
+def test_a_spare_gets_ready_before_it_is_up_and_is_released_if_let_go() -> None:
+    assert _scenario("prepared_spares") == {
+        "exit_code": 0,
+        "handed_out": ["ready"],
+        "let_go": [["ready", "released"], ["ready", "released"]],
+    }

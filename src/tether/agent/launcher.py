@@ -26,7 +26,8 @@ Wire format, over ``SOCK_SEQPACKET`` socketpairs (one message per packet):
 - agent -> launcher: one byte per spare wanted;
 - launcher -> agent: ``b"S"`` carrying one file descriptor, the agent's end of
   the new spare's socket;
-- spare -> agent: its pid (4 bytes, native order), once the agent is its parent;
+- spare -> agent: its pid (4 bytes, native order), once the agent is its parent
+  and the spare is ready (see ``tether.agent.headstart``);
 - agent -> spare: the workload (JSON), once the plane's start gate confirmed
   the lease. The end of the socket instead (the agent let the spare go, or
   exited) ends the spare.
@@ -71,9 +72,13 @@ _PID = struct.Struct("=i")
 
 #: What a spare does with its workload; it never returns.
 SpareRun = Callable[[bytes], NoReturn]
+#: What a new spare does before it says it is up, given its socket to the agent; returns
+#: what to do if it is let go without a workload, or None.
+SparePrepare = Callable[[socket.socket], Callable[[], None] | None]
 
 
-def _prctl(option: int, value: int) -> bool:
+def prctl(option: int, value: int) -> bool:
+    """Linux ``prctl(2)`` with one argument; whether it succeeded."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return int(libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0)) == 0
@@ -83,7 +88,7 @@ def _prctl(option: int, value: int) -> bool:
 
 def become_subreaper() -> bool:
     """Make orphaned descendants of this process its children (Linux ``PR_SET_CHILD_SUBREAPER``)."""
-    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    return prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def set_title(title: str) -> None:
@@ -110,11 +115,11 @@ def leave_agents_signals() -> None:
 # -- in the launcher and the spares ---------------------------------------------------
 
 
-def _launcher_main(channel: socket.socket, agent_pid: int, run: SpareRun) -> NoReturn:
+def _launcher_main(channel: socket.socket, agent_pid: int, run: SpareRun, prepare: SparePrepare | None) -> NoReturn:
     """Make a spare for every byte the agent sends; exit when the agent closes the channel or dies."""
     try:
         leave_agents_signals()
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != agent_pid:  # the agent died before we could ask to die with it
             os._exit(0)
         set_title("tether-agent launcher")
@@ -125,7 +130,7 @@ def _launcher_main(channel: socket.socket, agent_pid: int, run: SpareRun) -> NoR
             if not wanted:
                 break
             for _ in wanted:
-                _make_spare(channel, agent_pid, run)
+                _make_spare(channel, agent_pid, run, prepare)
     except (BrokenPipeError, ConnectionResetError):
         pass
     except BaseException:
@@ -135,7 +140,7 @@ def _launcher_main(channel: socket.socket, agent_pid: int, run: SpareRun) -> NoR
         os._exit(0)
 
 
-def _make_spare(channel: socket.socket, agent_pid: int, run: SpareRun) -> None:
+def _make_spare(channel: socket.socket, agent_pid: int, run: SpareRun, prepare: SparePrepare | None) -> None:
     agents_end, spares_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         if os.fork() == 0:  # the intermediate
@@ -143,7 +148,7 @@ def _make_spare(channel: socket.socket, agent_pid: int, run: SpareRun) -> None:
                 if os.fork() == 0:
                     agents_end.close()
                     channel.close()
-                    _spare_main(spares_end, agent_pid, run)
+                    _spare_main(spares_end, agent_pid, run, prepare)
             finally:
                 os._exit(0)
         socket.send_fds(channel, [b"S"], [agents_end.fileno()])
@@ -152,7 +157,9 @@ def _make_spare(channel: socket.socket, agent_pid: int, run: SpareRun) -> None:
         spares_end.close()
 
 
-def _spare_main(channel: socket.socket, agent_pid: int, run: SpareRun) -> NoReturn:
+def _spare_main(channel: socket.socket, agent_pid: int, run: SpareRun, prepare: SparePrepare | None) -> NoReturn:
+    release: Callable[[], None] | None = None
+    workload = b""
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a supervisor waits for its task process
         # The agent adopts us when the intermediate has exited; only then can it wait for us.
@@ -162,12 +169,17 @@ def _spare_main(channel: socket.socket, agent_pid: int, run: SpareRun) -> NoRetu
                 os._exit(0)
             time.sleep(0.001)
         set_title("tether-agent spare")
+        if prepare is not None:
+            release = prepare(channel)
         channel.send(_PID.pack(os.getpid()))
         workload = channel.recv(MAX_WORKLOAD_BYTES)
         channel.close()
     except BaseException:
-        os._exit(0)
+        workload = b""
     if not workload:
+        if release is not None:
+            with contextlib.suppress(BaseException):
+                release()
         os._exit(0)
     run(workload)
 
@@ -227,8 +239,12 @@ class Launcher:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def fork(cls, *, min_spares: int, max_spares: int, run: SpareRun) -> Launcher | None:
+    def fork(
+        cls, *, min_spares: int, max_spares: int, run: SpareRun, prepare: SparePrepare | None = None
+    ) -> Launcher | None:
         """Fork the launcher now; ``run`` is what a spare does with its workload.
+
+        ``prepare``, when given, runs in each new spare before the spare says it is up.
 
         None when this system cannot make the agent its spares' parent, or cannot fork now.
         """
@@ -246,7 +262,7 @@ class Launcher:
             return None
         if pid == 0:  # pragma: no cover - runs in the launcher
             ours.close()
-            _launcher_main(theirs, agent_pid, run)
+            _launcher_main(theirs, agent_pid, run, prepare)
         theirs.close()
         # The first spares are made now, while the agent starts up: the first task need not wait.
         ours.send(b"+" * min_spares)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import traceback
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from typing import Any, NoReturn, Protocol
 
 import psutil
 
+from tether.agent.headstart import Headstart, unsupported
 from tether.agent.launcher import MAX_WORKLOAD_BYTES, Launcher, leave_agents_signals, reap_strays, set_title
 
 log = logging.getLogger(__name__)
@@ -193,9 +195,15 @@ class ForkRunner:
         self.task_nice = task_nice
         os.environ.update(task_sdk_tls_environment(ca_bundle=ca_bundle, client_cert=client_cert, client_key=client_key))
         warm_up()
+        self._headstart: Headstart | None = None
+        self._no_headstart = unsupported() if max_spares > 0 else None
+        if self._no_headstart is not None:
+            log.info("Spares start tasks without a head start: %s", self._no_headstart)
         # Forked now, before the agent opens any socket: the spares inherit none.
         self._launcher = (
-            Launcher.fork(min_spares=min_spares, max_spares=max_spares, run=self._run_in_spare)
+            Launcher.fork(
+                min_spares=min_spares, max_spares=max_spares, run=self._run_in_spare, prepare=self._prepare_spare
+            )
             if max_spares > 0
             else None
         )
@@ -260,12 +268,30 @@ class ForkRunner:
         task._on_reaped = self._children.discard
         return task
 
+    def _prepare_spare(self, channel: socket.socket) -> Callable[[], None] | None:  # pragma: no cover - in a spare
+        if self._no_headstart is not None:
+            return None
+        try:
+            self._headstart = Headstart(
+                execution_api_url=self.execution_api_url, task_nice=self.task_nice, close_in_child=[channel]
+            )
+        except Exception:
+            # The spare still serves, as it would without a head start.
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+            return None
+        return self._headstart.release
+
     def _run_in_spare(self, message: bytes) -> NoReturn:  # pragma: no cover - runs in a spare
         try:
             kwargs = self.supervisor_arguments(json.loads(message))
+            if self._headstart is not None:
+                self._headstart.take(kwargs)
         except BaseException:
             traceback.print_exc(file=sys.stderr)
             sys.stderr.flush()
+            if self._headstart is not None:
+                self._headstart.release()
             os._exit(EXIT_SETUP_FAILED)
         _child_main(kwargs, self.task_nice)
 
