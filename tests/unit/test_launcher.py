@@ -27,6 +27,7 @@ class StandInLauncher:
         self.end.setblocking(False)
         self.agents_end.setblocking(False)
         self.asked = 0
+        self.kinds = b""  # every byte asked: b"h" with a head start, b"+" without
         self.spares: list[socket.socket] = []
 
     def read_asks(self) -> int:
@@ -38,10 +39,11 @@ class StandInLauncher:
             if not data:
                 return self.asked
             self.asked += len(data)
+            self.kinds += data
 
-    def send_spare(self, *, announce: bool = True) -> socket.socket:
+    def send_spare(self, *, announce: bool = True, headstart: bool = False) -> socket.socket:
         agents, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        socket.send_fds(self.end, [b"S"], [agents.fileno()])
+        socket.send_fds(self.end, [b"H" if headstart else b"S"], [agents.fileno()])
         agents.close()
         if announce:
             ours.send(struct.pack("=i", os.getpid()))
@@ -103,6 +105,33 @@ def test_a_burst_of_starts_is_served_and_the_pool_follows_demand() -> None:
             assert pool.launcher.target() == 2
             pool.launcher.trim()
             assert pool.launcher.ready == 2
+
+    run(scenario)
+
+
+def test_spares_get_a_head_start_while_tasks_start_and_an_idle_agent_keeps_none() -> None:
+    async def scenario() -> None:
+        with _pool(min_spares=1) as pool:
+            take = asyncio.create_task(pool.launcher.take(5))
+            await until(lambda: pool.stand_in.read_asks() == 2)
+            # The spare an idle agent keeps, without a head start; then, a start having come, one with.
+            assert pool.stand_in.kinds == b"+h"
+            pool.stand_in.send_spare()
+            assert await take is not None
+            pool.stand_in.send_spare(headstart=True)
+            await until(lambda: pool.launcher.ready == 1)
+            pool.launcher.trim()
+            assert pool.launcher.ready == 1 and pool.stand_in.read_asks() == 2  # still busy: kept
+            # No start within the window: the head-started spare is let go for one without.
+            pool.clock.now += DEMAND_WINDOW + 1
+            pool.launcher.trim()
+            assert pool.launcher.ready == 0
+            await until(lambda: pool.stand_in.read_asks() == 3)
+            assert pool.stand_in.kinds == b"+h+"
+            pool.stand_in.send_spare()
+            await until(lambda: pool.launcher.ready == 1)
+            pool.launcher.trim()
+            assert pool.launcher.ready == 1 and pool.stand_in.read_asks() == 3
 
     run(scenario)
 

@@ -124,13 +124,24 @@ _SCENARIOS = textwrap.dedent(
 
 
     async def prepared_spares(launcher):
-        spare = await launcher.take(10)
-        await until(lambda: launcher.ready == 2)
+        # The first two spares are an idle agent's: no head start. Those asked once starts came have one,
+        # so at least one of three starts gets a head start, and at least two of the three left ready have one.
+        handed = []
+        for _ in range(3):
+            spare = await launcher.take(10)
+            spare.hand(b"exit 0")
+            assert await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd).wait() == 0
+            handed.append(marks(spare.pid))
+        await until(lambda: launcher.ready == 3)
         idle = launcher.pids() - {launcher.pid}
-        spare.hand(b"exit 0")
-        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd).wait()
         launcher.close(wait=5)
-        return {"exit_code": code, "handed_out": marks(spare.pid), "let_go": [marks(pid) for pid in idle]}
+        let_go = [marks(pid) for pid in idle]
+        # Which spare serves which start depends on which comes up first: count, do not order.
+        return {
+            "without_head_start": sum(m == [] for m in handed + let_go),
+            "handed_out": sorted({tuple(m) for m in handed if m}),
+            "let_go": sorted({tuple(m) for m in let_go if m}),
+        }
 
 
     async def main(name):
@@ -187,7 +198,7 @@ def test_what_a_task_leaves_behind_is_adopted_and_reaped() -> None:
 
 def test_a_spare_gets_ready_before_it_is_up_and_is_released_if_let_go() -> None:
     assert _scenario("prepared_spares") == {
-        "exit_code": 0,
-        "handed_out": ["ready"],
-        "let_go": [["ready", "released"], ["ready", "released"]],
+        "without_head_start": 2,
+        "handed_out": [["ready"]],
+        "let_go": [["ready", "released"]],
     }

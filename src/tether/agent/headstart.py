@@ -23,7 +23,9 @@ as before, without a head start.
 
 The waiting process is the spare's child: niced like a task, non-dumpable like a
 task, killed with the spare (``PR_SET_PDEATHSIG``), and gone the moment its
-spare is let go without a task (the end of the pipe).
+spare is let go without a task (the end of the pipe). Only spares made while
+tasks start often get a head start (``Launcher.trim``): an idle agent's spare
+goes without, since the waiting process holds about 3 MB of its own.
 """
 
 from __future__ import annotations

@@ -23,9 +23,10 @@ exited); ``reap_strays`` collects them once they exit.
 
 Wire format, over ``SOCK_SEQPACKET`` socketpairs (one message per packet):
 
-- agent -> launcher: one byte per spare wanted;
-- launcher -> agent: ``b"S"`` carrying one file descriptor, the agent's end of
-  the new spare's socket;
+- agent -> launcher: one byte per spare wanted: ``b"h"`` for a spare with a head
+  start (``tether.agent.headstart``), ``b"+"`` for one without;
+- launcher -> agent: ``b"H"`` or ``b"S"`` (with a head start or not) carrying one
+  file descriptor, the agent's end of the new spare's socket;
 - spare -> agent: its pid (4 bytes, native order), once the agent is its parent
   and the spare is ready (see ``tether.agent.headstart``);
 - agent -> spare: the workload (JSON), once the plane's start gate confirmed
@@ -69,6 +70,7 @@ _MAX_MISSED_TAKES = 3
 #: How long a new spare waits to be adopted by the agent before it gives up.
 _ADOPTION_TIMEOUT = 10.0
 _PID = struct.Struct("=i")
+_HEADSTART, _PLAIN = b"h"[0], b"+"[0]
 
 #: What a spare does with its workload; it never returns.
 SpareRun = Callable[[bytes], NoReturn]
@@ -129,8 +131,8 @@ def _launcher_main(channel: socket.socket, agent_pid: int, run: SpareRun, prepar
             wanted = channel.recv(64)
             if not wanted:
                 break
-            for _ in wanted:
-                _make_spare(channel, agent_pid, run, prepare)
+            for kind in wanted:
+                _make_spare(channel, agent_pid, run, prepare if kind == _HEADSTART else None)
     except (BrokenPipeError, ConnectionResetError):
         pass
     except BaseException:
@@ -151,7 +153,7 @@ def _make_spare(channel: socket.socket, agent_pid: int, run: SpareRun, prepare: 
                     _spare_main(spares_end, agent_pid, run, prepare)
             finally:
                 os._exit(0)
-        socket.send_fds(channel, [b"S"], [agents_end.fileno()])
+        socket.send_fds(channel, [b"H" if prepare is not None else b"S"], [agents_end.fileno()])
     finally:
         agents_end.close()
         spares_end.close()
@@ -194,6 +196,7 @@ class Spare:
     pid: int
     pidfd: int
     channel: socket.socket
+    headstart: bool = False
 
     def hand(self, workload: bytes) -> None:
         """Give the spare its workload: it is the task's supervisor from now on. Raises ``OSError``."""
@@ -230,7 +233,7 @@ class Launcher:
         self.max_spares = max(max_spares, min_spares)
         self._clock = clock
         self._ready: deque[Spare] = deque()
-        self._coming: set[socket.socket] = set()
+        self._coming: dict[socket.socket, bool] = {}  # whether the spare has a head start
         self._asked = 0  # spares asked for whose socket has not come yet
         self._waiters: deque[asyncio.Future[Spare | None]] = deque()
         self._taken: deque[float] = deque()
@@ -326,12 +329,24 @@ class Launcher:
         return None
 
     def trim(self) -> None:
-        """Let go of ready spares beyond ``target()``, oldest first: a burst of starts is over."""
+        """Let go of ready spares beyond ``target()``, oldest first: a burst of starts is over.
+
+        With no start in the last ``DEMAND_WINDOW``, spares with a head start are
+        let go too, and replaced by spares without: on an idle machine the fork a
+        head start saves is a few milliseconds, while its waiting task process
+        holds some 3 MB of private memory for as long as the agent is idle.
+        """
         extra = len(self._ready) - self.target()
         for _ in range(max(extra, 0)):
             spare = self._ready.popleft()
             self._unwatch(spare.pidfd)
             spare.discard()
+        if not self._taken:
+            for spare in [spare for spare in self._ready if spare.headstart]:
+                self._ready.remove(spare)
+                self._unwatch(spare.pidfd)
+                spare.discard()
+            self._top_up()
 
     def close_inherited(self) -> None:
         """In a child forked from the agent: close its copies of the launcher's and the spares' sockets.
@@ -396,8 +411,10 @@ class Launcher:
         missing = self.target() + len(self._waiters) - len(self._ready) - len(self._coming) - self._asked
         if missing <= 0:
             return
+        # A head start pays off while tasks start often; an idle agent's spare goes without (see trim).
+        kind = bytes([_HEADSTART if self._taken else _PLAIN])
         try:
-            self._channel.send(b"+" * missing)
+            self._channel.send(kind * missing)
         except OSError as exc:
             self._launcher_gone(f"cannot reach it: {exc}")
             return
@@ -419,7 +436,7 @@ class Launcher:
             self._asked = max(self._asked - 1, 0)
             sock = socket.socket(fileno=fd)
             sock.setblocking(False)
-            self._coming.add(sock)
+            self._coming[sock] = message[:1] == b"H"
             self._loop.add_reader(sock, self._on_spare_up, sock)
 
     def _on_spare_up(self, sock: socket.socket) -> None:
@@ -430,7 +447,7 @@ class Launcher:
         except OSError:
             data = b""
         self._unwatch(sock)
-        self._coming.discard(sock)
+        headstart = self._coming.pop(sock, False)
         pidfd = None
         if len(data) == _PID.size:
             (pid,) = _PID.unpack(data)
@@ -445,7 +462,7 @@ class Launcher:
                 self._top_up()
             return
         self._failed_in_a_row = 0
-        spare = Spare(pid=pid, pidfd=pidfd, channel=sock)
+        spare = Spare(pid=pid, pidfd=pidfd, channel=sock, headstart=headstart)
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
