@@ -178,6 +178,19 @@ def test_a_spare_let_go_leaves_no_waiting_process(report: Path) -> None:
     assert not report.exists()
 
 
+def test_a_client_that_cannot_be_made_leaves_no_waiting_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk.api import client
+
+    def refuse(**kwargs: Any) -> None:
+        raise ValueError("no client here")
+
+    monkeypatch.setattr(client, "Client", refuse)
+    before = {child.pid for child in psutil.Process().children()}
+    with pytest.raises(ValueError, match="no client here"):
+        Headstart(execution_api_url="http://127.0.0.1:9/", task_nice=0, close_in_child=[], target=_report_and_exit)
+    assert {child.pid for child in psutil.Process().children()} == before
+
+
 def test_a_start_otherwise_than_expected_forks_anew(report: Path) -> None:
     headstart = Headstart(
         execution_api_url="http://127.0.0.1:9/", task_nice=0, close_in_child=[], target=_report_and_exit

@@ -139,7 +139,7 @@ class Headstart:
         close_in_child: Iterable[socket.socket],
         target: Callable[[], None] | None = None,
     ) -> None:
-        """Fork the waiting task process and make the client. Raises ``OSError``.
+        """Make the client and fork the waiting task process. Raises when either cannot be made.
 
         ``close_in_child``: the spare's sockets the task process must not hold.
         ``target``: what the task process runs; the Task SDK's task runner by default.
@@ -150,6 +150,13 @@ class Headstart:
 
         self._supervisor: Any = supervisor  # whose socketpair and os are swapped while the task starts
         target = target or supervisor._subprocess_main
+        # As the SDK's own client for a task would be, less the token: it comes with the task.
+        # Made first: when it cannot be, no waiting process is left behind.
+        self.client = Client(
+            base_url=execution_api_url,
+            token="",
+            limits=httpx.Limits(max_keepalive_connections=1, max_connections=10),
+        )
         pairs = [socket.socketpair() for _ in _PAIRS]
         go_read, go_write = os.pipe()
         spare = os.getpid()
@@ -170,12 +177,6 @@ class Headstart:
         self._go: int | None = go_write
         self._pairs: list[tuple[socket.socket, socket.socket]] | None = pairs
         self._handed = 0
-        # As the SDK's own client for a task would be, less the token: it comes with the task.
-        self.client = Client(
-            base_url=execution_api_url,
-            token="",
-            limits=httpx.Limits(max_keepalive_connections=1, max_connections=10),
-        )
 
     def take(self, kwargs: dict[str, Any]) -> None:
         """Start the task in ``kwargs`` (``supervise_task``'s arguments) with the head start."""

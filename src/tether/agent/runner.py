@@ -202,7 +202,10 @@ class ForkRunner:
         # Forked now, before the agent opens any socket: the spares inherit none.
         self._launcher = (
             Launcher.fork(
-                min_spares=min_spares, max_spares=max_spares, run=self._run_in_spare, prepare=self._prepare_spare
+                min_spares=min_spares,
+                max_spares=max_spares,
+                run=self._run_in_spare,
+                prepare=self._prepare_spare if self._no_headstart is None else None,
             )
             if max_spares > 0
             else None
@@ -269,8 +272,6 @@ class ForkRunner:
         return task
 
     def _prepare_spare(self, channel: socket.socket) -> Callable[[], None] | None:  # pragma: no cover - in a spare
-        if self._no_headstart is not None:
-            return None
         try:
             self._headstart = Headstart(
                 execution_api_url=self.execution_api_url, task_nice=self.task_nice, close_in_child=[channel]
