@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from tests.integration.conftest import enqueue
 from tether import protocol
@@ -216,6 +217,18 @@ def test_a_requeued_try_replaces_its_job(executor: Any, store: Store, make_workl
     _queue(executor, store, workload)
     assert store.job_views([str(workload.ti.id)])[0].state is protocol.JobState.QUEUED
     assert len(agent.take()) == 1
+
+
+def test_times_in_any_zone_are_kept_as_the_same_instant(store: Store, make_workload: Callable[..., Any]) -> None:
+    from datetime import timezone
+
+    queued = utcnow().astimezone(timezone(timedelta(hours=2)))
+    workload = make_workload()
+    with store._tx() as session:
+        store.enqueue(session, workload, now=queued)
+    with store._tx() as session:
+        (job,) = session.scalars(select(Job).where(Job.ti_id == str(workload.ti.id))).all()
+    assert job.queued_at == queued
 
 
 def test_two_schedulers_sweeping_at_once_settle_each_job_once(

@@ -23,15 +23,19 @@ metadata = MetaData(
 
 
 class UtcDateTime(TypeDecorator[datetime]):
-    """Timezone-aware datetimes on every backend (SQLite drops the zone)."""
+    """Timezone-aware datetimes on every backend, stored in UTC (SQLite drops the zone)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        from datetime import UTC
+
+        if value is None:
+            return None
+        if value.tzinfo is None:
             raise ValueError("naive datetime given to a UtcDateTime column")
-        return value
+        return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         from datetime import UTC
