@@ -10,10 +10,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from tests.integration.conftest import enqueue
 from tether import protocol
+from tether.plane import store as store_module
 from tether.plane.models import Job
 from tether.plane.store import Store, TokenIdentity, utcnow
 
@@ -219,6 +220,25 @@ def test_a_requeued_try_replaces_its_job(executor: Any, store: Store, make_workl
     assert len(agent.take()) == 1
 
 
+@pytest.mark.parametrize("upsert", [True, False], ids=["upsert", "look-first"])
+def test_a_try_queued_again_keeps_its_row_and_loses_its_lease(
+    store: Store, make_workload: Callable[..., Any], upsert: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not upsert:  # the path for a database without INSERT ... ON CONFLICT
+        monkeypatch.setattr(store_module, "_ENQUEUE", {})
+    workload = make_workload()
+    enqueue(store, workload)
+    agent = Agent(store)
+    (job_id,) = agent.take()
+    enqueue(store, workload)
+    with store._tx() as session:
+        jobs = session.scalars(select(Job).where(Job.ti_id == str(workload.ti.id))).all()
+    assert [(job.id, job.state, job.agent_id, job.leased_at) for job in jobs] == [
+        (job_id, protocol.JobState.QUEUED.value, None, None)
+    ]
+    assert agent.take() == [job_id]
+
+
 def test_times_in_any_zone_are_kept_as_the_same_instant(store: Store, make_workload: Callable[..., Any]) -> None:
     from datetime import timezone
 
@@ -229,6 +249,25 @@ def test_times_in_any_zone_are_kept_as_the_same_instant(store: Store, make_workl
     with store._tx() as session:
         (job,) = session.scalars(select(Job).where(Job.ti_id == str(workload.ti.id))).all()
     assert job.queued_at == queued
+
+
+def test_queueing_a_job_is_one_statement_in_the_schedulers_transaction(
+    store: Store, engine: Any, make_workload: Callable[..., Any]
+) -> None:
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    workloads = [make_workload(task_id=f"t{i}") for i in range(3)]
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        enqueue(store, *workloads)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(statements) == 3, statements
+    views = store.job_views([str(w.ti.id) for w in workloads])
+    assert sorted((v.key.task_id, v.state) for v in views) == [(f"t{i}", protocol.JobState.QUEUED) for i in range(3)]
 
 
 def test_two_schedulers_sweeping_at_once_settle_each_job_once(

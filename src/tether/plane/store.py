@@ -19,9 +19,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Table, bindparam, delete, exists, func, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
 
 from tether import errors, protocol
 from tether.plane import tokens
@@ -138,6 +140,41 @@ _FINISH = (
 _FINISH_HELD = _FINISH.where(
     exists().where(_AGENT.c.id == bindparam("holder_id"), _AGENT.c.token_id == bindparam("token"))
 )
+
+#: What a try queued again (same task instance, same try number) overwrites in the row it had.
+_REQUEUED_FIELDS = tuple(c.name for c in _JOB.columns if c.name not in ("id", "ti_id", "try_number"))
+
+
+def _upsert_job(insert: Any) -> Any:
+    """``insert`` (a dialect's) of one job, replacing the row of the same try if there is one."""
+    statement = insert(_JOB).values({c.name: bindparam(c.name) for c in _JOB.columns})
+    return statement.on_conflict_do_update(
+        index_elements=[_JOB.c.ti_id, _JOB.c.try_number],
+        set_={name: statement.excluded[name] for name in _REQUEUED_FIELDS},
+    )
+
+
+_PG_ENQUEUED = _upsert_job(postgresql.insert).returning(_JOB.c.queue).cte("enqueued")
+#: One round trip per job on the scheduler's critical path: the row and the wake-up of waiting
+#: agents, which PostgreSQL delivers at commit (once per queue, however many jobs it got).
+_ENQUEUE: dict[str, Executable] = {
+    "postgresql": select(func.pg_notify(NOTIFY_CHANNEL, _PG_ENQUEUED.c.queue)),
+    "sqlite": _upsert_job(sqlite.insert),
+}
+
+#: What the executor needs of its jobs on every scheduler loop: not their workloads.
+_JOB_VIEWS = select(
+    _JOB.c.ti_id,
+    _JOB.c.dag_id,
+    _JOB.c.task_id,
+    _JOB.c.run_id,
+    _JOB.c.map_index,
+    _JOB.c.try_number,
+    _JOB.c.state,
+    _JOB.c.agent_name,
+    _JOB.c.exit_code,
+    _JOB.c.reason,
+).where(_JOB.c.ti_id.in_(bindparam("ti_ids", expanding=True)))
 
 
 def utcnow() -> datetime:
@@ -1006,10 +1043,16 @@ class Store:
     # -- jobs: executor side ----------------------------------------------------
 
     def enqueue(self, session: Session, workload: Any, *, now: datetime | None = None) -> None:
-        """Write the job for an ``ExecuteTask`` workload in the caller's transaction."""
+        """Write the job for an ``ExecuteTask`` workload in the caller's transaction.
+
+        A try queued again (the scheduler reset it) replaces the row it had.
+        """
         now = now or utcnow()
         ti = workload.ti
         values = {
+            "id": str(uuid.uuid4()),
+            "ti_id": str(ti.id),
+            "try_number": ti.try_number,
             "dag_id": ti.dag_id,
             "task_id": ti.task_id,
             "run_id": ti.run_id,
@@ -1030,14 +1073,21 @@ class Store:
             "exit_code": None,
             "reason": None,
         }
+        conn = session.connection()
+        statement = _ENQUEUE.get(conn.dialect.name)
+        if statement is not None:
+            conn.execute(statement, values)
+            return
+        # Databases without INSERT ... ON CONFLICT: look first.
         existing = session.scalars(
-            select(Job).where(Job.ti_id == str(ti.id), Job.try_number == ti.try_number)
+            select(Job).where(Job.ti_id == values["ti_id"], Job.try_number == ti.try_number)
         ).one_or_none()
         if existing is None:
-            session.add(Job(id=str(uuid.uuid4()), ti_id=str(ti.id), try_number=ti.try_number, **values))
+            session.add(Job(**values))
         else:
             for key, value in values.items():
-                setattr(existing, key, value)
+                if key != "id":
+                    setattr(existing, key, value)
         session.flush()
         self._notify(session, [ti.queue])
 
@@ -1045,10 +1095,10 @@ class Store:
         if not ti_ids:
             return []
         views = []
-        with self._tx() as session:
+        with self._statement() as conn:
             for chunk_start in range(0, len(ti_ids), 500):
                 chunk = list(ti_ids[chunk_start : chunk_start + 500])
-                for row in session.scalars(select(Job).where(Job.ti_id.in_(chunk))):
+                for row in conn.execute(_JOB_VIEWS, {"ti_ids": chunk}):
                     views.append(
                         JobView(
                             key=JobKey(
