@@ -304,7 +304,22 @@ class Store:
         """
         session = self._session_factory()
         try:
-            yield session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            if session.get_bind().dialect.driver != "psycopg2":
+                yield session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+                return
+            conn = session.connection()
+            driver = conn.connection.dbapi_connection
+            assert driver is not None
+            # psycopg2's own switch, which sends nothing. SQLAlchemy's AUTOCOMMIT isolation level
+            # resets the connection as it goes back to the pool with one more statement (SET
+            # default_transaction_isolation): a second round trip, and a second transaction on
+            # the server, for every heartbeat, start and report.
+            driver.autocommit = True
+            try:
+                yield conn
+            finally:
+                if not driver.closed:  # a lost connection is discarded by the pool
+                    driver.autocommit = False
         finally:
             session.close()
 
