@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import statistics
 import threading
@@ -53,6 +54,20 @@ def tree_cpu(roots: list[int], *, include_roots: bool = True) -> float:
             times = proc.cpu_times()
             total += times.user + times.system + times.children_user + times.children_system
     return total
+
+
+def machine_cpu() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot: user, nice, system, irq and softirq.
+
+    Idle, I/O wait and steal (time the hypervisor gave to another machine) are not busy.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 class PeakSampler:
@@ -143,6 +158,9 @@ class DagRun:
     peak_pss: float | None
     tasks: int
     pss_samples: list[tuple[float, float]] = field(default_factory=list)
+    #: CPU seconds the whole machine spent from the trigger's return to the run's end, and its CPUs.
+    machine_cpu: float | None = None
+    cpus: int | None = None
 
     @property
     def tasks_per_second(self) -> float:
@@ -176,7 +194,10 @@ def run_dag(deployment: Deployment, dag_id: str, timeout: float, *, sample_memor
     sampler = PeakSampler(roots, include_roots=include, limit=timeout + 60) if sample_memory else None
     with sampler or contextlib.nullcontext():
         plane.trigger(dag_id, run_id)
+        # From here: the trigger command's own interpreter (seconds of CPU) has done its work.
+        cpu_before = machine_cpu()
         state = plane.wait_for_run(dag_id, run_id, timeout=timeout)
+        cpu_after = machine_cpu()
     (queued_at, end_date), *_ = plane.query(
         "SELECT queued_at, end_date FROM dag_run WHERE dag_id = :d AND run_id = :r", d=dag_id, r=run_id
     )
@@ -197,6 +218,8 @@ def run_dag(deployment: Deployment, dag_id: str, timeout: float, *, sample_memor
         peak_pss=sampler.peak if sampler else None,
         tasks=len(rows),
         pss_samples=sampler.samples if sampler else [],
+        machine_cpu=None if cpu_before is None or cpu_after is None else cpu_after - cpu_before,
+        cpus=os.cpu_count(),
     )
 
 

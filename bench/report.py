@@ -103,6 +103,20 @@ def per_task_mb(r: dict[str, Any]) -> float | None:
     return (peak - float(r["idle"]["worker_pss"]) * MB) / running
 
 
+def fanout_cpu_per_task_ms(r: dict[str, Any]) -> float | None:
+    run = r["dags"].get("fanout_100")
+    if not run or run.get("machine_cpu") is None or not run["tasks"]:
+        return None
+    return float(run["machine_cpu"]) / run["tasks"] * 1000
+
+
+def fanout_busy_pct(r: dict[str, Any]) -> float | None:
+    run = r["dags"].get("fanout_100")
+    if not run or run.get("machine_cpu") is None or not run.get("cpus") or run["wall"] <= 0:
+        return None
+    return 100 * float(run["machine_cpu"]) / (run["wall"] * run["cpus"])
+
+
 def pooled_latencies(res: Results, executor: str, dag: str) -> list[float]:
     return [x for r in res.of(executor) if dag in r["dags"] for x in r["dags"][dag]["latencies"]]
 
@@ -281,6 +295,8 @@ def render(res: Results, scale: list[dict[str, Any]], options: dict[str, Any], e
             ("peak PSS during fanout_100 (MB)", peak_pss_mb, ".0f"),
             ("peak concurrent running tasks", peak_running, ".0f"),
             ("memory per running task (MB)", per_task_mb, ".1f"),
+            ("whole-machine CPU per fanout_100 task (ms)", fanout_cpu_per_task_ms, ".0f"),
+            ("CPUs busy during fanout_100 (%)", fanout_busy_pct, ".0f"),
         ]
         for label, pick, spec in rows:
             add(f"| {label} | " + " | ".join(_spread(res.values(e, pick), spec) for e in res.executors) + " |")
@@ -293,7 +309,13 @@ def render(res: Results, scale: list[dict[str, Any]], options: dict[str, Any], e
             "Memory comes from a run of its own: each deployment first runs fanout_100 once with the tree's PSS "
             "sampled every 0.5 s. That run is not timed, because the sampler takes CPU from what it observes, and "
             "it warms every executor's plane alike (a fresh API server answers its first task calls slowly). "
-            "The timed runs that follow are not sampled."
+            "The timed runs that follow are not sampled. "
+            "Whole-machine CPU is what every process (plane, database, workers, tasks) used from the return of "
+            "the trigger command to the end of the timed fanout_100 run, read from `/proc/stat`; CPUs busy is "
+            "that CPU time over the run's wall time and the machine's CPUs. Below 100 % the run also waited on "
+            "something other than the CPU, such as the scheduler, which sleeps up to "
+            "`scheduler_idle_sleep_time` (1 s) after a loop that found nothing to do while the tasks it queued "
+            "last run to their end."
         )
         add("")
         window = res.runs[0]["idle"]["window"] if res.runs else 0
