@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
+from tests.integration.conftest import StoreAgent as Agent
 from tests.integration.conftest import enqueue
 from tether import protocol
 from tether.plane import store as store_module
 from tether.plane.models import Job
-from tether.plane.store import Store, TokenIdentity, utcnow
+from tether.plane.store import Store, utcnow
 
 os.environ.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", "tests-only-secret")
 
@@ -36,46 +37,6 @@ class FakeTI:
     try_number: int
     state: str
     key: Any
-
-
-class Agent:
-    def __init__(self, store: Store, name: str = "a1") -> None:
-        self.store = store
-        _, row = store.create_token(name=f"tok-{name}")
-        self.identity = TokenIdentity(id=row.id, name=row.name)
-        self.incarnation = uuid.uuid4()
-        self.agent_id = store.register(
-            self.identity,
-            protocol.RegisterRequest(
-                name=name,
-                incarnation=self.incarnation,
-                tether_version="0",
-                airflow_version="3",
-                python_version="3.11",
-                hostname="h",
-                queues=["default"],
-                slots=8,
-            ),
-        ).id
-
-    def take(self, n: int = 8) -> list[str]:
-        leases = self.store.claim(
-            self.identity,
-            self.agent_id,
-            protocol.LeaseRequest(incarnation=self.incarnation, free_slots=n, queues=["default"], wait=0),
-        )
-        return [str(lease.job_id) for lease in leases or []]
-
-    def start(self, job_id: str) -> None:
-        self.store.start(self.identity, self.agent_id, job_id, protocol.StartRequest(incarnation=self.incarnation))
-
-    def report(self, job_id: str, state: protocol.ReportState) -> None:
-        self.store.report(
-            self.identity,
-            self.agent_id,
-            job_id,
-            protocol.ReportRequest(incarnation=self.incarnation, state=state, exit_code=0),
-        )
 
 
 def _queue(executor: Any, store: Store, workload: Any) -> None:

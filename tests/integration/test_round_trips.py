@@ -8,9 +8,7 @@ around it (no BEGIN and COMMIT, no reset of the connection as it returns to the 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -20,11 +18,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from tests.conftest import create_pg_database, drop_pg_database
-from tests.integration.conftest import SETTINGS, enqueue
+from tests.integration.conftest import SETTINGS, StoreAgent, enqueue
 from tether import protocol
 from tether.plane.api.app import agent_api_session_factory
 from tether.plane.models import metadata
-from tether.plane.store import Store, TokenIdentity
+from tether.plane.store import Store
 
 POOL_SIZE = 2
 
@@ -70,65 +68,24 @@ def pg(pg_admin_url: str) -> Iterator[tuple[Engine, Server]]:
         drop_pg_database(pg_admin_url, url)
 
 
-@dataclass
-class Caller:
-    store: Store
-    identity: TokenIdentity
-    incarnation: uuid.UUID
-    agent_id: str
-
-    @classmethod
-    def register(cls, store: Store) -> Caller:
-        _, token = store.create_token(name="t")
-        identity = TokenIdentity(id=token.id, name=token.name)
-        incarnation = uuid.uuid4()
-        request = protocol.RegisterRequest(
-            name="a",
-            incarnation=incarnation,
-            tether_version="0",
-            airflow_version="3",
-            python_version="3.11",
-            hostname="h",
-            queues=["default"],
-            slots=8,
-        )
-        return cls(store, identity, incarnation, store.register(identity, request).id)
-
-    def heartbeat(self) -> None:
-        self.store.heartbeat(
-            self.identity,
-            self.agent_id,
-            protocol.HeartbeatRequest(incarnation=self.incarnation, running_jobs=[], free_slots=8, draining=False),
-        )
-
-
 def test_heartbeats_starts_and_reports_are_one_transaction_each(
     pg: tuple[Engine, Server], make_workload: Callable[..., Any]
 ) -> None:
     engine, server = pg
     store = Store(sessionmaker(bind=engine, expire_on_commit=False), settings=SETTINGS)
-    caller = Caller.register(store)
-    identity, incarnation, agent_id = caller.identity, caller.incarnation, caller.agent_id
+    agent = StoreAgent(store)
     enqueue(store, *(make_workload(task_id=f"t{i}") for i in range(5)))
-    leases = store.claim(
-        identity, agent_id, protocol.LeaseRequest(incarnation=incarnation, free_slots=5, queues=["default"], wait=0)
-    )
-    job_ids = [str(lease.job_id) for lease in leases or []]
+    job_ids = agent.take()
     assert len(job_ids) == 5
     before = server.transactions(engine)
 
     beats = 20
     for _ in range(beats):
-        caller.heartbeat()
+        agent.heartbeat()
     for job_id in job_ids:
-        store.start(identity, agent_id, job_id, protocol.StartRequest(incarnation=incarnation))
+        agent.start(job_id)
     for job_id in job_ids:
-        store.report(
-            identity,
-            agent_id,
-            job_id,
-            protocol.ReportRequest(incarnation=incarnation, state=protocol.ReportState.SUCCESS, exit_code=0),
-        )
+        agent.report(job_id, protocol.ReportState.SUCCESS)
 
     calls = beats + 2 * len(job_ids)
     # The backend the pool starts counts one transaction of its own (reading its settings); the
@@ -142,20 +99,20 @@ def test_the_agent_apis_pool_checks_only_connections_left_unused(pg: tuple[Engin
         engine.url.render_as_string(hide_password=False), ping_idle_after=timedelta(seconds=2)
     )
     pool: Engine = sessions.kw["bind"]
-    caller = Caller.register(Store(sessions, settings=SETTINGS))
+    agent = StoreAgent(Store(sessions, settings=SETTINGS))
     before = server.transactions(pool, engine)
     beats = 20
     for _ in range(beats):
-        caller.heartbeat()
+        agent.heartbeat()
     # Airflow checks every connection before each use by default; in steady use this pool does not.
     assert beats <= server.transactions(pool) - before <= beats + 1
 
     # A connection left unused, then lost (the server restarted, a proxy dropped it), is replaced unseen.
-    caller.heartbeat()
+    agent.heartbeat()
     with server.admin.connect() as conn:
         conn.execute(
             text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": server.name}
         )
     time.sleep(2.2)
-    caller.heartbeat()  # raises if the call got the dead connection
+    agent.heartbeat()  # raises if the call got the dead connection
     pool.dispose()
