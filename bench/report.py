@@ -107,14 +107,14 @@ def fanout_cpu_per_task_ms(r: dict[str, Any]) -> float | None:
     run = r["dags"].get("fanout_100")
     if not run or run.get("machine_cpu") is None or not run["tasks"]:
         return None
-    return float(run["machine_cpu"]) / run["tasks"] * 1000
+    return float(run["machine_cpu"]) / int(run["tasks"]) * 1000
 
 
 def fanout_busy_pct(r: dict[str, Any]) -> float | None:
     run = r["dags"].get("fanout_100")
     if not run or run.get("machine_cpu") is None or not run.get("cpus") or run["wall"] <= 0:
         return None
-    return 100 * float(run["machine_cpu"]) / (run["wall"] * run["cpus"])
+    return 100 * float(run["machine_cpu"]) / (float(run["wall"]) * int(run["cpus"]))
 
 
 def pooled_latencies(res: Results, executor: str, dag: str) -> list[float]:

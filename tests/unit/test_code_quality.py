@@ -1,4 +1,4 @@
-"""The standing checks: lint and strict typing of the package."""
+"""The standing checks: lint and strict typing of the package and the benchmark suite."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_finds_nothing() -> None:
-    result = _run(str(BIN / "ruff"), "check", "src", "tests")
+    result = _run(str(BIN / "ruff"), "check", "src", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_code_is_formatted() -> None:
-    result = _run(str(BIN / "ruff"), "format", "--check", "src", "tests")
+    result = _run(str(BIN / "ruff"), "format", "--check", "src", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
