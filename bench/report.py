@@ -103,18 +103,22 @@ def per_task_mb(r: dict[str, Any]) -> float | None:
     return (peak - float(r["idle"]["worker_pss"]) * MB) / running
 
 
-def fanout_cpu_per_task_ms(r: dict[str, Any]) -> float | None:
-    run = r["dags"].get("fanout_100")
-    if not run or run.get("machine_cpu") is None or not run["tasks"]:
+def _timed_fanout(r: dict[str, Any]) -> dict[str, Any] | None:
+    """The timed fanout_100 run of a deployment, if it measured the machine's CPU."""
+    run: dict[str, Any] | None = r["dags"].get("fanout_100")
+    if not run or run.get("machine_cpu") is None or not run["tasks"] or not run.get("cpus") or run["wall"] <= 0:
         return None
-    return float(run["machine_cpu"]) / int(run["tasks"]) * 1000
+    return run
+
+
+def fanout_cpu_per_task_ms(r: dict[str, Any]) -> float | None:
+    run = _timed_fanout(r)
+    return None if run is None else float(run["machine_cpu"]) / int(run["tasks"]) * 1000
 
 
 def fanout_busy_pct(r: dict[str, Any]) -> float | None:
-    run = r["dags"].get("fanout_100")
-    if not run or run.get("machine_cpu") is None or not run.get("cpus") or run["wall"] <= 0:
-        return None
-    return 100 * float(run["machine_cpu"]) / (float(run["wall"]) * int(run["cpus"]))
+    run = _timed_fanout(r)
+    return None if run is None else 100 * float(run["machine_cpu"]) / (float(run["wall"]) * int(run["cpus"]))
 
 
 def pooled_latencies(res: Results, executor: str, dag: str) -> list[float]:

@@ -6,7 +6,7 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import timedelta, timezone
 from typing import Any
 
 import pytest
@@ -171,19 +171,9 @@ def leased_key(store: Store, job_id: str) -> Any:
         return TaskInstanceKey(job.dag_id, job.task_id, job.run_id, job.try_number, job.map_index)
 
 
-def test_a_requeued_try_replaces_its_job(executor: Any, store: Store, make_workload: Callable[..., Any]) -> None:
-    workload = make_workload()
-    enqueue(store, workload)
-    agent = Agent(store)
-    agent.take()
-    _queue(executor, store, workload)
-    assert store.job_views([str(workload.ti.id)])[0].state is protocol.JobState.QUEUED
-    assert len(agent.take()) == 1
-
-
 @pytest.mark.parametrize("upsert", [True, False], ids=["upsert", "look-first"])
 def test_a_try_queued_again_keeps_its_row_and_loses_its_lease(
-    store: Store, make_workload: Callable[..., Any], upsert: bool, monkeypatch: pytest.MonkeyPatch
+    executor: Any, store: Store, make_workload: Callable[..., Any], upsert: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not upsert:  # the path for a database without INSERT ... ON CONFLICT
         monkeypatch.setattr(store_module, "_ENQUEUE", {})
@@ -191,7 +181,7 @@ def test_a_try_queued_again_keeps_its_row_and_loses_its_lease(
     enqueue(store, workload)
     agent = Agent(store)
     (job_id,) = agent.take()
-    enqueue(store, workload)
+    _queue(executor, store, workload)  # the scheduler reset the try and queued it again
     with store._tx() as session:
         jobs = session.scalars(select(Job).where(Job.ti_id == str(workload.ti.id))).all()
     assert [(job.id, job.state, job.agent_id, job.leased_at) for job in jobs] == [
@@ -201,8 +191,6 @@ def test_a_try_queued_again_keeps_its_row_and_loses_its_lease(
 
 
 def test_times_in_any_zone_are_kept_as_the_same_instant(store: Store, make_workload: Callable[..., Any]) -> None:
-    from datetime import timezone
-
     queued = utcnow().astimezone(timezone(timedelta(hours=2)))
     workload = make_workload()
     with store._tx() as session:

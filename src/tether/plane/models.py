@@ -6,7 +6,7 @@ Airflow's migrations and ours never step on each other.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, MetaData, String, Text
@@ -29,8 +29,6 @@ class UtcDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
-        from datetime import UTC
-
         if value is None:
             return None
         if value.tzinfo is None:
@@ -38,8 +36,6 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        from datetime import UTC
-
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
