@@ -12,12 +12,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
-from tether import errors, protocol
+from tether import errors
 from tether.plane.api.app import create_app
 from tether.plane.api.deps import PlaneContext
 from tether.plane.config import PlaneSettings
 from tether.plane.models import metadata
-from tether.plane.store import Store, TokenIdentity
+from tether.plane.store import Store
+from tether.plane.store.testing import StoreAgent
 
 SETTINGS = PlaneSettings(
     heartbeat_interval=timedelta(seconds=1),
@@ -96,55 +97,9 @@ def make_workload() -> Callable[..., object]:
 
 
 def enqueue(store: Store, *workloads: object) -> None:
-    with store._tx() as session:
+    with store.transaction() as session:
         for workload in workloads:
             store.enqueue(session, workload)
 
 
-class StoreAgent:
-    """An agent calling the store directly, as the agent API's routes do."""
-
-    def __init__(self, store: Store, name: str = "a1") -> None:
-        self.store = store
-        _, row = store.create_token(name=f"tok-{name}")
-        self.identity = TokenIdentity(id=row.id, name=row.name)
-        self.incarnation = uuid.uuid4()
-        self.agent_id = store.register(
-            self.identity,
-            protocol.RegisterRequest(
-                name=name,
-                incarnation=self.incarnation,
-                tether_version="0",
-                airflow_version="3",
-                python_version="3.11",
-                hostname="h",
-                queues=["default"],
-                slots=8,
-            ),
-        ).id
-
-    def take(self, n: int = 8) -> list[str]:
-        leases = self.store.claim(
-            self.identity,
-            self.agent_id,
-            protocol.LeaseRequest(incarnation=self.incarnation, free_slots=n, queues=["default"], wait=0),
-        )
-        return [str(lease.job_id) for lease in leases or []]
-
-    def start(self, job_id: str) -> None:
-        self.store.start(self.identity, self.agent_id, job_id, protocol.StartRequest(incarnation=self.incarnation))
-
-    def report(self, job_id: str, state: protocol.ReportState) -> None:
-        self.store.report(
-            self.identity,
-            self.agent_id,
-            job_id,
-            protocol.ReportRequest(incarnation=self.incarnation, state=state, exit_code=0),
-        )
-
-    def heartbeat(self) -> None:
-        self.store.heartbeat(
-            self.identity,
-            self.agent_id,
-            protocol.HeartbeatRequest(incarnation=self.incarnation, running_jobs=[], free_slots=8, draining=False),
-        )
+__all__ = ["SETTINGS", "StoreAgent", "enqueue", "fake_authorizer"]

@@ -73,7 +73,7 @@ def test_the_token_limit_names_itself_and_the_fix(client: TestClient) -> None:
 
 def test_expired_tokens_do_not_count_and_are_refused(client: TestClient, store: Store) -> None:
     created = client.post("/v1/tokens", json={"name": "short", "expires_in_days": 1}, headers=ADMIN).json()
-    with store._tx() as session:
+    with store.transaction() as session:
         session.get(AgentToken, created["id"]).expires_at = utcnow() - timedelta(seconds=1)
     assert client.get(f"/v1/tokens/{created['id']}", headers=VIEWER).json()["state"] == "expired"
     refused = _register(client, created["secret"])
@@ -121,7 +121,7 @@ def test_agents_are_listed_with_health_and_managed(client: TestClient, store: St
         "admin",
     )
     # Cordon survives the agent restarting (a new incarnation taking the name once the old is gone).
-    with store._tx() as session:
+    with store.transaction() as session:
         from tether.plane.models import Agent
 
         session.get(Agent, agent_id).last_heartbeat = utcnow() - timedelta(minutes=5)

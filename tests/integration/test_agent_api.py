@@ -73,7 +73,7 @@ def _hold_polls_long(store: Store) -> None:
 
 
 def _count(store: Store, model: type) -> int:
-    with store._tx() as session:
+    with store.transaction() as session:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
 
 
@@ -131,7 +131,7 @@ def test_only_the_holder_may_start_or_report(
     assert agent.post(f"/jobs/{job_id}/start", {}).status_code == 200
     report = other.post(f"/jobs/{job_id}/report", {"state": "success", "exit_code": 0})
     assert report.status_code == 409
-    with store._tx() as session:
+    with store.transaction() as session:
         assert session.get(Job, job_id).state == "RUNNING"
 
 
@@ -141,11 +141,11 @@ def test_expired_lease_is_refused_at_the_start_gate_and_requeued_without_a_retry
     workload = make_workload(try_number=1)
     enqueue(store, workload)
     job_id = agent.lease().json()["leases"][0]["job_id"]
-    with store._tx() as session:
+    with store.transaction() as session:
         session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
     start = agent.post(f"/jobs/{job_id}/start", {})
     assert start.status_code == 409 and start.json()["reason"] == "lease_expired"
-    with store._tx() as session:
+    with store.transaction() as session:
         job = session.get(Job, job_id)
         assert (job.state, job.agent_id, job.try_number) == ("QUEUED", None, 1)
     assert agent.lease().json()["leases"][0]["job_id"] == job_id
@@ -157,7 +157,7 @@ def test_one_start_call_starts_the_held_jobs_and_refuses_each_other_on_its_own(
     enqueue(store, *(make_workload(task_id=f"t{i}") for i in range(4)))
     fresh, expired, again, foreign = (lease["job_id"] for lease in agent.lease(free_slots=4).json()["leases"])
     assert agent.post(f"/jobs/{again}/start", {}).status_code == 200
-    with store._tx() as session:
+    with store.transaction() as session:
         session.get(Job, expired).lease_expires_at = utcnow() - timedelta(seconds=1)
         session.get(Job, foreign).agent_id = str(uuid.uuid4())
     unknown = str(uuid.uuid4())
@@ -171,7 +171,7 @@ def test_one_start_call_starts_the_held_jobs_and_refuses_each_other_on_its_own(
         foreign: (409, "not_holder"),
         unknown: (404, "job_not_found"),
     }
-    with store._tx() as session:
+    with store.transaction() as session:
         states = {job_id: session.get(Job, job_id).state for job_id in (fresh, expired, again, foreign)}
     assert states == {fresh: "RUNNING", expired: "QUEUED", again: "RUNNING", foreign: "LEASED"}
 
@@ -184,11 +184,11 @@ def test_a_start_call_from_a_superseded_process_starts_nothing(
     successor = AgentCalls(client, token, name=agent.name)
     successor.agent_id = agent.agent_id
     # The same name and id, another process: the plane knows only the newest incarnation.
-    with store._tx() as session:
+    with store.transaction() as session:
         session.get(Agent, agent.agent_id).incarnation = successor.incarnation
     refused = agent.post("/jobs/start", {"job_ids": job_ids})
     assert refused.status_code == 409 and refused.json()["reason"] == "superseded"
-    with store._tx() as session:
+    with store.transaction() as session:
         assert {session.get(Job, job_id).state for job_id in job_ids} == {"LEASED"}
     assert agent.post("/jobs/start", {"job_ids": []}).status_code == 422
 
@@ -203,10 +203,10 @@ def test_a_live_name_cannot_be_taken_but_a_dead_one_can(
     refused = impostor.register()
     assert refused.status_code == 409
     assert "held by a live agent" in refused.json()["detail"]
-    with store._tx() as session:
+    with store.transaction() as session:
         session.get(Agent, agent.agent_id).last_heartbeat = utcnow() - timedelta(minutes=5)
     assert impostor.register().status_code == 200
-    with store._tx() as session:
+    with store.transaction() as session:
         states = {session.get(Job, lease["job_id"]).state for lease in leases}
     # The dead incarnation's started job failed; its unstarted lease went back to the queue.
     assert states == {"FAILED", "QUEUED"}
@@ -223,7 +223,7 @@ def test_sweep_settles_the_jobs_of_a_silent_agent(
     assert store.sweep() == {"expired_leases": 0, "unhealthy_agents": 0}
     later = utcnow() + SETTINGS_HEALTH_TIMEOUT + timedelta(seconds=1)
     assert store.sweep(now=later)["unhealthy_agents"] == 1
-    with store._tx() as session:
+    with store.transaction() as session:
         running, leased = (session.get(Job, lease["job_id"]) for lease in leases)
         assert running.state == "FAILED" and "unhealthy" in running.reason
         assert (leased.state, leased.try_number) == ("QUEUED", 1)

@@ -15,7 +15,6 @@ from sqlalchemy import event, select
 from tests.integration.conftest import StoreAgent as Agent
 from tests.integration.conftest import enqueue
 from tether import protocol
-from tether.plane import store as store_module
 from tether.plane.models import Job
 from tether.plane.store import Store, utcnow
 
@@ -40,7 +39,7 @@ class FakeTI:
 
 
 def _queue(executor: Any, store: Store, workload: Any) -> None:
-    with store._tx() as session:
+    with store.transaction() as session:
         executor.queue_workload(workload, session)
 
 
@@ -52,7 +51,7 @@ def test_a_rolled_back_scheduling_decision_leaves_no_job(
         executor.queue_workload(make_workload(), session)
         raise RuntimeError("the scheduler's transaction fails")
     session.close()
-    with store._tx() as check:
+    with store.transaction() as check:
         assert check.query(Job).count() == 0
 
 
@@ -102,7 +101,7 @@ def test_job_states_become_executor_events(executor: Any, store: Store, make_wor
     executor.sync()
     events = executor.get_event_buffer()
     assert {key.task_id: state for key, (state, _) in events.items()} == {"ok": "running", "bad": "running"}
-    with store._tx() as session:
+    with store.transaction() as session:
         by_task = {session.get(Job, job_id).task_id: job_id for job_id in jobs}  # type: ignore[union-attr]
     agent.report(by_task["ok"], protocol.ReportState.SUCCESS)
     agent.report(by_task["bad"], protocol.ReportState.FAILED)
@@ -164,25 +163,22 @@ def test_a_new_scheduler_adopts_what_tether_still_tracks(
 
 
 def leased_key(store: Store, job_id: str) -> Any:
-    with store._tx() as session:
+    with store.transaction() as session:
         job = session.get(Job, job_id)
         from airflow.models.taskinstancekey import TaskInstanceKey
 
         return TaskInstanceKey(job.dag_id, job.task_id, job.run_id, job.try_number, job.map_index)
 
 
-@pytest.mark.parametrize("upsert", [True, False], ids=["upsert", "look-first"])
 def test_a_try_queued_again_keeps_its_row_and_loses_its_lease(
-    executor: Any, store: Store, make_workload: Callable[..., Any], upsert: bool, monkeypatch: pytest.MonkeyPatch
+    executor: Any, store: Store, make_workload: Callable[..., Any]
 ) -> None:
-    if not upsert:  # the path for a database without INSERT ... ON CONFLICT
-        monkeypatch.setattr(store_module, "_ENQUEUE", {})
     workload = make_workload()
     enqueue(store, workload)
     agent = Agent(store)
     (job_id,) = agent.take()
     _queue(executor, store, workload)  # the scheduler reset the try and queued it again
-    with store._tx() as session:
+    with store.transaction() as session:
         jobs = session.scalars(select(Job).where(Job.ti_id == str(workload.ti.id))).all()
     assert [(job.id, job.state, job.agent_id, job.leased_at) for job in jobs] == [
         (job_id, protocol.JobState.QUEUED.value, None, None)
@@ -193,9 +189,9 @@ def test_a_try_queued_again_keeps_its_row_and_loses_its_lease(
 def test_times_in_any_zone_are_kept_as_the_same_instant(store: Store, make_workload: Callable[..., Any]) -> None:
     queued = utcnow().astimezone(timezone(timedelta(hours=2)))
     workload = make_workload()
-    with store._tx() as session:
+    with store.transaction() as session:
         store.enqueue(session, workload, now=queued)
-    with store._tx() as session:
+    with store.transaction() as session:
         (job,) = session.scalars(select(Job).where(Job.ti_id == str(workload.ti.id))).all()
     assert job.queued_at == queued
 
@@ -246,7 +242,7 @@ def test_two_schedulers_sweeping_at_once_settle_each_job_once(
     for thread in threads:
         thread.join(timeout=30)
     assert errors == []
-    with store._tx() as session:
+    with store.transaction() as session:
         states = sorted(session.get(Job, job_id).state for job_id in jobs)
     assert states == ["FAILED"] * 3 + ["QUEUED"] * 3
     # Whichever sweep won, the agent was settled and nothing was done twice.

@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from tether import errors
 from tether.plane.config import PlaneSettings
 from tether.plane.store import Store, airflow_session_factory, utcnow
-from tether.plane.views import AgentOut, AuditOut, IpRangeOut, TokenOut
+from tether.plane.store.agents import RangeChange
+from tether.plane.views import AuditOut, IpRangeOut, TokenOut
 
 T = TypeVar("T")
 
@@ -142,24 +143,24 @@ def tokens_revoke(args: argparse.Namespace) -> None:
 
 
 def agents_list(args: argparse.Namespace) -> None:
-    _emit([AgentOut.from_view(v) for v in _call(_store().agent_views)], args.output, AGENT_COLUMNS)
+    _emit([v for v in _call(_store().agent_views)], args.output, AGENT_COLUMNS)
 
 
 def agents_show(args: argparse.Namespace) -> None:
-    _emit_one(AgentOut.from_view(_call(lambda: _store().agent_view(args.agent))), args.output)
+    _emit_one(_call(lambda: _store().agent_view(args.agent)), args.output)
 
 
 def agents_cordon(args: argparse.Namespace) -> None:
     view = _call(lambda: _store().cordon(args.agent, reason=args.reason, actor=_actor()))
-    _emit_one(AgentOut.from_view(view), args.output)
+    _emit_one(view, args.output)
 
 
 def agents_uncordon(args: argparse.Namespace) -> None:
-    _emit_one(AgentOut.from_view(_call(lambda: _store().uncordon(args.agent, actor=_actor()))), args.output)
+    _emit_one(_call(lambda: _store().uncordon(args.agent, actor=_actor())), args.output)
 
 
 def agents_delete(args: argparse.Namespace) -> None:
-    _emit_one(AgentOut.from_view(_call(lambda: _store().delete_agent(args.agent, actor=_actor()))), args.output)
+    _emit_one(_call(lambda: _store().delete_agent(args.agent, actor=_actor())), args.output)
 
 
 # -- allowed IP ranges ------------------------------------------------------------
@@ -176,7 +177,7 @@ def ranges_list(args: argparse.Namespace) -> None:
     _emit_ranges(args.output, _store())
 
 
-def _change_ranges(args: argparse.Namespace, mode: str) -> None:
+def _change_ranges(args: argparse.Namespace, mode: RangeChange) -> None:
     store = _store()
     _call(lambda: store.set_allowed_ranges(args.cidrs, actor=_actor(), mode=mode))
     _emit_ranges(args.output, store)

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from tether.plane import tokens
 from tether.plane.models import AgentToken, AllowedIpRange, AuditEntry
-from tether.plane.store import AgentView
 from tether.protocol import AgentStatus
 
 
@@ -79,6 +78,8 @@ class TokenCreate(_In):
 
 
 class AgentOut(_Out):
+    """An agent as operators see it."""
+
     id: str
     name: str
     status: AgentStatus
@@ -102,10 +103,6 @@ class AgentOut(_Out):
     first_seen: datetime
     deleted_at: datetime | None
     deleted_by: str | None
-
-    @classmethod
-    def from_view(cls, view: AgentView) -> AgentOut:
-        return cls.model_validate(view, from_attributes=True)
 
 
 class AgentAction(_In):

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from tether import errors
 from tether.plane.api.deps import Ctx, PlaneContext
 from tether.plane.store import utcnow
+from tether.plane.store.agents import RangeChange
 from tether.plane.views import (
     AgentAction,
     AgentOut,
@@ -106,11 +107,11 @@ def admin_router() -> APIRouter:
 
     @router.get("/v1/agents", response_model=list[AgentOut])
     async def list_agents(ctx: Ctx, _user: Reader) -> list[AgentOut]:
-        return [AgentOut.from_view(v) for v in await run_in_threadpool(ctx.store.agent_views)]
+        return [v for v in await run_in_threadpool(ctx.store.agent_views)]
 
     @router.get("/v1/agents/{agent_id}", response_model=AgentOut)
     async def show_agent(agent_id: str, ctx: Ctx, _user: Reader) -> AgentOut:
-        return AgentOut.from_view(await run_in_threadpool(ctx.store.agent_view, agent_id))
+        return await run_in_threadpool(ctx.store.agent_view, agent_id)
 
     @router.post("/v1/agents/{agent_id}/action", response_model=AgentOut)
     async def agent_action(agent_id: str, body: AgentAction, ctx: Ctx, user: Changer) -> AgentOut:
@@ -118,11 +119,11 @@ def admin_router() -> APIRouter:
             view = await run_in_threadpool(lambda: ctx.store.cordon(agent_id, reason=body.reason, actor=user))
         else:
             view = await run_in_threadpool(lambda: ctx.store.uncordon(agent_id, actor=user))
-        return AgentOut.from_view(view)
+        return view
 
     @router.delete("/v1/agents/{agent_id}", response_model=AgentOut)
     async def delete_agent(agent_id: str, ctx: Ctx, user: Deleter) -> AgentOut:
-        return AgentOut.from_view(await run_in_threadpool(lambda: ctx.store.delete_agent(agent_id, actor=user)))
+        return await run_in_threadpool(lambda: ctx.store.delete_agent(agent_id, actor=user))
 
     # -- allowed IP ranges ----------------------------------------------------------
 
@@ -134,7 +135,7 @@ def admin_router() -> APIRouter:
     async def list_ranges(ctx: Ctx, _user: Reader) -> IpRangesOut:
         return await _ranges(ctx)
 
-    async def _change(ctx: PlaneContext, cidrs: list[str], user: str, mode: str) -> IpRangesOut:
+    async def _change(ctx: PlaneContext, cidrs: list[str], user: str, mode: RangeChange) -> IpRangesOut:
         await run_in_threadpool(lambda: ctx.store.set_allowed_ranges(cidrs, actor=user, mode=mode))
         ctx.ranges.clear()
         return await _ranges(ctx)
