@@ -2,8 +2,10 @@
 
 TetherError
  ├── ConfigError            a setting is missing or invalid (agent or plane)
- ├── ProtocolError          the other side broke the protocol
- └── PlaneError             a request the plane refuses; carries the HTTP status it maps to
+ ├── PlaneUnavailable       the agent got no usable answer from the plane; it retries with backoff
+ │    └── ProtocolError     an answer the agent cannot read as the protocol's (a proxy's page, a broken body)
+ ├── PlaneRefused           the plane answered the agent 4xx: the same request will not succeed
+ └── PlaneError             a request the plane refuses (raised on the plane); carries the HTTP status it maps to
       ├── Unauthorized      401: no, malformed, unknown, expired or revoked agent token
       ├── Forbidden         403: address outside the allowed IP ranges
       ├── NotFound          404: no such agent or job (a deleted agent re-registers)
@@ -22,8 +24,23 @@ class ConfigError(TetherError):
     pass
 
 
-class ProtocolError(TetherError):
-    pass
+class PlaneUnavailable(TetherError):
+    """The plane could not be reached, answered 5xx, or answered something unreadable; worth retrying."""
+
+
+class ProtocolError(PlaneUnavailable):
+    """An answer that does not follow the protocol: retried like an outage, since a proxy in between or a
+    plane being replaced can produce one, and the next answer may be fine."""
+
+
+class PlaneRefused(TetherError):
+    """The plane answered 4xx: retrying the same request will not help."""
+
+    def __init__(self, status: int, detail: str, reason: str) -> None:
+        super().__init__(f"{status} {reason}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.reason = reason
 
 
 class PlaneError(TetherError):

@@ -30,6 +30,9 @@ class FakePlane:
     start_calls: list[list[str]] = field(default_factory=list)
     cordoned: bool = False
     kill: set[str] = field(default_factory=set)
+    #: Calls (the last part of their path: "register", "heartbeat", "lease", ...) answered with a body that
+    #: is not the protocol's, as a proxy's error page or a broken plane would answer.
+    garbled: set[str] = field(default_factory=set)
     agent_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def add_job(self, task_id: str = "t", pool_slots: int = 1) -> str:
@@ -44,6 +47,8 @@ class FakePlane:
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
         path = request.url.path.removeprefix("/tether/v1")
+        if path.rsplit("/", 1)[-1] in self.garbled:
+            return httpx.Response(200, json={"status": "fine, thanks"})
         body = json.loads(request.content or b"{}")
         if path == "/agents/register":
             self.registrations += 1

@@ -215,3 +215,26 @@ def test_stop_before_run_and_twice_is_harmless() -> None:
         assert runner.tasks == []
 
     run(scenario)
+
+
+def test_an_answer_that_is_not_the_protocols_is_retried_like_an_outage(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        plane, runner = FakePlane(garbled={"register"}), FakeRunner()
+        agent = _agent(plane, runner)
+        running = asyncio.create_task(agent.run())
+        await until(lambda: "is not a RegisterResponse" in caplog.text)
+        plane.garbled = {"heartbeat", "lease"}
+        await until(lambda: agent.state.registration is not None)
+        await until(lambda: caplog.text.count("is not a HeartbeatResponse") >= 2)
+        assert not running.done()
+        plane.garbled = set()
+        job = plane.add_job()
+        await until(lambda: len(runner.tasks) == 1)
+        runner.tasks[0].finish(0)
+        await until(lambda: plane.reports == [(job, "success", 0)])
+        agent.stop()
+        assert await running == 0
+
+    with caplog.at_level("WARNING", logger="tether.agent"):
+        run(scenario)
+    assert "request_id=" in caplog.text

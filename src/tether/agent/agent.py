@@ -19,11 +19,11 @@ from datetime import timedelta
 
 import tether
 from tether import protocol
-from tether.agent.client import NO_REASON, PlaneClient, PlaneRefused, PlaneUnavailable, backoff_for
+from tether.agent.client import NO_REASON, PlaneClient, backoff_for
 from tether.agent.health import AgentMetrics, HealthServer
 from tether.agent.runner import Runner, TaskProcess
 from tether.agent.settings import AgentSettings
-from tether.errors import TetherError
+from tether.errors import PlaneRefused, PlaneUnavailable, TetherError
 
 log = logging.getLogger("tether.agent")
 

@@ -1,8 +1,9 @@
 """The agent's client for the plane's agent API, grouped by resource.
 
 I/O happens only in ``httpx``; tests pass an ``httpx.MockTransport``. Transport
-errors and 5xx are retried by the caller's loop with capped, jittered backoff
-(see ``Backoff``); a 4xx is the plane's answer and is raised as ``PlaneRefused``.
+errors, 5xx and answers that do not parse (``PlaneUnavailable``, ``ProtocolError``)
+are retried by the caller's loop with capped, jittered backoff (see ``Backoff``);
+a 4xx is the plane's answer and is raised as ``PlaneRefused``.
 """
 
 from __future__ import annotations
@@ -15,31 +16,17 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 import tether
 from tether import protocol
 from tether.agent.settings import AgentSettings
-from tether.errors import TetherError
+from tether.errors import PlaneRefused, PlaneUnavailable, ProtocolError
 
 T = TypeVar("T", bound=BaseModel)
 
 #: The reason of a 4xx that names none, such as a plane's "no such route".
 NO_REASON = "refused"
-
-
-class PlaneUnavailable(TetherError):
-    """The plane could not be reached or answered 5xx; worth retrying."""
-
-
-class PlaneRefused(TetherError):
-    """The plane answered 4xx: retrying the same request will not help."""
-
-    def __init__(self, status: int, detail: str, reason: str) -> None:
-        super().__init__(f"{status} {reason}: {detail}")
-        self.status = status
-        self.detail = detail
-        self.reason = reason
 
 
 @dataclass
@@ -81,20 +68,29 @@ def make_http_client(settings: AgentSettings, transport: httpx.AsyncBaseTranspor
     )
 
 
-class _Resource:
-    def __init__(self, http: httpx.AsyncClient) -> None:
-        self._http = http
-
-    async def _post(self, path: str, body: BaseModel, answer: type[T], *, timeout: float | None = None) -> T:
-        rid = uuid.uuid4().hex
-        kwargs: dict[str, Any] = {"headers": {protocol.REQUEST_ID_HEADER: rid, "Content-Type": "application/json"}}
-        if timeout is not None:
-            kwargs["timeout"] = httpx.Timeout(10.0, read=timeout)
-        try:
-            response = await self._http.post(path, content=body.model_dump_json(), **kwargs)
-        except httpx.TransportError as exc:
-            raise PlaneUnavailable(f"cannot reach the plane: {exc!r} [request_id={rid}]") from exc
-        return _decode(response, answer, rid)
+async def _call(
+    http: httpx.AsyncClient,
+    method: str,
+    path: str,
+    answer: type[T],
+    *,
+    body: BaseModel | None = None,
+    read_timeout: float | None = None,
+) -> T:
+    """One call to the agent API: the request id sent and named in every error, errors translated."""
+    rid = uuid.uuid4().hex
+    headers = {protocol.REQUEST_ID_HEADER: rid}
+    kwargs: dict[str, Any] = {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        kwargs["content"] = body.model_dump_json()
+    if read_timeout is not None:
+        kwargs["timeout"] = httpx.Timeout(10.0, read=read_timeout)
+    try:
+        response = await http.request(method, path, headers=headers, **kwargs)
+    except httpx.TransportError as exc:
+        raise PlaneUnavailable(f"cannot reach the plane: {exc!r} [request_id={rid}]") from exc
+    return _decode(response, answer, rid)
 
 
 def _decode(response: httpx.Response, answer: type[T], rid: str) -> T:
@@ -104,10 +100,26 @@ def _decode(response: httpx.Response, answer: type[T], rid: str) -> T:
         try:
             problem = response.json()
             detail, reason = str(problem.get("detail")), str(problem.get("reason", NO_REASON))
-        except ValueError:
+        except (ValueError, AttributeError):
             detail, reason = response.text[:200], NO_REASON
         raise PlaneRefused(response.status_code, f"{detail} [request_id={rid}]", reason)
-    return answer.model_validate_json(response.content)
+    try:
+        return answer.model_validate_json(response.content)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem.get("loc", ())) or "body"
+        raise ProtocolError(
+            f"the plane's answer to {response.request.method} {response.request.url.path} is not a "
+            f"{answer.__name__} ({where}: {problem.get('msg')}) [request_id={rid}]"
+        ) from None
+
+
+class _Resource:
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    async def _post(self, path: str, body: BaseModel, answer: type[T], *, timeout: float | None = None) -> T:
+        return await _call(self._http, "POST", path, answer, body=body, read_timeout=timeout)
 
 
 class Agents(_Resource):
@@ -143,20 +155,10 @@ class PlaneClient:
         self.jobs = Jobs(http)
 
     async def health(self) -> protocol.Health:
-        rid = uuid.uuid4().hex
-        try:
-            response = await self._http.get("/health", headers={protocol.REQUEST_ID_HEADER: rid})
-        except httpx.TransportError as exc:
-            raise PlaneUnavailable(f"cannot reach the plane: {exc!r}") from exc
-        return _decode(response, protocol.Health, rid)
+        return await _call(self._http, "GET", "/health", protocol.Health)
 
     async def preflight(self) -> protocol.PreflightResponse:
-        rid = uuid.uuid4().hex
-        try:
-            response = await self._http.get("/preflight", headers={protocol.REQUEST_ID_HEADER: rid})
-        except httpx.TransportError as exc:
-            raise PlaneUnavailable(f"cannot reach the plane: {exc!r}") from exc
-        return _decode(response, protocol.PreflightResponse, rid)
+        return await _call(self._http, "GET", "/preflight", protocol.PreflightResponse)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tether import protocol
-from tether.agent.client import PlaneClient, PlaneRefused, PlaneUnavailable, make_http_client
+from tether.agent.client import PlaneClient, make_http_client
 from tether.agent.settings import AgentSettings
+from tether.errors import PlaneRefused, PlaneUnavailable
 
 
 @dataclass(frozen=True)
