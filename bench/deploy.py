@@ -18,10 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from sqlalchemy import create_engine, text
 
-from tether.embedded import ManagedProcess, Plane, spawn, start_agent, wait_until
+from tether.embedded import AGENT_API_HEALTH, ManagedProcess, Plane, spawn, start_agent, wait_until
 
 BENCH = Path(__file__).parent
 DAGS = BENCH / "dags"
@@ -97,43 +96,6 @@ class Postgres:
         return self.scalar(name, "SELECT count(*) FROM pg_stat_activity WHERE datname = :d")
 
 
-@dataclass
-class BenchPlane(Plane):
-    """``Plane`` with the Airflow executables taken from ``bin_dir`` (Edge runs from its own venv)."""
-
-    bin_dir: Path = TETHER_BIN
-
-    def airflow(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(self.bin_dir / "airflow"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-        if check and result.returncode != 0:
-            raise RuntimeError(f"airflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-        return result
-
-    def start_component(self, component: str) -> ManagedProcess:
-        proc = spawn(component, [str(self.bin_dir / "airflow"), component], self.env, self.home / "logs")
-        self.processes[component] = proc
-        return proc
-
-    def wait_for_http(self, path: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            api = self.processes.get("api-server")
-            if api is not None and not api.alive():
-                raise RuntimeError(f"the API server exited:\n{api.tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}{path}", timeout=2).status_code < 500:
-                    return
-            time.sleep(0.5)
-        raise TimeoutError(f"the API server did not answer {path} within {timeout:.0f}s")
-
-
 def plane_env(executor: str) -> dict[str, str]:
     """What differs between the executors' planes; everything else is ``Plane``'s defaults."""
     env = {
@@ -188,7 +150,7 @@ class Deployment:
     """A running plane and, for Tether and Edge, one worker process with 16 slots."""
 
     executor: str
-    plane: BenchPlane
+    plane: Plane
     database: str
     worker: ManagedProcess | None = None
     token: str | None = None
@@ -237,50 +199,43 @@ class Deployment:
         self.plane.stop()
 
 
-def prepare_template(executor: str, pg: Postgres, work: Path) -> str:
-    """A migrated, empty metadata database for ``executor`` to copy deployments from."""
-    name = pg.create(f"bench_tmpl_{executor}")
-    plane = BenchPlane(
-        home=work / f"template-{executor}",
+def make_plane(executor: str, home: Path, database_url: str) -> Plane:
+    """The plane of ``executor`` on ``database_url``, with the benchmark's DAGs and the product's settings."""
+    plane = Plane(
+        home=home,
         dags_folder=DAGS,
-        sql_alchemy_conn=pg.url(name),
+        sql_alchemy_conn=database_url,
         extra_env=plane_env(executor),
         bin_dir=bin_dir(executor),
     )
-    plane.migrate()
+    if executor == "edge":
+        plane.extra_env["AIRFLOW__EDGE__API_URL"] = f"{plane.url}/edge_worker/v1/rpcapi"
+    return plane
+
+
+def prepare_template(executor: str, pg: Postgres, work: Path) -> str:
+    """A migrated, empty metadata database for ``executor`` to copy deployments from."""
+    name = pg.create(f"bench_tmpl_{executor}")
+    make_plane(executor, work / f"template-{executor}", pg.url(name)).migrate()
     return name
 
 
 def deploy(executor: str, pg: Postgres, template: str, work: Path, run: int) -> Deployment:
     """Copy the template, start the plane, wait until every benchmark DAG is parsed."""
     name = pg.create(f"bench_{executor}_r{run}", template=template)
-    plane = BenchPlane(
-        home=work / f"{executor}-run{run}",
-        dags_folder=DAGS,
-        sql_alchemy_conn=pg.url(name),
-        extra_env=plane_env(executor),
-        bin_dir=bin_dir(executor),
-    )
-    if executor == "edge":
-        plane.extra_env["AIRFLOW__EDGE__API_URL"] = f"{plane.url}/edge_worker/v1/rpcapi"
+    plane = make_plane(executor, work / f"{executor}-run{run}", pg.url(name))
     deployment = Deployment(executor=executor, plane=plane, database=name)
     try:
         plane.home.mkdir(parents=True, exist_ok=True)
         if executor == "tether":
             deployment.token = plane.create_token("bench")
-        _start(plane, "/tether/v1/health" if executor == "tether" else "/api/v2/monitor/health")
+        plane.start(ready_path=AGENT_API_HEALTH if executor == "tether" else "/api/v2/monitor/health")
         for dag_id in DAG_IDS:
             plane.wait_for_dag(dag_id)
     except BaseException:
         deployment.stop()
         raise
     return deployment
-
-
-def _start(plane: BenchPlane, ready_path: str) -> None:
-    for component in ("api-server", "scheduler", "dag-processor"):
-        plane.start_component(component)
-    plane.wait_for_http(ready_path)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import httpx
 import uvloop
 
 import tether
+from bench.stats import percentile
 from tether import protocol
 from tether.collector import settle_garbage_collector
 
@@ -147,13 +148,6 @@ async def watch_loop(stats: Stats) -> None:
         await asyncio.sleep(0.05)
         if stats.measuring:
             stats.loop_lag.append(time.monotonic() - started - 0.05)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
 def by_second(sent: list[float], latencies: list[float]) -> list[tuple[int, int, float]]:

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from bench.deploy import DAG_IDS, EXECUTORS
+from bench.stats import percentile
 
 MB = 1.048576  # MiB -> MB: the targets are in MB.
 NAMES = {"local": "LocalExecutor", "tether": "Tether", "edge": "Edge Executor"}
@@ -29,13 +30,6 @@ NAMES = {"local": "LocalExecutor", "tether": "Tether", "edge": "Edge Executor"}
 
 def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
-
-
-def _pct(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
 def _fmt(value: float | None, spec: str = ".2f", unit: str = "") -> str:
@@ -77,7 +71,7 @@ def wall(dag: str) -> Callable[[dict[str, Any]], float | None]:
 
 
 def latency_pct(dag: str, q: float) -> Callable[[dict[str, Any]], float | None]:
-    return lambda r: _pct(r["dags"][dag]["latencies"], q) if dag in r["dags"] else None
+    return lambda r: percentile(r["dags"][dag]["latencies"], q) if dag in r["dags"] else None
 
 
 def memory_run(r: dict[str, Any]) -> dict[str, Any] | None:
@@ -281,7 +275,7 @@ def render(res: Results, scale: list[dict[str, Any]], options: dict[str, Any], e
             cells = []
             for e in res.executors:
                 pooled = pooled_latencies(res, e, dag)
-                cells.append(f"{_fmt(_pct(pooled, 0.5), '.3f')} / {_fmt(_pct(pooled, 0.9), '.3f')}")
+                cells.append(f"{_fmt(percentile(pooled, 0.5), '.3f')} / {_fmt(percentile(pooled, 0.9), '.3f')}")
             add(f"| {dag} | " + " | ".join(cells) + " |")
         add("")
         add("## Throughput and memory")
@@ -400,7 +394,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _start_p50s(res: Results, executor: str) -> dict[str, float | None]:
-    return {dag: _pct(pooled_latencies(res, executor, dag), 0.5) for dag in DAG_IDS}
+    return {dag: percentile(pooled_latencies(res, executor, dag), 0.5) for dag in DAG_IDS}
 
 
 def _listing(p50s: dict[str, float | None]) -> str:

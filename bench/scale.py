@@ -16,23 +16,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.deploy import DAGS, BenchPlane, Postgres, log, plane_env
-from bench.loadgen import percentile
+from bench.deploy import Postgres, log, make_plane
 from bench.measure import tree_cpu, tree_rss
+from bench.stats import percentile
 from tether.embedded import spawn
 
 
 def one_scale(pg: Postgres, template: str, work: Path, agents: int, duration: float) -> dict[str, Any]:
     name = pg.create(f"bench_scale_{agents}", template=template)
-    plane = BenchPlane(
-        home=work / f"scale-{agents}", dags_folder=DAGS, sql_alchemy_conn=pg.url(name), extra_env=plane_env("tether")
-    )
+    plane = make_plane("tether", work / f"scale-{agents}", pg.url(name))
     try:
         plane.home.mkdir(parents=True, exist_ok=True)
         token_file = plane.home / "token"
         token_file.write_text(plane.create_token("bench-scale"))
-        plane.start_component("api-server")
-        plane.wait_for_http("/tether/v1/health")
+        plane.start(("api-server",))
         out = plane.home / "loadgen.json"
         ready = out.with_suffix(".measuring")
         argv = [sys.executable, "-m", "bench.loadgen", "--url", plane.url, "--token-file", str(token_file)]

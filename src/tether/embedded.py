@@ -28,6 +28,8 @@ from sqlalchemy.engine import Engine
 
 BIN = Path(sys.executable).parent
 EXECUTOR = "tether.plane.executor.TetherExecutor"
+#: Answers 200 once the API server serves Tether's agent API.
+AGENT_API_HEALTH = "/tether/v1/health"
 
 
 def free_port() -> int:
@@ -103,6 +105,8 @@ class Plane:
     jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     #: (certificate, key, CA bundle) to serve the API over HTTPS.
     tls: tuple[Path, Path, Path] | None = None
+    #: Where the ``airflow`` executable is: another virtualenv runs another installation.
+    bin_dir: Path = BIN
 
     @property
     def url(self) -> str:
@@ -145,7 +149,7 @@ class Plane:
 
     def airflow(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [str(BIN / "airflow"), *args],
+            [str(self.bin_dir / "airflow"), *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -163,17 +167,23 @@ class Plane:
     def create_token(self, name: str) -> str:
         return self.airflow("tether", "tokens", "create", "--name", name).stdout.strip().splitlines()[-1]
 
-    def start(self, components: Sequence[str] = ("api-server", "scheduler", "dag-processor")) -> None:
+    def start(
+        self,
+        components: Sequence[str] = ("api-server", "scheduler", "dag-processor"),
+        *,
+        ready_path: str = AGENT_API_HEALTH,
+    ) -> None:
         for component in components:
             self.start_component(component)
-        self.wait_for_api()
+        self.wait_for_api(path=ready_path)
 
     def start_component(self, component: str) -> ManagedProcess:
-        proc = spawn(component, [str(BIN / "airflow"), component], self.env, self.home / "logs")
+        proc = spawn(component, [str(self.bin_dir / "airflow"), component], self.env, self.home / "logs")
         self.processes[component] = proc
         return proc
 
-    def wait_for_api(self, timeout: float = 180) -> None:
+    def wait_for_api(self, timeout: float = 180, *, path: str = AGENT_API_HEALTH) -> None:
+        """Wait until the API server answers ``path`` with 200."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             api = self.processes.get("api-server")
@@ -181,10 +191,10 @@ class Plane:
                 raise RuntimeError(f"the API server exited:\n{api.tail()}")
             with contextlib.suppress(httpx.HTTPError):
                 verify: str | bool = str(self.tls[2]) if self.tls else True
-                if httpx.get(f"{self.url}/tether/v1/health", timeout=2, verify=verify).status_code == 200:
+                if httpx.get(f"{self.url}{path}", timeout=2, verify=verify).status_code == 200:
                     return
             time.sleep(0.5)
-        raise TimeoutError(f"the API server did not answer within {timeout:.0f}s")
+        raise TimeoutError(f"the API server did not answer {path} within {timeout:.0f}s")
 
     def stop(self) -> None:
         for proc in reversed(list(self.processes.values())):
