@@ -6,12 +6,12 @@ import os
 import signal
 import threading
 import time
-import uuid
 from typing import Any
 
 import pytest
 from airflow.sdk.execution_time import supervisor
 
+from tests.unit.sdk_probe import probe_supervisor
 from tether.agent.runner import watch_task_exit
 
 
@@ -19,38 +19,6 @@ def _quiet_then_exit() -> None:
     """A task process that closes every channel to its supervisor and exits a second later."""
     os.closerange(0, 4096)
     time.sleep(1.0)
-
-
-class _Heartbeats:
-    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
-        """The supervisor heartbeats while the task runs; nobody needs to hear it here."""
-
-
-class _Client:
-    task_instances = _Heartbeats()
-
-
-def _probe_class() -> type[Any]:
-    """The SDK's task supervisor, forking a stand-in task instead of the task runner."""
-
-    class Probe(supervisor.ActivitySubprocess):  # type: ignore[misc]
-        @classmethod
-        def start(cls, **kwargs: Any) -> Any:
-            process = supervisor.WatchedSubprocess.start.__func__(  # type: ignore[attr-defined]
-                cls, target=_quiet_then_exit, id=uuid.uuid4(), client=_Client()
-            )
-            # As ActivitySubprocess.start does once the task has started. Left at 0, the
-            # supervisor counts the machine's whole uptime as time since its last heartbeat
-            # and, past a few minutes of uptime, polls without sleeping: it would notice the
-            # exit with or without the watch, and the test would depend on the machine's uptime.
-            process._last_successful_heartbeat = time.monotonic()
-            return process
-
-        def wait(self) -> int:
-            self._monitor_subprocess()
-            return self._exit_code  # type: ignore[no-any-return]
-
-    return Probe
 
 
 def _wait_in_thread(process: Any, timeout: float) -> dict[str, int]:
@@ -70,7 +38,7 @@ def no_heartbeat_wakeups(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("no_heartbeat_wakeups")
 @pytest.mark.parametrize("watched", [True, False], ids=["watched", "unwatched"])
 def test_the_supervisor_notices_an_exit_after_its_sockets_closed(watched: bool) -> None:
-    probe = _probe_class()
+    probe = probe_supervisor(_quiet_then_exit)
     if watched:
         assert watch_task_exit(probe)
     process = probe.start()

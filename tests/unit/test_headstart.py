@@ -13,7 +13,6 @@ import socket
 import stat
 import textwrap
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import psutil
 import pytest
 from airflow.sdk.execution_time import supervisor
 
+from tests.unit.sdk_probe import probe_supervisor
 from tether.agent.headstart import Headstart, start_source_unsupported, unsupported
 from tether.agent.runner import watch_task_exit
 
@@ -51,33 +51,11 @@ def _dumpable() -> bool:
     return bool(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
 
 
-class _Heartbeats:
-    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
-        """Nobody needs to hear the supervisor's heartbeats here."""
-
-
-class _Client:
-    task_instances = _Heartbeats()
-
-
 def _supervisor_class() -> type[Any]:
     """The SDK's task supervisor, forking the stand-in instead of the task runner."""
-
-    class Probe(supervisor.ActivitySubprocess):  # type: ignore[misc]
-        @classmethod
-        def start(cls, **kwargs: Any) -> Any:
-            process = supervisor.WatchedSubprocess.start.__func__(  # type: ignore[attr-defined]
-                cls, target=_report_and_exit, id=uuid.uuid4(), client=_Client()
-            )
-            process._last_successful_heartbeat = time.monotonic()
-            return process
-
-        def wait(self) -> int:
-            self._monitor_subprocess()
-            return self._exit_code  # type: ignore[no-any-return]
-
-    watch_task_exit(Probe)
-    return Probe
+    probe = probe_supervisor(_report_and_exit)
+    watch_task_exit(probe)
+    return probe
 
 
 def _gone(pid: int, timeout: float = 10.0) -> bool:
