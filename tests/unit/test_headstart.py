@@ -21,8 +21,9 @@ import pytest
 from airflow.sdk.execution_time import supervisor
 
 from tests.unit.sdk_probe import probe_supervisor
-from tether.agent.headstart import Headstart, start_source_unsupported, unsupported
+from tether.agent.headstart import Headstart
 from tether.agent.runner import watch_task_exit
+from tether.agent.sdk_internals import Feature, check, start_source_unsupported
 
 #: Where the stand-in task process writes what it saw; set before each fork.
 _REPORT: Path | None = None
@@ -79,7 +80,7 @@ def report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_this_task_sdk_gets_a_head_start() -> None:
-    assert unsupported() is None
+    assert check()[Feature.HEAD_START] is None
 
 
 def _start_source() -> str:

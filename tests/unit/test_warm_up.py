@@ -32,9 +32,9 @@ _PROBE = textwrap.dedent(
     before = set()
     real_warm_up = runner_module.warm_up
 
-    def warm_up_then_look():
+    def warm_up_then_look(availability):
         # A spare is a copy of the agent as it was at the end of its warm-up.
-        real_warm_up()
+        real_warm_up(availability)
         before.update(sys.modules)
 
     runner_module.warm_up = warm_up_then_look

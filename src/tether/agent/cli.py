@@ -75,21 +75,26 @@ async def _check(settings: agent_settings.AgentSettings) -> int:
 async def _run(settings: agent_settings.AgentSettings) -> int:
     from tether.agent.agent import Agent
     from tether.agent.client import PlaneClient, make_http_client
+    from tether.agent.health import AgentMetrics
     from tether.agent.runner import MIN_SPARES, ForkRunner
 
     log = logging.getLogger("tether.agent")
+    runner = ForkRunner(
+        execution_api_url=settings.execution_api_url,
+        ca_bundle=settings.ca_bundle,
+        client_cert=settings.client_cert,
+        client_key=settings.client_key,
+        task_nice=settings.task_nice,
+        min_spares=min(MIN_SPARES, settings.slots),
+        max_spares=settings.slots,
+    )
+    metrics = AgentMetrics()
+    metrics.sdk_features(runner.availability)
     agent = Agent(
         settings=settings,
         client=PlaneClient(make_http_client(settings)),
-        runner=ForkRunner(
-            execution_api_url=settings.execution_api_url,
-            ca_bundle=settings.ca_bundle,
-            client_cert=settings.client_cert,
-            client_key=settings.client_key,
-            task_nice=settings.task_nice,
-            min_spares=min(MIN_SPARES, settings.slots),
-            max_spares=settings.slots,
-        ),
+        runner=runner,
+        metrics=metrics,
     )
     loop = asyncio.get_running_loop()
     signals_seen = 0

@@ -18,8 +18,9 @@ the median from a spare receiving its workload to the start stamp went from
 
 The SDK's own code does everything else, in its own order. This leans on how
 ``WatchedSubprocess.start`` is written, so the agent reads its source first
-(``unsupported``); when it does not look exactly as expected, spares start tasks
-as before, without a head start.
+(``sdk_internals.check``); when it does not look exactly as expected, spares
+start tasks as before, without a head start. Every private part of the SDK it
+touches is reached through ``tether.agent.sdk_internals``.
 
 The waiting process is the spare's child: niced like a task, non-dumpable like a
 task, killed with the spare (``PR_SET_PDEATHSIG``), and gone the moment its
@@ -30,86 +31,22 @@ goes without, since the waiting process holds about 3 MB of its own.
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import inspect
 import logging
 import os
 import signal
 import socket
 import sys
-import textwrap
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from tether.agent import sdk_internals
 from tether.agent.launcher import prctl, set_title
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
-#: The socket pairs ``WatchedSubprocess.start`` makes, in its order, as (child end, supervisor end).
-_PAIRS = ("stdout", "stderr", "requests", "logs")
-
-
-def unsupported() -> str | None:
-    """Why this Task SDK's task start cannot be given a head start; None when it can."""
-    if sys.platform != "linux":
-        return f"not on Linux ({sys.platform})"
-    try:
-        from airflow.sdk.api.client import BearerAuth, Client  # noqa: F401
-        from airflow.sdk.execution_time import supervisor
-
-        source = textwrap.dedent(inspect.getsource(supervisor.WatchedSubprocess.start))
-    except (ImportError, AttributeError, OSError, TypeError) as exc:
-        return f"the Task SDK's supervisor is not as expected ({exc})"
-    if getattr(supervisor, "socketpair", None) is not socket.socketpair:
-        return "the Task SDK's supervisor does not use socket.socketpair"
-    if not callable(getattr(supervisor, "_fork_main", None)):
-        return "the Task SDK's supervisor has no _fork_main"
-    return start_source_unsupported(source)
-
-
-def start_source_unsupported(source: str) -> str | None:
-    """Why ``WatchedSubprocess.start``'s source does not look as expected; None when it does.
-
-    Expected: four ``child_X, read_X = socketpair()`` for stdout, stderr,
-    requests and logs, in that order and no other socket pair; one ``os.fork()``;
-    the child calling ``_fork_main(child_requests, child_stdout, child_stderr,
-    child_logs.fileno(), target)``.
-    """
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        return f"cannot read WatchedSubprocess.start ({exc})"
-    pairs = 0
-    forks = 0
-    fork_main: list[str] = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
-        func = ast.unparse(node.func)
-        if func == "socketpair":
-            pairs += 1
-        elif func == "os.fork":
-            forks += 1
-        elif func == "_fork_main":
-            fork_main.append(ast.unparse(node))
-    assigned = [
-        ast.unparse(node.targets[0])
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Assign)
-        and isinstance(node.value, ast.Call)
-        and ast.unparse(node.value) == "socketpair()"
-    ]
-    wanted = [f"(child_{name}, read_{name})" for name in _PAIRS]
-    if pairs != len(_PAIRS) or assigned != wanted:
-        return f"WatchedSubprocess.start makes other socket pairs than expected: {assigned}"
-    if forks != 1:
-        return f"WatchedSubprocess.start forks {forks} times"
-    if fork_main != ["_fork_main(child_requests, child_stdout, child_stderr, child_logs.fileno(), target)"]:
-        return f"WatchedSubprocess.start calls _fork_main otherwise: {fork_main}"
-    return None
 
 
 def _nicer(increment: int) -> None:
@@ -146,10 +83,8 @@ class Headstart:
         """
         import httpx
         from airflow.sdk.api.client import Client
-        from airflow.sdk.execution_time import supervisor
 
-        self._supervisor: Any = supervisor  # whose socketpair and os are swapped while the task starts
-        target = target or supervisor._subprocess_main
+        target = target or sdk_internals.task_runner_target()
         # As the SDK's own client for a task would be, less the token: it comes with the task.
         # Made first: when it cannot be, no waiting process is left behind.
         self.client = Client(
@@ -157,7 +92,7 @@ class Headstart:
             token="",
             limits=httpx.Limits(max_keepalive_connections=1, max_connections=10),
         )
-        pairs = [socket.socketpair() for _ in _PAIRS]
+        pairs = [socket.socketpair() for _ in sdk_internals.SUPERVISOR_PAIRS]
         go_read, go_write = os.pipe()
         spare = os.getpid()
         try:
@@ -184,8 +119,7 @@ class Headstart:
 
         self.client.auth = BearerAuth(kwargs["token"])
         kwargs["client"] = self.client
-        self._supervisor.socketpair = self._socketpair
-        self._supervisor.os = _OsWithOneFork(self._fork)
+        sdk_internals.supervisor_starts_with(self._socketpair, _OsWithOneFork(self._fork))
 
     def release(self) -> None:
         """The spare is let go, or its task starts without the head start: the waiting process exits.
@@ -234,8 +168,7 @@ class Headstart:
         return self.pid
 
     def _restore(self) -> None:
-        self._supervisor.socketpair = socket.socketpair
-        self._supervisor.os = os
+        sdk_internals.restore_supervisor()
 
 
 def _wait_then_run(  # pragma: no cover - runs in the waiting task process
@@ -257,10 +190,7 @@ def _wait_then_run(  # pragma: no cover - runs in the waiting task process
         _nicer(task_nice)
         # As the supervisor leaves the process it forks: not dumpable, no masked secrets of its own.
         prctl(_PR_SET_DUMPABLE, 0)
-        with contextlib.suppress(ImportError):
-            from airflow.sdk._shared.secrets_masker import reset_secrets_masker
-
-            reset_secrets_masker()
+        sdk_internals.reset_secrets_masker()
         set_title("tether-agent spare: task process, waiting")
         if not os.read(go, 1):
             os._exit(0)  # let go without a task
@@ -273,9 +203,7 @@ def _wait_then_run(  # pragma: no cover - runs in the waiting task process
         (out, read_out), (err, read_err), (requests, read_requests), (logs, read_logs) = pairs
         for end in (read_requests, read_out, read_err, read_logs):
             end.close()
-        from airflow.sdk.execution_time.supervisor import _fork_main
-
-        _fork_main(requests, out, err, logs.fileno(), target)
+        sdk_internals.fork_main(requests, out, err, logs.fileno(), target)
     except BaseException:
         import traceback
 

@@ -19,6 +19,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from tether.agent.sdk_internals import Availability
+
 log = logging.getLogger("tether.agent.health")
 
 
@@ -39,6 +41,16 @@ class AgentMetrics:
             "tether_agent_heartbeat_seconds", "Heartbeat round-trip time", registry=self.registry
         )
         self.connected = Gauge("tether_agent_plane_connected", "1 while the plane answers", registry=self.registry)
+        self.sdk_feature = Gauge(
+            "tether_agent_sdk_feature",
+            "1 where a feature relying on the Task SDK's internals is on, 0 where the agent uses its fallback",
+            ["feature"],
+            registry=self.registry,
+        )
+
+    def sdk_features(self, availability: Availability) -> None:
+        for feature, reason in availability.items():
+            self.sdk_feature.labels(feature.value).set(0 if reason else 1)
 
 
 class HealthServer:

@@ -34,7 +34,8 @@ from typing import Any, NoReturn, Protocol
 
 import psutil
 
-from tether.agent.headstart import Headstart, unsupported
+from tether.agent import sdk_internals
+from tether.agent.headstart import Headstart
 from tether.agent.launcher import MAX_WORKLOAD_BYTES, Launcher, leave_agents_signals, reap_strays, set_title
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def task_sdk_tls_environment(
     return env
 
 
-def warm_up() -> None:
+def warm_up(availability: sdk_internals.Availability) -> None:
     """Load, once in the agent, what every task would otherwise load after the fork.
 
     A forked child inherits its parent's modules, and their pages stay shared.
@@ -149,27 +150,24 @@ def warm_up() -> None:
 
     try:
         import airflow.dag_processing.dagbag
+        import airflow.executors.workloads
         import airflow.sdk
         from airflow.dag_processing.bundles.manager import DagBundlesManager
-        from airflow.sdk.api.client import API_SSL_CA_FILE_PATH, API_SSL_CERT_PATH, Client
         from airflow.sdk.listener import get_listener_manager
 
         DagBundlesManager()  # type: ignore[no-untyped-call]
         get_listener_manager()
-        # The supervisor's Execution API client loads the CA bundle into an SSL
-        # context it caches per process: once here instead of once per task.
-        Client._get_ssl_context_cached(API_SSL_CA_FILE_PATH, API_SSL_CERT_PATH)
         # Nearly every DAG file imports from the Task SDK (`from airflow.sdk import
         # DAG, task`); its public names load lazily, `task` pulling in the standard
         # provider's operators. About 50 ms of CPU per task, for 1 MiB here.
         for name in airflow.sdk.__all__:
             with contextlib.suppress(Exception):
                 getattr(airflow.sdk, name)
-        # What the supervisor imports for every task as it opens the task's log, and
-        # the process title: a few milliseconds of CPU per task.
-        for module in ("setproctitle", "airflow.sdk._shared.logging.factory", "airflow.sdk._shared.logging.remote"):
-            with contextlib.suppress(ImportError):
-                importlib.import_module(module)
+        # The process title every supervisor sets: a few milliseconds of CPU per task.
+        with contextlib.suppress(ImportError):
+            importlib.import_module("setproctitle")
+        if availability[sdk_internals.Feature.PRELOAD] is None:
+            sdk_internals.preload()
     except Exception as exc:
         log.warning("Could not pre-load the task runner's modules; each task will load them: %s", exc)
     # Objects made so far are never collected: the collector then leaves their
@@ -190,15 +188,17 @@ class ForkRunner:
         task_nice: int = 10,
         min_spares: int = MIN_SPARES,
         max_spares: int = MIN_SPARES,
+        availability: sdk_internals.Availability | None = None,
     ) -> None:
+        """``availability``: the Task SDK features this agent may use (``sdk_internals.check()`` by default)."""
         self.execution_api_url = execution_api_url
         self.task_nice = task_nice
         os.environ.update(task_sdk_tls_environment(ca_bundle=ca_bundle, client_cert=client_cert, client_key=client_key))
-        warm_up()
+        self.availability = dict(availability) if availability is not None else sdk_internals.check()
+        sdk_internals.log_unavailable(self.availability)
+        warm_up(self.availability)
         self._headstart: Headstart | None = None
-        self._no_headstart = unsupported() if max_spares > 0 else None
-        if self._no_headstart is not None:
-            log.info("Spares start tasks without a head start: %s", self._no_headstart)
+        self._no_headstart = self.availability[sdk_internals.Feature.HEAD_START] if max_spares > 0 else None
         # Forked now, before the agent opens any socket: the spares inherit none.
         self._launcher = (
             Launcher.fork(
@@ -214,19 +214,21 @@ class ForkRunner:
         self._housekeeping: asyncio.TimerHandle | None = None
 
     def supervisor_arguments(self, workload: dict[str, Any]) -> dict[str, Any]:
-        """``supervise_task``'s arguments for a workload; raises if the workload is malformed."""
-        from airflow.sdk.api.datamodels._generated import BundleInfo, TaskInstance
+        """``supervise_task``'s arguments for a workload, as Airflow's own executors give them.
 
-        ti = TaskInstance.model_validate({k: v for k, v in workload["ti"].items() if k in TaskInstance.model_fields})
-        bundle_info = BundleInfo.model_validate(workload["bundle_info"])
+        Raises if the workload is malformed. Fields a newer plane's Airflow added are ignored.
+        """
+        from airflow.executors.workloads import ExecuteTask
+
+        task = ExecuteTask.model_validate(workload)
         return {
-            "ti": ti,
-            "bundle_info": bundle_info,
-            "dag_rel_path": workload["dag_rel_path"],
-            "token": workload["token"],
+            "ti": task.ti,
+            "bundle_info": task.bundle_info,
+            "dag_rel_path": task.dag_rel_path,
+            "token": task.token,
             "server": self.execution_api_url,
-            "log_path": workload.get("log_path"),
-            "sentry_integration": workload.get("sentry_integration") or "",
+            "log_path": task.log_path,
+            "sentry_integration": getattr(task, "sentry_integration", "") or "",
         }
 
     async def spawn(self, workload: dict[str, Any]) -> ForkedTask:
@@ -250,7 +252,7 @@ class ForkRunner:
                 if self._launcher is not None:
                     self._launcher.close_inherited()
             finally:
-                _child_main(kwargs, self.task_nice)
+                _child_main(kwargs, self.task_nice, self.availability)
         try:
             os.setpgid(pid, pid)
         except OSError:
@@ -294,7 +296,7 @@ class ForkRunner:
             if self._headstart is not None:
                 self._headstart.release()
             os._exit(EXIT_SETUP_FAILED)
-        _child_main(kwargs, self.task_nice)
+        _child_main(kwargs, self.task_nice, self.availability)
 
     def _start_housekeeping(self) -> None:
         if self._housekeeping is None:
@@ -312,32 +314,6 @@ class ForkRunner:
             log.debug("Reaped process %d, left behind by a task", pid)
 
 
-class _ExitWatch:
-    """A pidfd for the supervisor's selector: it becomes readable when the task process has exited."""
-
-    def __init__(self, pid: int) -> None:
-        self._fd: int | None = os.pidfd_open(pid)
-
-    def fileno(self) -> int:
-        if self._fd is None:
-            raise ValueError("closed")
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _exited(watch: _ExitWatch) -> bool:
-    """Nothing to read: the supervisor drops the watch and looks at the exit status."""
-    return False
-
-
-def _dropped(watch: _ExitWatch) -> None:
-    """The supervisor closes the watch itself after this."""
-
-
 def watch_task_exit(process_class: Any) -> bool:
     """Make the Task SDK's supervisor notice the task process's exit the moment it happens.
 
@@ -348,31 +324,14 @@ def watch_task_exit(process_class: Any) -> bool:
     ten finished that late. A pidfd among the watched files wakes it at the exit.
 
     Only ever called in a forked child that exists to run one task. Returns whether
-    the watch is in place; when the SDK no longer looks as expected the task runs
-    without it, as before.
+    the watch is in place.
     """
-    import selectors
-
-    original = process_class.__dict__.get("start")
-    if not isinstance(original, classmethod) or not hasattr(os, "pidfd_open"):
+    if not hasattr(os, "pidfd_open"):
         return False
-    start = original.__func__
-
-    def start_watched(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        process = start(cls, *args, **kwargs)
-        selector = getattr(process, "selector", None)
-        if isinstance(selector, selectors.BaseSelector):
-            try:
-                selector.register(_ExitWatch(process.pid), selectors.EVENT_READ, (_exited, _dropped))
-            except OSError as exc:
-                log.debug("Not watching the task process's exit: %s", exc)
-        return process
-
-    process_class.start = classmethod(start_watched)
-    return True
+    return sdk_internals.after_task_start(process_class, sdk_internals.watch_exit)
 
 
-def run_started_tasks_nicer(process_class: Any, increment: int) -> bool:
+def run_started_tasks_nicer(process_class: Any | None, increment: int) -> bool:
     """Run the task, and its supervisor once the task has started, ``increment`` steps nicer than now.
 
     Called in a task's supervisor. Its only fork is the task process, which gets
@@ -380,8 +339,8 @@ def run_started_tasks_nicer(process_class: Any, increment: int) -> bool:
     until the task has started, so starting a task is served before running
     them. The target is absolute, so what the task forks keeps the task's
     priority instead of dropping another ``increment``. Raising niceness needs no
-    privilege. Returns whether the supervisor's own priority follows; when the
-    SDK no longer looks as expected, only the task process runs nicer.
+    privilege. Returns whether the supervisor's own priority follows; without a
+    ``process_class`` to hook (the SDK is not as expected), only the task process runs nicer.
     """
     if increment <= 0:
         return False
@@ -393,28 +352,23 @@ def run_started_tasks_nicer(process_class: Any, increment: int) -> bool:
                 os.setpriority(os.PRIO_PROCESS, 0, target)
 
     os.register_at_fork(after_in_child=lower)
-    original = process_class.__dict__.get("start")
-    if not isinstance(original, classmethod):
+    if process_class is None:
         return False
-    start = original.__func__
-
-    def start_then_lower(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        process = start(cls, *args, **kwargs)
-        lower()
-        return process
-
-    process_class.start = classmethod(start_then_lower)
-    return True
+    return sdk_internals.after_task_start(process_class, lambda _process: lower())
 
 
-def _child_main(kwargs: dict[str, Any], task_nice: int) -> NoReturn:  # pragma: no cover - runs in the child
+def _child_main(
+    kwargs: dict[str, Any], task_nice: int, availability: sdk_internals.Availability
+) -> NoReturn:  # pragma: no cover - runs in the child
     code = EXIT_SETUP_FAILED
     try:
         leave_agents_signals()
         from airflow.sdk.execution_time.supervisor import ActivitySubprocess, supervise_task
 
-        watch_task_exit(ActivitySubprocess)
-        run_started_tasks_nicer(ActivitySubprocess, task_nice)
+        if availability[sdk_internals.Feature.EXIT_WATCH] is None:
+            watch_task_exit(ActivitySubprocess)
+        hooked = availability[sdk_internals.Feature.SUPERVISOR_PRIORITY] is None
+        run_started_tasks_nicer(ActivitySubprocess if hooked else None, task_nice)
 
         ti = kwargs["ti"]
         set_title(f"tether-agent task: {ti.dag_id}.{ti.task_id} run={ti.run_id} try={ti.try_number}")
