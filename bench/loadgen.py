@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import uvloop
+from pydantic import BaseModel
 
 import tether
 from bench.stats import percentile
@@ -62,7 +63,7 @@ class SimulatedAgent:
         self.interval = 10.0
         self.lease_wait = 20.0
 
-    async def _post(self, path: str, body: protocol._Model, timeout: float = 30.0) -> httpx.Response:
+    async def _post(self, path: str, body: BaseModel, timeout: float = 30.0) -> httpx.Response:
         return await self.http.post(
             path,
             content=body.model_dump_json(),

@@ -6,6 +6,7 @@ TetherError
  │    └── ProtocolError     an answer the agent cannot read as the protocol's (a proxy's page, a broken body)
  ├── PlaneRefused           the plane answered the agent 4xx: the same request will not succeed
  └── PlaneError             a request the plane refuses (raised on the plane); carries the HTTP status it maps to
+      ├── VersionRefused    400: a protocol revision outside what the plane serves (ADR 5)
       ├── Unauthorized      401: no, malformed, unknown, expired or revoked agent token
       ├── Forbidden         403: address outside the allowed IP ranges
       ├── NotFound          404: no such agent or job (a deleted agent re-registers)
@@ -50,6 +51,10 @@ class PlaneError(TetherError):
         super().__init__(detail)
         self.detail = detail
         self.reason = reason
+
+
+class VersionRefused(PlaneError):
+    status_code = 400
 
 
 class Unauthorized(PlaneError):

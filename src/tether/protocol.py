@@ -1,8 +1,16 @@
 """The agent protocol, version 1: the one wire format shared by plane and agent.
 
-Every body is a pydantic model with ``extra="forbid"`` so that both ends reject
-what they do not understand instead of silently ignoring it. Sizes are bounded
-here, once, so the API and the agent cannot disagree about them.
+Strict in what is accepted, tolerant in what is read back (ADR 5). Requests are
+models with ``extra="forbid"``: the plane refuses what it does not understand.
+Answers are models that ignore fields they do not know, so a newer plane never
+breaks an older agent; and the plane writes each answer in the revision the
+caller speaks (``written_for``), leaving out fields added after it, for agents
+that read strictly (Tether 0.1). Sizes are bounded here, once, so the API and
+the agent cannot disagree about them.
+
+Revisions of protocol 1 add to it and never take away. Each release speaks its
+own revision and every older one back to ``OLDEST_PROTOCOL``: the revision of
+the previous minor release. Agents send theirs in ``X-Tether-Protocol``.
 """
 
 from __future__ import annotations
@@ -12,10 +20,17 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, field_validator
+from pydantic_core import to_jsonable_python
 
-PROTOCOL_VERSION = 1
+#: The revision of protocol 1 this release speaks.
+PROTOCOL_VERSION = 2
+#: The oldest revision this release still serves: the previous minor release's.
+OLDEST_PROTOCOL = 1
+#: The release that introduced each revision, for messages that say what to upgrade to.
+PROTOCOL_RELEASES = {1: "0.1", 2: "0.2"}
 PROTOCOL_HEADER = "X-Tether-Protocol"
+VERSION_HEADER = "X-Tether-Version"
 REQUEST_ID_HEADER = "X-Request-Id"
 API_PREFIX = "/tether/v1"
 
@@ -28,8 +43,40 @@ ShortText = Annotated[str, StringConstraints(max_length=256)]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._/-]+$")]
 
 
-class _Model(BaseModel):
+class _Request(BaseModel):
+    """What agents send: anything the plane does not know is refused."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Answer(BaseModel):
+    """What the plane sends: fields the reader does not know are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def since(revision: int) -> dict[str, JsonValue]:
+    """``json_schema_extra`` of an answer field added in ``revision``: left out for older callers."""
+    return {"since": revision}
+
+
+def written_for(answer: BaseModel, revision: int) -> Any:
+    """``answer`` as JSON-ready data in ``revision``: without the fields added after it, at any depth."""
+    return to_jsonable_python(_prune(answer, revision))
+
+
+def _prune(value: Any, revision: int) -> Any:
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, info in type(value).model_fields.items():
+            extra = info.json_schema_extra
+            if isinstance(extra, dict) and int(extra.get("since", 1)) > revision:  # type: ignore[arg-type]
+                continue
+            out[name] = _prune(getattr(value, name), revision)
+        return out
+    if isinstance(value, list):
+        return [_prune(item, revision) for item in value]
+    return value
 
 
 class AgentRole(enum.StrEnum):
@@ -66,7 +113,7 @@ class ReportState(enum.StrEnum):
 # -- register -----------------------------------------------------------------
 
 
-class RegisterRequest(_Model):
+class RegisterRequest(_Request):
     name: Name
     incarnation: uuid.UUID
     tether_version: ShortText
@@ -79,7 +126,7 @@ class RegisterRequest(_Model):
     labels: dict[LabelKey, ShortText] = Field(default_factory=dict, max_length=64)
 
 
-class RegisterResponse(_Model):
+class RegisterResponse(_Answer):
     agent_id: uuid.UUID
     heartbeat_interval: float
     lease_wait: float
@@ -89,7 +136,7 @@ class RegisterResponse(_Model):
 # -- heartbeat ----------------------------------------------------------------
 
 
-class HeartbeatRequest(_Model):
+class HeartbeatRequest(_Request):
     incarnation: uuid.UUID
     running_jobs: list[uuid.UUID] = Field(default_factory=list, max_length=1024)
     free_slots: int = Field(ge=0, le=1024)
@@ -97,30 +144,38 @@ class HeartbeatRequest(_Model):
     metrics: dict[Annotated[str, StringConstraints(max_length=64)], float] = Field(default_factory=dict, max_length=32)
 
 
-class KillJob(_Model):
+class KillJob(_Answer):
     kind: Literal["kill"] = "kill"
     job_id: uuid.UUID
     reason: ShortText
 
 
-class HeartbeatResponse(_Model):
+class HeartbeatResponse(_Answer):
     status: AgentStatus
     cordoned: bool
     heartbeat_interval: float
     commands: list[KillJob] = Field(default_factory=list)
 
+    @field_validator("commands", mode="before")
+    @classmethod
+    def _known_commands(cls, value: Any) -> Any:
+        """Commands of kinds this agent does not know (a newer plane's) are not for it."""
+        if isinstance(value, list):
+            return [item for item in value if not isinstance(item, dict) or item.get("kind") == "kill"]
+        return value
+
 
 # -- lease --------------------------------------------------------------------
 
 
-class LeaseRequest(_Model):
+class LeaseRequest(_Request):
     incarnation: uuid.UUID
     free_slots: int = Field(ge=1, le=1024)
     queues: list[QueueName] = Field(min_length=1, max_length=64)
     wait: float = Field(default=20.0, ge=0, le=60)
 
 
-class Lease(_Model):
+class Lease(_Answer):
     job_id: uuid.UUID
     pool_slots: int
     lease_expires_at: datetime
@@ -128,30 +183,30 @@ class Lease(_Model):
     workload: dict[str, Any]
 
 
-class LeaseResponse(_Model):
+class LeaseResponse(_Answer):
     leases: list[Lease] = Field(default_factory=list)
 
 
 # -- start gate and report ------------------------------------------------------
 
 
-class StartRequest(_Model):
+class StartRequest(_Request):
     incarnation: uuid.UUID
 
 
-class StartResponse(_Model):
+class StartResponse(_Answer):
     job_id: uuid.UUID
     state: JobState
 
 
-class StartManyRequest(_Model):
+class StartManyRequest(_Request):
     """The start gate for the jobs of one lease answer, in one call."""
 
     incarnation: uuid.UUID
     job_ids: list[uuid.UUID] = Field(min_length=1, max_length=1024)
 
 
-class StartRefusal(_Model):
+class StartRefusal(_Answer):
     """Why one job of a ``StartManyRequest`` must not start: what a single start would have answered."""
 
     job_id: uuid.UUID
@@ -160,25 +215,25 @@ class StartRefusal(_Model):
     detail: str
 
 
-class StartManyResponse(_Model):
+class StartManyResponse(_Answer):
     #: The jobs that passed the gate: run these, and only these.
     started: list[uuid.UUID] = Field(default_factory=list)
     refused: list[StartRefusal] = Field(default_factory=list)
 
 
-class ReportRequest(_Model):
+class ReportRequest(_Request):
     incarnation: uuid.UUID
     state: ReportState
     exit_code: int | None = Field(default=None, ge=-255, le=255)
     reason: ShortText | None = None
 
 
-class ReportResponse(_Model):
+class ReportResponse(_Answer):
     job_id: uuid.UUID
     state: JobState
 
 
-class PreflightResponse(_Model):
+class PreflightResponse(_Answer):
     """What a preflight learns: the token works from this address, and which plane answers."""
 
     token_name: str
@@ -188,14 +243,29 @@ class PreflightResponse(_Model):
     heartbeat_interval: float
 
 
-class Problem(_Model):
+class Problem(_Answer):
     """Every error body: one sentence a person can act on."""
 
     detail: str
     reason: str
 
 
-class Health(_Model):
+class Health(_Answer):
     status: Literal["ok"] = "ok"
+    #: The revision the answer is written in: the caller's, where the plane serves it.
     protocol: int = PROTOCOL_VERSION
     version: str
+    #: The oldest revision the plane serves.
+    oldest_protocol: int = Field(default=OLDEST_PROTOCOL, json_schema_extra=since(2))
+
+
+def parse_revision(text: str | None) -> int | None:
+    """The revision an ``X-Tether-Protocol`` header names; None when it names none."""
+    if text is None or not text.strip().isdigit() or len(text.strip()) > 6:
+        return None
+    return int(text.strip())
+
+
+def release_of(revision: int) -> str:
+    """The Tether release line that speaks ``revision``, for people."""
+    return PROTOCOL_RELEASES.get(revision, f"with protocol {revision}")

@@ -8,6 +8,7 @@ from datetime import datetime
 import httpx
 
 from tests.e2e.conftest import Deployment, dump_logs
+from tether import protocol
 
 
 def test_chain_and_fanout_succeed_on_one_agent(deployment: Deployment) -> None:
@@ -94,11 +95,14 @@ def test_bad_tokens_and_bodies_are_refused_by_the_real_api_server(deployment: De
         "queues": ["default"],
         "slots": 1,
     }
-    no_token = httpx.post(url, json=body, timeout=10)
+    speaks = {protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)}
+    no_token = httpx.post(url, json=body, headers=speaks, timeout=10)
     assert no_token.status_code == 401 and no_token.json()["reason"] == "no_token"
-    bad_token = httpx.post(url, json=body, headers={"Authorization": "Bearer tether_0000000000_" + "x" * 43})
+    bad_token = httpx.post(
+        url, json=body, headers={"Authorization": "Bearer tether_0000000000_" + "x" * 43, **speaks}, timeout=10
+    )
     assert bad_token.status_code == 401 and bad_token.json()["reason"] == "token_unknown"
-    auth = {"Authorization": f"Bearer {deployment.token}"}
+    auth = {"Authorization": f"Bearer {deployment.token}", **speaks}
     malformed = httpx.post(url, json={**body, "slots": -3}, headers=auth, timeout=10)
     assert malformed.status_code == 422 and "slots" in malformed.json()["detail"]
     unknown = httpx.post(url, json={**body, "extra": True}, headers=auth, timeout=10)

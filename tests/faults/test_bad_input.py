@@ -122,7 +122,7 @@ def test_hostile_requests_get_a_clear_4xx_with_a_reason(plane: Plane, admin: Adm
             refused = httpx.post(
                 f"{plane.url}/tether/v1{register}",
                 json=_register_body("bad-token"),
-                headers={"Authorization": f"Bearer {bad}".encode()},
+                headers={"Authorization": f"Bearer {bad}".encode(), "X-Tether-Protocol": b"1"},
                 timeout=10,
             )
             _problem(refused, 401, ("token_malformed", "token_unknown"))

@@ -12,13 +12,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
-from tether import errors
+from tether import errors, protocol
 from tether.plane.api.app import create_app
 from tether.plane.api.deps import PlaneContext
 from tether.plane.config import PlaneSettings
 from tether.plane.models import metadata
 from tether.plane.store import Store
 from tether.plane.store.testing import StoreAgent
+
+#: The header every agent call carries: the revision the agent speaks.
+SPEAKS = {protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)}
 
 SETTINGS = PlaneSettings(
     heartbeat_interval=timedelta(seconds=1),
@@ -102,4 +105,4 @@ def enqueue(store: Store, *workloads: object) -> None:
             store.enqueue(session, workload)
 
 
-__all__ = ["SETTINGS", "StoreAgent", "enqueue", "fake_authorizer"]
+__all__ = ["SETTINGS", "SPEAKS", "StoreAgent", "enqueue", "fake_authorizer"]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.integration.conftest import SETTINGS
+from tests.integration.conftest import SETTINGS, SPEAKS
 from tether.plane.models import AgentToken
 from tether.plane.store import Store, utcnow
 
@@ -29,7 +29,7 @@ def _register(client: TestClient, token: str, name: str = "a1", incarnation: str
         "slots": 4,
         "labels": {"zone": "eu"},
     }
-    return client.post("/v1/agents/register", json=body, headers={"Authorization": f"Bearer {token}"})
+    return client.post("/v1/agents/register", json=body, headers={"Authorization": f"Bearer {token}", **SPEAKS})
 
 
 def test_token_lifecycle_shows_the_secret_once(client: TestClient) -> None:
@@ -143,7 +143,7 @@ def test_a_live_agent_re_registers_after_delete_unless_its_token_is_revoked(clie
     heartbeat = client.post(
         f"/v1/agents/{agent_id}/heartbeat",
         json={"incarnation": incarnation, "free_slots": 4},
-        headers={"Authorization": f"Bearer {issued.text}"},
+        headers={"Authorization": f"Bearer {issued.text}", **SPEAKS},
     )
     assert heartbeat.status_code == 404 and heartbeat.json()["reason"] == "agent_deleted"
     again = _register(client, issued.text, incarnation=incarnation)

@@ -12,15 +12,21 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from tests.integration.conftest import enqueue
+import tether
+from tests.integration.conftest import SPEAKS, enqueue
 from tether.plane.models import Agent, Job
 from tether.plane.store import Store, utcnow
+from tether.protocol import PROTOCOL_HEADER, VERSION_HEADER
+
+
+def store_of(client: TestClient) -> Store:
+    return client.app.state.tether.store  # type: ignore[attr-defined,no-any-return]
 
 
 class AgentCalls:
     def __init__(self, client: TestClient, token: str, name: str = "a1", **register: Any) -> None:
         self.client = client
-        self.headers = {"Authorization": f"Bearer {token}"}
+        self.headers = {"Authorization": f"Bearer {token}", **SPEAKS}
         self.incarnation = str(uuid.uuid4())
         self.name = name
         self.register_extra = register
@@ -260,7 +266,7 @@ def test_heartbeat_orders_a_kill_for_jobs_the_agent_no_longer_holds(
 def test_requests_without_a_valid_token_get_401_and_change_nothing(
     client: TestClient, store: Store, authorization: str | None, reason: str
 ) -> None:
-    headers = {"Authorization": authorization} if authorization else {}
+    headers = {**SPEAKS, "Authorization": authorization} if authorization else dict(SPEAKS)
     body = {
         "name": "x",
         "incarnation": str(uuid.uuid4()),
@@ -311,7 +317,7 @@ def test_malformed_bodies_get_422_with_a_reason_and_change_nothing(
 
 
 def test_oversized_and_non_json_bodies_are_refused(client: TestClient, store: Store, token: str) -> None:
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json", **SPEAKS}
     big = client.post("/v1/agents/register", content=b"{" + b" " * 100_000 + b"}", headers=headers)
     assert big.status_code == 413 and big.json()["reason"] == "body_too_large"
     garbage = client.post("/v1/agents/register", content=b"{not json", headers=headers)
@@ -319,11 +325,40 @@ def test_oversized_and_non_json_bodies_are_refused(client: TestClient, store: St
     assert _count(store, Agent) == 0
 
 
-def test_protocol_version_mismatch_is_refused(client: TestClient, token: str) -> None:
+@pytest.mark.parametrize(
+    ("header", "reason", "names"),
+    [
+        (None, "protocol_missing", ["X-Tether-Protocol", "protocol 1 to 2"]),
+        ("two", "protocol_missing", ["X-Tether-Protocol"]),
+        ("99", "agent_too_new", ["Tether 0.9.0 (protocol 99)", "upgrade the plane first"]),
+        ("0", "agent_too_old", ["Tether 0.9.0 (protocol 0)", "upgrade the agent to Tether 0.1 or newer"]),
+    ],
+)
+def test_a_protocol_revision_the_plane_does_not_serve_is_refused_naming_both_versions(
+    client: TestClient, store: Store, token: str, header: str | None, reason: str, names: list[str]
+) -> None:
     calls = AgentCalls(client, token)
-    calls.headers["X-Tether-Protocol"] = "99"
+    calls.headers.pop(PROTOCOL_HEADER)
+    calls.headers[VERSION_HEADER] = "0.9.0"
+    if header is not None:
+        calls.headers[PROTOCOL_HEADER] = header
     response = calls.register()
-    assert response.status_code == 422 and response.json()["reason"] == "protocol_mismatch"
+    assert response.status_code == 400 and response.json()["reason"] == reason
+    assert f"this plane runs Tether {tether.__version__}" in response.json()["detail"]
+    for name in names:
+        assert name in response.json()["detail"]
+    assert _count(store, Agent) == 0
+
+
+def test_an_agent_of_the_previous_revision_gets_answers_in_its_revision(client: TestClient, token: str) -> None:
+    calls = AgentCalls(client, token)
+    calls.headers[PROTOCOL_HEADER] = "1"
+    assert calls.register().status_code == 200
+    health = client.get("/v1/health", headers={PROTOCOL_HEADER: "1"}).json()
+    assert health == {"status": "ok", "protocol": 1, "version": tether.__version__}
+    assert client.get("/v1/health").json()["oldest_protocol"] == 1  # the current revision's answer has it
+    with store_of(client).transaction() as session:
+        assert session.scalars(select(Agent.protocol)).all() == [1]
 
 
 def test_every_response_carries_a_request_id(client: TestClient) -> None:

@@ -64,3 +64,49 @@ def test_every_revision_is_mapped_to_a_release() -> None:
 
 def test_migrations_ship_with_the_package() -> None:
     assert (Path(TetherDBManager.migration_dir) / "env.py").is_file()
+
+
+def test_upgrading_from_the_first_release_keeps_tokens_cordons_and_queued_jobs(database_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    config = _config(database_url)
+    command.upgrade(config, TetherDBManager.revision_heads_map["0.1.0"])
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO tether_agent_token (id, name, secret_hash, created_at) "
+                "VALUES ('0123456789', 'fleet', 'h', :now)"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO tether_agent (id, name, incarnation, token_id, hostname, tether_version, "
+                "airflow_version, python_version, roles, queues, labels, slots, free_slots, draining, cordoned, "
+                "cordon_reason, cordoned_by, first_seen, registered_at, last_heartbeat, heartbeat_interval, metrics) "
+                "VALUES ('a1', 'agent-1', 'i1', '0123456789', 'h', '0.1.0', '3.3.2', '3.11', '[\"worker\"]', "
+                "'[\"default\"]', '{}', 4, 4, false, true, 'disk', 'cli:ops', :now, :now, :now, 10, '{}')"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO tether_job (id, ti_id, dag_id, task_id, run_id, map_index, try_number, queue, "
+                "pool_slots, priority_weight, state, workload, queued_at) "
+                "VALUES ('j1', 't1', 'd', 't', 'r', -1, 1, 'default', 1, 1, 'QUEUED', '{}', :now)"
+            ),
+            {"now": now},
+        )
+    command.upgrade(config, "head")
+    with engine.connect() as conn:
+        token = conn.execute(text("SELECT name, secret_hash, revoked_at FROM tether_agent_token")).one()
+        agent = conn.execute(text("SELECT cordoned, cordon_reason, cordoned_by, protocol FROM tether_agent")).one()
+        job = conn.execute(text("SELECT id, state FROM tether_job")).one()
+    engine.dispose()
+    assert tuple(token) == ("fleet", "h", None)
+    assert (bool(agent[0]), *agent[1:]) == (True, "disk", "cli:ops", 1)
+    assert tuple(job) == ("j1", "QUEUED")

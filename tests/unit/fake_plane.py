@@ -33,6 +33,8 @@ class FakePlane:
     #: Calls (the last part of their path: "register", "heartbeat", "lease", ...) answered with a body that
     #: is not the protocol's, as a proxy's error page or a broken plane would answer.
     garbled: set[str] = field(default_factory=set)
+    #: A refusal (status, body) given to every registration, as a plane that does not serve this agent answers.
+    refuse_register: tuple[int, dict[str, Any]] | None = None
     agent_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def add_job(self, task_id: str = "t", pool_slots: int = 1) -> str:
@@ -52,6 +54,9 @@ class FakePlane:
         body = json.loads(request.content or b"{}")
         if path == "/agents/register":
             self.registrations += 1
+            if self.refuse_register is not None:
+                status, problem = self.refuse_register
+                return httpx.Response(status, json=problem)
             return httpx.Response(
                 200,
                 json={"agent_id": self.agent_id, "heartbeat_interval": 0.05, "lease_wait": 0.05, "cordoned": False},

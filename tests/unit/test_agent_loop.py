@@ -238,3 +238,43 @@ def test_an_answer_that_is_not_the_protocols_is_retried_like_an_outage(caplog: p
     with caplog.at_level("WARNING", logger="tether.agent"):
         run(scenario)
     assert "request_id=" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        # What a Tether 0.1 plane answers an agent that speaks a later revision.
+        (422, {"detail": "this plane speaks protocol 1, the agent sent '2'", "reason": "protocol_mismatch"}),
+        (400, {"detail": "this plane runs Tether 0.3.0 ...: upgrade the agent", "reason": "agent_too_old"}),
+    ],
+    ids=["older-plane", "newer-plane"],
+)
+def test_a_version_refusal_is_logged_once_and_asked_again_until_it_ends(
+    refusal: tuple[int, dict[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        plane, runner = FakePlane(refuse_register=refusal), FakeRunner()
+        agent = _agent(plane, runner)
+        running = asyncio.create_task(agent.run())
+        await until(lambda: plane.registrations >= 5)
+        assert not running.done()
+        refused = [r for r in caplog.records if "refuses this agent's registration" in r.getMessage()]
+        assert len(refused) == 1 and refusal[1]["detail"] in refused[0].getMessage()
+        plane.refuse_register = None  # the plane (or the agent) was upgraded
+        await until(lambda: agent.state.registration is not None)
+        assert "accepts this agent's calls again" in caplog.text
+        agent.stop()
+        assert await running == 0
+
+    with caplog.at_level("INFO", logger="tether.agent"):
+        run(scenario)
+
+
+def test_a_request_the_plane_finds_malformed_stops_the_agent() -> None:
+    async def scenario() -> None:
+        refusal = (422, {"detail": "invalid request: slots: too many", "reason": "invalid_request"})
+        plane, runner = FakePlane(refuse_register=refusal), FakeRunner()
+        assert await _agent(plane, runner).run() == 3
+        assert plane.registrations == 1
+
+    run(scenario)

@@ -14,6 +14,7 @@ import platform
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -31,10 +32,44 @@ log = logging.getLogger("tether.agent")
 KILL_GRACE = timedelta(seconds=10)
 #: Refusals of a start that concern the agent, not the job: no other job of the call may start either.
 _AGENT_REFUSALS = frozenset({"agent_not_found", "agent_deleted", "token_mismatch", "superseded"})
+#: Refusals that name the plane's and the agent's versions (ADR 5): only an upgrade ends them, so the
+#: agent keeps asking at its slowest pace instead of exiting into a crash loop. ``protocol_mismatch``
+#: is what a Tether 0.1 plane answers an agent newer than itself.
+VERSION_REFUSALS = frozenset({"protocol_mismatch", "protocol_missing", "agent_too_old", "agent_too_new"})
+#: How often a refusal that does not change is logged again.
+REFUSAL_REMINDER = timedelta(minutes=5)
 
 
 class AgentStopped(TetherError):
     """The plane told this agent to stop for good (superseded, or its token refused at start-up)."""
+
+
+class RefusalNotice:
+    """Logs the plane's refusals of this agent: a line when the refusal changes, then a reminder now and then.
+
+    An agent refused for a reason that lasts (a revoked token, an unsupported version)
+    asks again on every heartbeat and lease; a line per call would bury everything else.
+    """
+
+    def __init__(self, *, remind_every: timedelta = REFUSAL_REMINDER, clock: Callable[[], float] = time.monotonic):
+        self._remind_every = remind_every.total_seconds()
+        self._clock = clock
+        self._current: tuple[int, str] | None = None
+        self._logged_at = 0.0
+
+    def refused(self, call: str, exc: PlaneRefused, retry_in: float) -> None:
+        key = (exc.status, exc.reason)
+        now = self._clock()
+        if key == self._current and now - self._logged_at < self._remind_every:
+            return
+        again = " (still)" if key == self._current else ""
+        self._current, self._logged_at = key, now
+        log.error("The plane refuses this agent's %s%s: %s; asking again in %.0fs", call, again, exc, retry_in)
+
+    def accepted(self) -> None:
+        if self._current is not None:
+            log.info("The plane accepts this agent's calls again")
+            self._current = None
 
 
 @dataclass
@@ -88,6 +123,7 @@ class Agent:
         self._health: HealthServer | None = None
         self._pending_stop = False
         self._start_one_by_one = False
+        self._refusals = RefusalNotice()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -180,13 +216,14 @@ class Agent:
                 delay = backoff.next_delay()
                 log.warning("Cannot register yet (%s); retrying in %.1fs", exc, delay)
             except PlaneRefused as exc:
-                if exc.status == 422:
-                    # The request itself is wrong (e.g. protocol version): retrying cannot help.
+                if exc.status == 422 and exc.reason not in VERSION_REFUSALS:
+                    # The request itself is wrong: retrying cannot help.
                     raise AgentStopped(f"the plane refused this agent: {exc.detail}") from exc
-                # A refused token or address can be fixed on the plane without restarting us.
+                # A refused token or address is fixed on the plane, a version refused by an
+                # upgrade of the plane or of the agent: either without restarting this process.
                 self.metrics.plane_errors.labels("refused").inc()
                 delay = backoff.next_delay()
-                log.error("Registration refused (%s); retrying in %.1fs", exc, delay)
+                self._refusals.refused("registration", exc, delay)
             await self._sleep_or_stop(delay)
         return False
 
@@ -212,6 +249,7 @@ class Agent:
         self.state.cordoned = answer.cordoned
         self.state.last_contact = time.monotonic()
         self.metrics.connected.set(1)
+        self._refusals.accepted()
         log.info(
             "Registered as %s (agent id %s, queues %s, %d slots%s)",
             self.settings.name,
@@ -221,7 +259,7 @@ class Agent:
             ", cordoned" if answer.cordoned else "",
         )
 
-    async def _on_refused(self, exc: PlaneRefused) -> None:
+    async def _on_refused(self, call: str, exc: PlaneRefused, retry_in: float) -> None:
         """Act on a 4xx the plane gave to a heartbeat or lease."""
         if exc.reason == "superseded":
             raise AgentStopped(f"another process took over this agent's name: {exc.detail}")
@@ -229,7 +267,7 @@ class Agent:
             log.warning("The plane no longer knows this agent (%s); registering again", exc.detail)
             await self._register()
             return
-        log.error("The plane refused this agent: %s", exc)
+        self._refusals.refused(call, exc, retry_in)
 
     # -- heartbeat --------------------------------------------------------------
 
@@ -249,11 +287,11 @@ class Agent:
                 interval = min(interval, backoff.next_delay())
             except PlaneRefused as exc:
                 self.metrics.plane_errors.labels("refused").inc()
+                interval = min(interval, backoff.next_delay())
                 try:
-                    await self._on_refused(exc)
+                    await self._on_refused("heartbeat", exc, interval)
                 except (PlaneUnavailable, PlaneRefused) as again:
                     log.warning("Registering again failed: %s", again)
-                interval = min(interval, backoff.next_delay())
             await asyncio.sleep(interval)
 
     async def _heartbeat(self) -> None:
@@ -273,6 +311,7 @@ class Agent:
         self.metrics.heartbeat_seconds.observe(time.monotonic() - started)
         self.state.last_contact = time.monotonic()
         self.metrics.connected.set(1)
+        self._refusals.accepted()
         if answer.cordoned != self.state.cordoned:
             log.info("Agent %s by the plane", "cordoned" if answer.cordoned else "uncordoned")
             self.state.cordoned = answer.cordoned
@@ -338,11 +377,12 @@ class Agent:
                 continue
             except PlaneRefused as exc:
                 self.metrics.plane_errors.labels("refused").inc()
+                delay = backoff.next_delay()
                 try:
-                    await self._on_refused(exc)
+                    await self._on_refused("lease", exc, delay)
                 except (PlaneUnavailable, PlaneRefused) as again:
                     log.warning("Registering again failed: %s", again)
-                await asyncio.sleep(backoff.next_delay())
+                await asyncio.sleep(delay)
                 continue
             if not answer.leases and time.monotonic() - asked_at < reg.lease_wait / 2:
                 # The plane answered "nothing" without holding the poll open (cordoned, or

@@ -58,6 +58,7 @@ def make_http_client(settings: AgentSettings, transport: httpx.AsyncBaseTranspor
         headers={
             "Authorization": f"Bearer {settings.token}",
             protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION),
+            protocol.VERSION_HEADER: tether.__version__,
             "User-Agent": f"tether-agent/{tether.__version__}",
         },
         verify=verify,

@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import tether
 from tether import protocol
+from tether.agent import sdk_internals
 from tether.agent.client import PlaneClient, make_http_client
 from tether.agent.settings import AgentSettings
 from tether.errors import PlaneRefused, PlaneUnavailable
@@ -26,11 +28,35 @@ class CheckResult:
     ok: bool
     detail: str
     fix: str = ""
+    #: Passed, with something the operator should know (a feature off, its fallback in use).
+    notice: bool = False
 
     def render(self) -> str:
-        mark = "✓" if self.ok else "✗"
+        mark = "✗" if not self.ok else "!" if self.notice else "✓"
         line = f"{mark} {self.name}: {self.detail}"
         return line if self.ok or not self.fix else f"{line}\n    fix: {self.fix}"
+
+
+def _protocol_check(health: protocol.Health) -> CheckResult:
+    """Whether the plane serves this agent's protocol revision (ADR 5)."""
+    ours = protocol.PROTOCOL_VERSION
+    mine = f"this agent speaks protocol {ours} (Tether {tether.__version__})"
+    plane = f"the plane runs Tether {health.version}"
+    if health.protocol < ours:
+        return CheckResult(
+            "protocol version",
+            False,
+            f"{plane}, which speaks protocol {health.protocol} at most; {mine}",
+            "upgrade the plane first: a plane serves agents of its own and the previous minor release",
+        )
+    if health.oldest_protocol > ours:
+        return CheckResult(
+            "protocol version",
+            False,
+            f"{plane} and serves protocol {health.oldest_protocol} and newer; {mine}",
+            f"upgrade this agent to Tether {protocol.release_of(health.oldest_protocol)} or newer",
+        )
+    return CheckResult("protocol version", True, f"{plane}, which serves protocol {ours}")
 
 
 def _failure(name: str, exc: BaseException, fix: str) -> CheckResult:
@@ -60,17 +86,7 @@ async def _plane_checks(settings: AgentSettings, client: PlaneClient) -> list[Ch
     results.append(
         CheckResult("plane reachable", True, f"{settings.plane_url}{via}{ca} answers (Tether {health.version})")
     )
-    if health.protocol != protocol.PROTOCOL_VERSION:
-        results.append(
-            CheckResult(
-                "protocol version",
-                False,
-                f"the plane speaks protocol {health.protocol}, this agent {protocol.PROTOCOL_VERSION}",
-                "install the same Tether release on the plane and the agents",
-            )
-        )
-    else:
-        results.append(CheckResult("protocol version", True, f"both speak protocol {protocol.PROTOCOL_VERSION}"))
+    results.append(_protocol_check(health))
     try:
         answer = await client.preflight()
     except PlaneRefused as exc:
@@ -158,6 +174,19 @@ def _bundle_checks() -> list[CheckResult]:
     return results
 
 
+def _sdk_checks() -> list[CheckResult]:
+    """The Task SDK features that rely on its private parts: on, or off with the fallback in use."""
+    results = []
+    for feature, reason in sdk_internals.check().items():
+        name = f"Task SDK feature {feature.value}"
+        if reason is None:
+            results.append(CheckResult(name, True, "on"))
+        else:
+            detail = f"off: {reason}; {sdk_internals.FALLBACKS[feature]}"
+            results.append(CheckResult(name, True, detail, notice=True))
+    return results
+
+
 @contextmanager
 def _quiet_airflow_logs() -> Iterator[None]:
     import logging
@@ -178,7 +207,12 @@ async def run_checks(settings: AgentSettings, client: PlaneClient | None = None)
     finally:
         if own_client:
             await client.aclose()
-    local: list[Callable[[], CheckResult | list[CheckResult]]] = [_secrets_check, _xcom_check, _bundle_checks]
+    local: list[Callable[[], CheckResult | list[CheckResult]]] = [
+        _secrets_check,
+        _xcom_check,
+        _bundle_checks,
+        _sdk_checks,
+    ]
     with _quiet_airflow_logs():
         for check in local:
             outcome = await asyncio.to_thread(check)

@@ -36,6 +36,8 @@ AGENT_COLUMNS = (
     "running_jobs",
     "token_name",
     "tether_version",
+    "protocol",
+    "version_support",
 )
 AUDIT_COLUMNS = ("at", "actor", "action", "target_type", "target_id", "before", "after")
 

@@ -69,6 +69,8 @@ class Agent(Base):
     token_id: Mapped[str] = mapped_column(String(16), nullable=False)
     hostname: Mapped[str] = mapped_column(String(256), nullable=False)
     tether_version: Mapped[str] = mapped_column(String(64), nullable=False)
+    #: The protocol revision the agent speaks; agents registered before revisions were recorded spoke 1.
+    protocol: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default="1")
     airflow_version: Mapped[str] = mapped_column(String(64), nullable=False)
     python_version: Mapped[str] = mapped_column(String(64), nullable=False)
     roles: Mapped[list[str]] = mapped_column(JSON, nullable=False)

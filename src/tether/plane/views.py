@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from tether import protocol
 from tether.plane import tokens
 from tether.plane.models import AgentToken, AllowedIpRange, AuditEntry
 from tether.protocol import AgentStatus
@@ -77,6 +78,24 @@ class TokenCreate(_In):
     expires_in_days: int | None = Field(default=None, ge=1, le=3650, description="None: the token never expires")
 
 
+class VersionSupport(enum.StrEnum):
+    """Where an agent's protocol revision stands in what this plane serves (ADR 5)."""
+
+    CURRENT = "current"
+    #: Served, as the previous minor release's: upgrade the agent before the plane's next minor release.
+    SUPPORTED = "supported"
+    #: No longer served: its calls are refused until it is upgraded.
+    UNSUPPORTED = "unsupported"
+
+    @classmethod
+    def of(cls, revision: int) -> VersionSupport:
+        if revision >= protocol.PROTOCOL_VERSION:
+            return cls.CURRENT
+        if revision >= protocol.OLDEST_PROTOCOL:
+            return cls.SUPPORTED
+        return cls.UNSUPPORTED
+
+
 class AgentOut(_Out):
     """An agent as operators see it."""
 
@@ -89,6 +108,8 @@ class AgentOut(_Out):
     cordoned_at: datetime | None
     last_heartbeat: datetime
     tether_version: str
+    protocol: int = Field(description="Protocol revision the agent speaks")
+    version_support: VersionSupport
     airflow_version: str
     python_version: str
     hostname: str

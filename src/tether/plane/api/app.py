@@ -15,11 +15,12 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
@@ -29,8 +30,8 @@ import tether
 from tether import errors, protocol
 from tether.collector import settle_garbage_collector
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
-from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext
-from tether.plane.store import NOTIFY_CHANNEL, Store
+from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision
+from tether.plane.store import NOTIFY_CHANNEL, Store, TokenIdentity
 
 log = logging.getLogger("tether.api")
 
@@ -210,6 +211,56 @@ def _problem(status: int, detail: str, reason: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail, "reason": reason})
 
 
+def _written(answer: BaseModel, revision: int) -> Any:
+    """The answer in the caller's revision: as it is for this one, without later fields for older ones."""
+    if revision >= protocol.PROTOCOL_VERSION:
+        return answer
+    return JSONResponse(protocol.written_for(answer, revision))
+
+
+async def _lease(
+    ctx: PlaneContext, identity: TokenIdentity, agent_id: uuid.UUID, body: protocol.LeaseRequest
+) -> protocol.LeaseResponse:
+    """Hold the poll until jobs are leased to the agent or the wait is over."""
+    settings = ctx.store.settings
+    # Each poll is held a little less than asked, at random: agents that started
+    # together (a fleet rollout, a plane restart) drift apart instead of all asking
+    # again in the same instant, every lease_wait, in front of everyone's heartbeats.
+    wait = min(body.wait, settings.lease_wait.total_seconds()) * random.uniform(1 - LEASE_JITTER, 1)
+    deadline = time.monotonic() + wait
+    if ctx.listen_dsn is not None:
+        ctx.wakeup.start_listening(ctx.listen_dsn, NOTIFY_CHANNEL)
+    poll = settings.poll_interval.total_seconds()
+    claim = functools.partial(ctx.store.claim, identity, str(agent_id), body)
+    queues = list(body.queues)
+    with ctx.wakeup.subscribe(queues) as woken:
+        # A queue found empty since its last notification needs no second look: a fleet's
+        # idle polls then cost the database nothing until a job comes.
+        look_now = not ctx.wakeup.known_empty(queues, body.free_slots)
+        while True:
+            woken.clear()
+            leases: list[protocol.Lease] | None = []
+            if look_now:
+                look = ctx.wakeup.look(queues)
+                async with ctx.claim_limiter():
+                    leases = await ctx.db(claim)
+                if leases == []:
+                    ctx.wakeup.found_empty(look, body.free_slots)
+            look_now = True
+            remaining = deadline - time.monotonic()
+            if leases or remaining <= 0:
+                return protocol.LeaseResponse(leases=leases or [])
+            # With LISTEN in place a new job wakes us; without it, look again on a timer.
+            listening = ctx.wakeup.listening
+            pause = remaining if listening else min(poll, remaining)
+            try:
+                await asyncio.wait_for(woken.wait(), pause)
+            except TimeoutError:
+                if listening and ctx.wakeup.listening:
+                    # Every change that makes a job claimable notifies: not woken, nothing new.
+                    return protocol.LeaseResponse(leases=[])
+
+
 def create_app(
     context_factory: Callable[[], PlaneContext] = _context_from_airflow,
     authorizer: Authorizer = airflow_authorizer,
@@ -249,94 +300,74 @@ def create_app(
         return _problem(422, "invalid request: " + "; ".join(problems), "invalid_request")
 
     @app.get("/v1/health", response_model=protocol.Health, tags=["agent"])
-    async def health() -> protocol.Health:
-        return protocol.Health(version=tether.__version__)
+    async def health(x_tether_protocol: Annotated[str | None, Header()] = None) -> Any:
+        revision = protocol.parse_revision(x_tether_protocol)
+        if revision is None or not protocol.OLDEST_PROTOCOL <= revision <= protocol.PROTOCOL_VERSION:
+            revision = protocol.PROTOCOL_VERSION
+        return _written(protocol.Health(version=tether.__version__, protocol=revision), revision)
 
     @app.get("/v1/preflight", response_model=protocol.PreflightResponse, tags=["agent"])
-    async def preflight(ctx: Ctx, identity: Identity, address: Address) -> protocol.PreflightResponse:
-        return protocol.PreflightResponse(
+    async def preflight(ctx: Ctx, identity: Identity, address: Address, revision: Revision) -> Any:
+        answer = protocol.PreflightResponse(
             token_name=identity.name,
             address=address,
+            protocol=revision,
             version=tether.__version__,
             heartbeat_interval=ctx.store.settings.heartbeat_interval.total_seconds(),
         )
+        return _written(answer, revision)
 
     @app.post("/v1/agents/register", response_model=protocol.RegisterResponse, tags=["agent"])
-    async def register(body: protocol.RegisterRequest, ctx: Ctx, identity: Identity) -> protocol.RegisterResponse:
-        agent = await ctx.db(ctx.store.register, identity, body)
+    async def register(body: protocol.RegisterRequest, ctx: Ctx, identity: Identity, revision: Revision) -> Any:
+        agent = await ctx.db(functools.partial(ctx.store.register, identity, body, protocol=revision))
         settings = ctx.store.settings
-        return protocol.RegisterResponse(
+        answer = protocol.RegisterResponse(
             agent_id=uuid.UUID(agent.id),
             heartbeat_interval=settings.heartbeat_interval.total_seconds(),
             lease_wait=settings.lease_wait.total_seconds(),
             cordoned=agent.cordoned,
         )
+        return _written(answer, revision)
 
     @app.post("/v1/agents/{agent_id}/heartbeat", response_model=protocol.HeartbeatResponse, tags=["agent"])
     async def heartbeat(
-        agent_id: uuid.UUID, body: protocol.HeartbeatRequest, ctx: Ctx, identity: Identity
-    ) -> protocol.HeartbeatResponse:
-        return await ctx.db(ctx.store.heartbeat, identity, str(agent_id), body)
+        agent_id: uuid.UUID, body: protocol.HeartbeatRequest, ctx: Ctx, identity: Identity, revision: Revision
+    ) -> Any:
+        return _written(await ctx.db(ctx.store.heartbeat, identity, str(agent_id), body), revision)
 
     @app.post("/v1/agents/{agent_id}/lease", response_model=protocol.LeaseResponse, tags=["agent"])
     async def lease(
-        agent_id: uuid.UUID, body: protocol.LeaseRequest, ctx: Ctx, identity: Identity
-    ) -> protocol.LeaseResponse:
-        settings = ctx.store.settings
-        # Each poll is held a little less than asked, at random: agents that started
-        # together (a fleet rollout, a plane restart) drift apart instead of all asking
-        # again in the same instant, every lease_wait, in front of everyone's heartbeats.
-        wait = min(body.wait, settings.lease_wait.total_seconds()) * random.uniform(1 - LEASE_JITTER, 1)
-        deadline = time.monotonic() + wait
-        if ctx.listen_dsn is not None:
-            ctx.wakeup.start_listening(ctx.listen_dsn, NOTIFY_CHANNEL)
-        poll = settings.poll_interval.total_seconds()
-        claim = functools.partial(ctx.store.claim, identity, str(agent_id), body)
-        queues = list(body.queues)
-        with ctx.wakeup.subscribe(queues) as woken:
-            # A queue found empty since its last notification needs no second look: a fleet's
-            # idle polls then cost the database nothing until a job comes.
-            look_now = not ctx.wakeup.known_empty(queues, body.free_slots)
-            while True:
-                woken.clear()
-                leases: list[protocol.Lease] | None = []
-                if look_now:
-                    look = ctx.wakeup.look(queues)
-                    async with ctx.claim_limiter():
-                        leases = await ctx.db(claim)
-                    if leases == []:
-                        ctx.wakeup.found_empty(look, body.free_slots)
-                look_now = True
-                remaining = deadline - time.monotonic()
-                if leases or remaining <= 0:
-                    return protocol.LeaseResponse(leases=leases or [])
-                # With LISTEN in place a new job wakes us; without it, look again on a timer.
-                listening = ctx.wakeup.listening
-                pause = remaining if listening else min(poll, remaining)
-                try:
-                    await asyncio.wait_for(woken.wait(), pause)
-                except TimeoutError:
-                    if listening and ctx.wakeup.listening:
-                        # Every change that makes a job claimable notifies: not woken, nothing new.
-                        return protocol.LeaseResponse(leases=[])
+        agent_id: uuid.UUID, body: protocol.LeaseRequest, ctx: Ctx, identity: Identity, revision: Revision
+    ) -> Any:
+        return _written(await _lease(ctx, identity, agent_id, body), revision)
 
     @app.post("/v1/agents/{agent_id}/jobs/{job_id}/start", response_model=protocol.StartResponse, tags=["agent"])
     async def start(
-        agent_id: uuid.UUID, job_id: uuid.UUID, body: protocol.StartRequest, ctx: Ctx, identity: Identity
-    ) -> protocol.StartResponse:
-        return await ctx.db(ctx.store.start, identity, str(agent_id), str(job_id), body)
+        agent_id: uuid.UUID,
+        job_id: uuid.UUID,
+        body: protocol.StartRequest,
+        ctx: Ctx,
+        identity: Identity,
+        revision: Revision,
+    ) -> Any:
+        return _written(await ctx.db(ctx.store.start, identity, str(agent_id), str(job_id), body), revision)
 
     @app.post("/v1/agents/{agent_id}/jobs/start", response_model=protocol.StartManyResponse, tags=["agent"])
     async def start_many(
-        agent_id: uuid.UUID, body: protocol.StartManyRequest, ctx: Ctx, identity: Identity
-    ) -> protocol.StartManyResponse:
-        return await ctx.db(ctx.store.start_many, identity, str(agent_id), body)
+        agent_id: uuid.UUID, body: protocol.StartManyRequest, ctx: Ctx, identity: Identity, revision: Revision
+    ) -> Any:
+        return _written(await ctx.db(ctx.store.start_many, identity, str(agent_id), body), revision)
 
     @app.post("/v1/agents/{agent_id}/jobs/{job_id}/report", response_model=protocol.ReportResponse, tags=["agent"])
     async def report(
-        agent_id: uuid.UUID, job_id: uuid.UUID, body: protocol.ReportRequest, ctx: Ctx, identity: Identity
-    ) -> protocol.ReportResponse:
-        return await ctx.db(ctx.store.report, identity, str(agent_id), str(job_id), body)
+        agent_id: uuid.UUID,
+        job_id: uuid.UUID,
+        body: protocol.ReportRequest,
+        ctx: Ctx,
+        identity: Identity,
+        revision: Revision,
+    ) -> Any:
+        return _written(await ctx.db(ctx.store.report, identity, str(agent_id), str(job_id), body), revision)
 
     app.include_router(admin_router())
     return app

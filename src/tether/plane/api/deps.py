@@ -12,6 +12,7 @@ from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
+import tether
 from tether import errors, protocol
 from tether.plane.api.wakeup import Wakeup
 from tether.plane.netaccess import Network, allowed, client_address
@@ -164,17 +165,50 @@ async def address_allowed(request: Request, ctx: Annotated[PlaneContext, Depends
     return address
 
 
+def agent_release(version_header: str | None, user_agent: str | None) -> str:
+    """The caller's Tether version, as it says: ``X-Tether-Version``, else its ``User-Agent`` (Tether 0.1)."""
+    if version_header:
+        return version_header.strip()[:32]
+    if user_agent and user_agent.startswith("tether-agent/"):
+        return user_agent.removeprefix("tether-agent/").split()[0][:32]
+    return "unknown"
+
+
+async def speaks(
+    x_tether_protocol: Annotated[str | None, Header()] = None,
+    x_tether_version: Annotated[str | None, Header()] = None,
+    user_agent: Annotated[str | None, Header()] = None,
+) -> int:
+    """The protocol revision of an agent call, refused when this plane does not serve it (ADR 5)."""
+    revision = protocol.parse_revision(x_tether_protocol)
+    window = (
+        f"this plane runs Tether {tether.__version__} and serves agents of protocol "
+        f"{protocol.OLDEST_PROTOCOL} to {protocol.PROTOCOL_VERSION} "
+        f"(Tether {protocol.release_of(protocol.OLDEST_PROTOCOL)} and newer)"
+    )
+    if revision is None:
+        raise errors.VersionRefused(
+            f"send the protocol revision in {protocol.PROTOCOL_HEADER}; {window}", reason="protocol_missing"
+        )
+    agent = f"the agent runs Tether {agent_release(x_tether_version, user_agent)} (protocol {revision})"
+    if revision > protocol.PROTOCOL_VERSION:
+        raise errors.VersionRefused(
+            f"{window}; {agent}, which is newer: upgrade the plane first", reason="agent_too_new"
+        )
+    if revision < protocol.OLDEST_PROTOCOL:
+        raise errors.VersionRefused(
+            f"{window}; {agent}: upgrade the agent to Tether {protocol.release_of(protocol.OLDEST_PROTOCOL)} or newer",
+            reason="agent_too_old",
+        )
+    return revision
+
+
 async def authenticated(
     ctx: Annotated[PlaneContext, Depends(context)],
     _address: Annotated[str, Depends(address_allowed)],
+    _revision: Annotated[int, Depends(speaks)],
     authorization: Annotated[str | None, Header()] = None,
-    x_tether_protocol: Annotated[str | None, Header()] = None,
 ) -> TokenIdentity:
-    if x_tether_protocol is not None and x_tether_protocol.strip() != str(protocol.PROTOCOL_VERSION):
-        raise errors.Invalid(
-            f"this plane speaks protocol {protocol.PROTOCOL_VERSION}, the agent sent {x_tether_protocol[:16]!r}",
-            reason="protocol_mismatch",
-        )
     if not authorization or not authorization.lower().startswith("bearer "):
         raise errors.Unauthorized("an agent token is required (Authorization: Bearer ...)", reason="no_token")
     text = authorization[7:].strip()
@@ -183,4 +217,6 @@ async def authenticated(
 
 Ctx = Annotated[PlaneContext, Depends(context)]
 Identity = Annotated[TokenIdentity, Depends(authenticated)]
+#: The caller's protocol revision, checked: answers are written in it.
+Revision = Annotated[int, Depends(speaks)]
 Address = Annotated[str, Depends(address_allowed)]

@@ -25,7 +25,7 @@ from tether.plane.store.rules import (
     requeue_leases_of,
     settle_agent,
 )
-from tether.plane.views import AgentOut
+from tether.plane.views import AgentOut, VersionSupport
 from tether.protocol import AgentStatus
 
 _AGENT_AUDIT_FIELDS = ("id", "name", "cordoned", "cordon_reason", "cordoned_by", "cordoned_at", "deleted_at")
@@ -53,10 +53,16 @@ class AgentStore(Database):
     # -- the agent's own calls ------------------------------------------------------
 
     def register(
-        self, identity: TokenIdentity, request: protocol.RegisterRequest, *, now: datetime | None = None
+        self,
+        identity: TokenIdentity,
+        request: protocol.RegisterRequest,
+        *,
+        protocol: int = protocol.PROTOCOL_VERSION,
+        now: datetime | None = None,
     ) -> Agent:
+        """Record the agent process ``request`` describes, speaking protocol revision ``protocol``."""
         try:
-            return self._register(identity, request, now=now or utcnow())
+            return self._register(identity, request, revision=protocol, now=now or utcnow())
         except IntegrityError:
             # Two processes registered a new name at the same instant; the other one won.
             raise errors.Conflict(
@@ -64,7 +70,9 @@ class AgentStore(Database):
                 reason="name_taken",
             ) from None
 
-    def _register(self, identity: TokenIdentity, request: protocol.RegisterRequest, *, now: datetime) -> Agent:
+    def _register(
+        self, identity: TokenIdentity, request: protocol.RegisterRequest, *, revision: int, now: datetime
+    ) -> Agent:
         incarnation = str(request.incarnation)
         with self.transaction() as session:
             agent = session.scalars(select(Agent).where(Agent.name == request.name).with_for_update()).one_or_none()
@@ -100,6 +108,7 @@ class AgentStore(Database):
             agent.token_id = identity.id
             agent.hostname = request.hostname
             agent.tether_version = request.tether_version
+            agent.protocol = revision
             agent.airflow_version = request.airflow_version
             agent.python_version = request.python_version
             agent.roles = [r.value for r in request.roles]
@@ -205,6 +214,8 @@ class AgentStore(Database):
                     cordoned_at=agent.cordoned_at,
                     last_heartbeat=agent.last_heartbeat,
                     tether_version=agent.tether_version,
+                    protocol=agent.protocol,
+                    version_support=VersionSupport.of(agent.protocol),
                     airflow_version=agent.airflow_version,
                     python_version=agent.python_version,
                     hostname=agent.hostname,
