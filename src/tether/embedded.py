@@ -251,12 +251,18 @@ class AgentProcess:
     name: str
     process: ManagedProcess
     health_port: int
+    #: The environment it runs with: another ``tether-agent`` command given it acts as this agent.
+    env: dict[str, str] = field(default_factory=dict)
 
     def health(self, path: str) -> int:
         try:
             return httpx.get(f"http://127.0.0.1:{self.health_port}{path}", timeout=2).status_code
         except httpx.HTTPError:
             return 0
+
+    def metrics(self) -> str:
+        """What the agent's ``/metrics`` shows now (Prometheus text)."""
+        return httpx.get(f"http://127.0.0.1:{self.health_port}/metrics", timeout=5).text
 
 
 def agent_env(plane: Plane, home: Path, **settings: str) -> dict[str, str]:
@@ -277,9 +283,15 @@ def agent_env(plane: Plane, home: Path, **settings: str) -> dict[str, str]:
 
 
 def start_agent(
-    plane: Plane, name: str, token: str, *, env: Mapping[str, str] | None = None, **settings: str
+    plane: Plane,
+    name: str,
+    token: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    bin_dir: Path = BIN,
+    **settings: str,
 ) -> AgentProcess:
-    """Start ``tether-agent run``; ``settings`` become TETHER_* variables, ``env`` is added as is."""
+    """Start ``tether-agent run`` from ``bin_dir``; ``settings`` become TETHER_* variables, ``env`` is added as is."""
     home = plane.home / "agents" / name
     home.mkdir(parents=True, exist_ok=True)
     token_file = home / "token"
@@ -288,9 +300,9 @@ def start_agent(
     port = int(settings.pop("health_port", 0) or free_port())
     environment = agent_env(plane, home, name=name, token_file=str(token_file), health_port=str(port), **settings)
     environment.update(env or {})
-    proc = spawn(f"agent-{name}", [str(BIN / "tether-agent"), "run"], environment, plane.home / "logs")
+    proc = spawn(f"agent-{name}", [str(bin_dir / "tether-agent"), "run"], environment, plane.home / "logs")
     plane.processes[f"agent-{name}"] = proc
-    return AgentProcess(name=name, process=proc, health_port=port)
+    return AgentProcess(name=name, process=proc, health_port=port, env=environment)
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
