@@ -123,7 +123,7 @@ def test_revoking_a_token_in_use_refuses_its_agent_and_fails_its_task(plane: Pla
         response = httpx.post(
             f"{plane.url}/tether/v1/agents/{agent_id}/heartbeat",
             json=probe,
-            headers={"Authorization": f"Bearer {token['secret']}"},
+            headers={"Authorization": f"Bearer {token['secret']}", "X-Tether-Protocol": "2"},
             timeout=5,
         )
         return response.status_code == 401 and response.json()["reason"] == "token_revoked"
