@@ -11,6 +11,7 @@ TetherError
       ├── Forbidden         403: address outside the allowed IP ranges
       ├── NotFound          404: no such agent or job (a deleted agent re-registers)
       ├── Conflict          409: the state forbids it (name taken, not the holder, lease expired)
+      ├── TooLarge          413: a body over its route's limit
       └── Invalid           422: well-formed but unacceptable input (limits, bad CIDR)
 """
 
@@ -71,6 +72,10 @@ class NotFound(PlaneError):
 
 class Conflict(PlaneError):
     status_code = 409
+
+
+class TooLarge(PlaneError):
+    status_code = 413
 
 
 class Invalid(PlaneError):

@@ -20,7 +20,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationInfo, field_validator
 from pydantic_core import to_jsonable_python
 
 #: The revision of protocol 1 this release speaks.
@@ -81,6 +81,8 @@ def _prune(value: Any, revision: int) -> Any:
 
 class AgentRole(enum.StrEnum):
     WORKER = "worker"
+    #: Parses DAG files where they are and sends the plane what Airflow's scheduler and UI need (revision 2).
+    DAG_PROCESSOR = "dag-processor"
 
 
 class AgentStatus(enum.StrEnum):
@@ -121,9 +123,17 @@ class RegisterRequest(_Request):
     python_version: ShortText
     hostname: ShortText
     roles: list[AgentRole] = Field(default_factory=lambda: [AgentRole.WORKER], min_length=1, max_length=4)
-    queues: list[QueueName] = Field(min_length=1, max_length=64)
+    #: The queues a worker serves; an agent in no worker role serves none.
+    queues: list[QueueName] = Field(default_factory=list, max_length=64)
     slots: int = Field(ge=1, le=1024)
     labels: dict[LabelKey, ShortText] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("queues")
+    @classmethod
+    def _workers_serve_queues(cls, queues: list[str], info: ValidationInfo) -> list[str]:
+        if AgentRole.WORKER in info.data.get("roles", [AgentRole.WORKER]) and not queues:
+            raise ValueError("a worker must serve at least one queue")
+        return queues
 
 
 class RegisterResponse(_Answer):
@@ -231,6 +241,127 @@ class ReportRequest(_Request):
 class ReportResponse(_Answer):
     job_id: uuid.UUID
     state: JobState
+
+
+# -- DAG processing (revision 2) ------------------------------------------------
+#
+# An agent in the dag-processor role runs Airflow's own DAG processor where the
+# code is and sends what it found: bundles, one parse result per file, the files a
+# bundle holds. It claims the UI's reparse requests and the callbacks the scheduler
+# left for its bundles. The shapes follow Airflow's own ``persist_parsing_result``.
+
+BundleName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")]
+RelativeFileloc = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+DagId = Annotated[str, StringConstraints(min_length=1, max_length=250)]
+Digest = Annotated[str, StringConstraints(min_length=8, max_length=128, pattern=r"^[0-9a-f]+$")]
+
+
+class Bundle(_Request):
+    name: BundleName
+    supports_versioning: bool = False
+
+
+class BundleSyncRequest(_Request):
+    incarnation: uuid.UUID
+    bundles: list[Bundle] = Field(min_length=1, max_length=64)
+
+
+class BundleState(_Answer):
+    name: str
+    last_refreshed: datetime | None = None
+    version: str | None = None
+
+
+class BundleSyncResponse(_Answer):
+    bundles: list[BundleState]
+    #: Whether the plane keeps DAG source code for its Code tab; otherwise it must not be sent.
+    store_source: bool
+    #: Largest parse result the plane accepts, after decompression.
+    max_result_bytes: int
+
+
+class BundleStateUpdate(_Request):
+    incarnation: uuid.UUID
+    last_refreshed: datetime
+    #: None leaves the stored version as it is.
+    version: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+
+class ParsedDag(_Request):
+    dag_id: DagId
+    #: Airflow's own hash of the serialized DAG.
+    hash: Digest
+    #: The serialized DAG (Airflow's ``LazyDeserializedDAG.data``); left out when the plane has this hash.
+    data: dict[str, Any] | None = None
+    last_loaded: datetime | None = None
+
+
+class ParseResult(_Request):
+    """What parsing one file found, as Airflow's own processor would persist it."""
+
+    incarnation: uuid.UUID
+    bundle_name: BundleName
+    bundle_version: Annotated[str, StringConstraints(max_length=200)] | None = None
+    version_data: dict[str, Any] | None = None
+    relative_fileloc: RelativeFileloc
+    #: Counts this agent process's results for the file: one older than the last written is dropped.
+    seq: int = Field(ge=0)
+    run_duration: float = Field(ge=0)
+    dags: list[ParsedDag] = Field(default_factory=list, max_length=1000)
+    import_errors: dict[RelativeFileloc, str] = Field(default_factory=dict, max_length=1000)
+    warnings: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
+    #: The file's source, where both the plane and the agent allow it to leave the agent.
+    source: str | None = None
+    #: Names this result's content, to tell the plane's copy is current without sending it again.
+    digest: Digest
+
+
+class ParseResultResponse(_Answer):
+    #: The DAGs whose serialized form is unknown to the plane: send the file again with their data.
+    resend: list[str] = Field(default_factory=list)
+    #: A result older than one already written, dropped.
+    stale: bool = False
+    #: DAGs Airflow did not write yet (it writes a DAG at most every ``min_serialized_dag_update_interval``):
+    #: the result is not the plane's yet; send it again with a later parse.
+    deferred: list[str] = Field(default_factory=list)
+
+
+class BundleFiles(_Request):
+    """The files a bundle holds after a refresh, and the results the agent believes the plane has."""
+
+    incarnation: uuid.UUID
+    files: dict[RelativeFileloc, Digest | None] = Field(max_length=100_000)
+
+
+class BundleFilesResponse(_Answer):
+    #: Files whose latest result the plane lacks: send it again.
+    resend: list[str] = Field(default_factory=list)
+    deactivated: int = 0
+
+
+class WorkRequest(_Request):
+    incarnation: uuid.UUID
+    #: Names this claim: a retried call gets the same work, not more.
+    claim_id: uuid.UUID
+    bundles: list[BundleName] = Field(min_length=1, max_length=64)
+    max_callbacks: int = Field(default=20, ge=0, le=1000)
+
+
+class PriorityFile(_Answer):
+    bundle_name: str
+    relative_fileloc: str
+
+
+class CallbackWork(_Answer):
+    """A callback the scheduler left for the DAG processor, as Airflow stores it."""
+
+    req_class: str
+    req_data: str
+
+
+class WorkResponse(_Answer):
+    priority_files: list[PriorityFile] = Field(default_factory=list)
+    callbacks: list[CallbackWork] = Field(default_factory=list)
 
 
 class PreflightResponse(_Answer):

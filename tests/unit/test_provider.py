@@ -34,6 +34,8 @@ def test_declared_defaults_are_the_settings_defaults() -> None:
             assert value.total_seconds() == float(declared), name
         elif isinstance(value, tuple):
             assert value == () and declared == "", name
+        elif isinstance(value, bool):
+            assert value is (declared.lower() == "true"), name
         else:
             assert value == type(value)(declared), name
 

@@ -74,6 +74,18 @@ AGENT_COMMANDS = (
     ),
 )
 
+ARG_BUNDLE = Arg(("bundle",), help="Name of the DAG bundle")
+
+BUNDLE_COMMANDS = (
+    _command("list", "List the DAG bundles agents parse, and the token that owns each", "bundles_list", ARG_OUTPUT),
+    _command(
+        "release",
+        "Give a bundle up: the next agent to sync it owns it (its DAGs stay until then)",
+        "bundles_release",
+        ARG_BUNDLE,
+    ),
+)
+
 RANGE_COMMANDS = (
     _command("list", "List the ranges agents may call from", "ranges_list", ARG_OUTPUT),
     _command("set", "Replace the allowed ranges (none: any address)", "ranges_set", ARG_CIDRS_OPTIONAL, ARG_OUTPUT),
@@ -90,6 +102,7 @@ def get_cli_commands() -> list[GroupCommand]:
             subcommands=(
                 GroupCommand(name="tokens", help="Manage agent tokens", subcommands=TOKEN_COMMANDS),
                 GroupCommand(name="agents", help="Inspect and manage agents", subcommands=AGENT_COMMANDS),
+                GroupCommand(name="bundles", help="DAG bundles parsed by agents", subcommands=BUNDLE_COMMANDS),
                 GroupCommand(
                     name="allowed-ip-ranges", help="Restrict where agents may call from", subcommands=RANGE_COMMANDS
                 ),

@@ -20,13 +20,14 @@ from tether import errors
 from tether.plane.config import PlaneSettings
 from tether.plane.store import Store, airflow_session_factory, utcnow
 from tether.plane.store.agents import RangeChange
-from tether.plane.views import AuditOut, IpRangeOut, TokenOut
+from tether.plane.views import AuditOut, BundleOut, IpRangeOut, TokenOut
 
 T = TypeVar("T")
 
 TOKEN_COLUMNS = ("id", "name", "token", "state", "created_at", "created_by", "expires_at", "last_used_at")
 AGENT_COLUMNS = (
     "name",
+    "roles",
     "status",
     "cordoned",
     "last_heartbeat",
@@ -195,6 +196,18 @@ def ranges_add(args: argparse.Namespace) -> None:
 
 def ranges_remove(args: argparse.Namespace) -> None:
     _change_ranges(args, "remove")
+
+
+# -- bundles -----------------------------------------------------------------------
+
+
+def bundles_list(args: argparse.Namespace) -> None:
+    _emit([BundleOut.from_row(row) for row in _call(_store().bundles)], args.output)
+
+
+def bundles_release(args: argparse.Namespace) -> None:
+    _call(lambda: _store().release_bundle(args.bundle, actor=_actor()))
+    print(f"Bundle {args.bundle!r} released: the next agent to sync it owns it.", file=sys.stderr)
 
 
 # -- audit ------------------------------------------------------------------------

@@ -69,6 +69,21 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "default": "2",
         "example": "2",
     },
+    "store_dag_source": {
+        "description": "Whether the plane keeps the source code of DAGs that agents parse, for the UI's Code "
+        "tab. Agents send it only where this is on and their own --share-dag-source is on; otherwise the Code "
+        "tab says that the source stays with the agents.\n",
+        "type": "boolean",
+        "default": "False",
+        "example": "True",
+    },
+    "max_parse_result_bytes": {
+        "description": "Largest parse result (one DAG file's serialized DAGs, import errors and warnings, after "
+        "decompression) that an agent may send; larger ones are refused with 413.\n",
+        "type": "integer",
+        "default": str(16 * 1024 * 1024),
+        "example": str(16 * 1024 * 1024),
+    },
     "trusted_proxies": {
         "description": "Comma-separated addresses or CIDR ranges of reverse proxies whose X-Forwarded-For "
         "header is believed. Empty: the socket's peer address is the client address.\n",
@@ -93,6 +108,8 @@ class PlaneSettings:
     job_retention: timedelta = timedelta(hours=1)
     max_agent_tokens: int = 50
     token_cache_ttl: timedelta = timedelta(seconds=2)
+    store_dag_source: bool = False
+    max_parse_result_bytes: int = 16 * 1024 * 1024
     trusted_proxies: tuple[Network, ...] = ()
 
     @property
@@ -115,5 +132,7 @@ class PlaneSettings:
             job_retention=_seconds(get("job_retention")),
             max_agent_tokens=int(get("max_agent_tokens")),
             token_cache_ttl=_seconds(get("token_cache_ttl")),
+            store_dag_source=get("store_dag_source").strip().lower() in ("true", "1", "yes", "on"),
+            max_parse_result_bytes=int(get("max_parse_result_bytes")),
             trusted_proxies=tuple(parse_cidrs(item for item in get("trusted_proxies").split(",") if item.strip())),
         )

@@ -152,3 +152,44 @@ class AuditEntry(Base):
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     __table_args__ = (Index("idx_tether_audit_log_at", "at"),)
+
+
+class Bundle(Base):
+    """A DAG bundle agents parse, and the agent token allowed to write what they find in it."""
+
+    __tablename__ = "tether_bundle"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    token_id: Mapped[str] = mapped_column(String(16), nullable=False)
+    first_agent: Mapped[str] = mapped_column(String(128), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    last_sync_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+
+class DagFile(Base):
+    """The latest parse result the plane wrote for one file of a bundle."""
+
+    __tablename__ = "tether_dag_file"
+
+    bundle_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    relative_fileloc: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(128), nullable=False)
+    #: dag_id -> the hash of its serialized form, as written.
+    dag_hashes: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)
+    #: The agent process that wrote it, and its count for the file: older results are dropped.
+    incarnation: Mapped[str] = mapped_column(String(36), nullable=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+
+class WorkClaim(Base):
+    """What one claim of a DAG-processing agent got, so that a retried claim gets the same."""
+
+    __tablename__ = "tether_work_claim"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(36), nullable=False)
+    work: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+    __table_args__ = (Index("idx_tether_work_claim_created_at", "created_at"),)

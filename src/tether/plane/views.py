@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from tether import protocol
 from tether.plane import tokens
-from tether.plane.models import AgentToken, AllowedIpRange, AuditEntry
+from tether.plane.models import AgentToken, AllowedIpRange, AuditEntry, Bundle
 from tether.protocol import AgentStatus
 
 
@@ -101,6 +101,7 @@ class AgentOut(_Out):
 
     id: str
     name: str
+    roles: list[str] = Field(description="worker, dag-processor")
     status: AgentStatus
     cordoned: bool
     cordon_reason: str | None
@@ -129,6 +130,28 @@ class AgentOut(_Out):
 class AgentAction(_In):
     action: Literal["CORDON", "UNCORDON"]
     reason: Annotated[str, StringConstraints(max_length=1024)] | None = None
+
+
+class BundleOut(_Out):
+    """A DAG bundle agents parse, and the agent token allowed to write it."""
+
+    name: str
+    token_id: str
+    token: str = Field(description="Prefix and id of the owning token")
+    first_agent: str
+    created_at: datetime
+    last_sync_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Bundle) -> BundleOut:
+        return cls(
+            name=row.name,
+            token_id=row.token_id,
+            token=tokens.short_form(row.token_id),
+            first_agent=row.first_agent,
+            created_at=row.created_at,
+            last_sync_at=row.last_sync_at,
+        )
 
 
 class IpRanges(_In):

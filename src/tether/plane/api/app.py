@@ -13,6 +13,7 @@ import logging
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Annotated, Any
@@ -20,7 +21,6 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
@@ -30,7 +30,9 @@ import tether
 from tether import errors, protocol
 from tether.collector import settle_garbage_collector
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
-from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision
+from tether.plane.api.dag_processing import dag_processing_router, takes_large_bodies
+from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision, written
+from tether.plane.config import PlaneSettings
 from tether.plane.store import NOTIFY_CHANNEL, Store, TokenIdentity
 
 log = logging.getLogger("tether.api")
@@ -103,7 +105,6 @@ def ping_when_idle(engine: Engine, after: timedelta) -> None:
 def _context_from_airflow() -> PlaneContext:
     from airflow import settings as airflow_settings
 
-    from tether.plane.config import PlaneSettings
     from tether.plane.store import airflow_session_factory
 
     plane_settings = PlaneSettings.from_airflow()
@@ -164,22 +165,27 @@ class RequestLog:
 
 
 class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413 before anything parses them."""
+    """Refuse bodies over the route's limit with 413 before anything parses them.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    ``limit_for`` gives the limit of a path. A body sent with ``Content-Encoding:
+    gzip`` is decompressed here, and its limit holds for what it decompresses to.
+    """
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
         self.app = app
-        self.limit = limit
+        self.limit_for = limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _problem(413, f"the request body is over {self.limit} bytes", "body_too_large")(
-                    scope, receive, send
-                )
-                return
+        limit = self.limit_for(scope.get("path", ""))
+        too_large = _problem(413, f"the request body is over {limit} bytes", "body_too_large")
+        headers = dict(scope.get("headers", []))
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await too_large(scope, receive, send)
+            return
         # Read the whole body here, before any route sees it: a limit hit halfway through a
         # route's own read would surface as FastAPI's reason-less 400, not as our 413.
         body = b""
@@ -189,12 +195,25 @@ class BodyLimit:
             if message["type"] != "http.request":
                 return  # the client went away
             body += message.get("body", b"")
-            if len(body) > self.limit:
-                await _problem(413, f"the request body is over {self.limit} bytes", "body_too_large")(
-                    scope, receive, send
-                )
+            if len(body) > limit:
+                await too_large(scope, receive, send)
                 return
             more = bool(message.get("more_body", False))
+        if headers.get(b"content-encoding", b"").lower() == b"gzip":
+            try:
+                body = _gunzip(body, limit)
+            except errors.PlaneError as exc:
+                await _problem(exc.status_code, exc.detail, exc.reason)(scope, receive, send)
+                return
+            scope = {
+                **scope,
+                "headers": [
+                    (name, value)
+                    for name, value in scope.get("headers", [])
+                    if name not in (b"content-encoding", b"content-length")
+                ]
+                + [(b"content-length", str(len(body)).encode())],
+            }
         replayed = False
 
         async def replay() -> Message:
@@ -207,15 +226,22 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def _gunzip(body: bytes, limit: int) -> bytes:
+    """``body`` decompressed; refused when it is not gzip or decompresses to over ``limit`` bytes."""
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflate.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise errors.PlaneError(f"the request body is not valid gzip: {exc}", reason="bad_encoding") from None
+    if len(out) > limit or inflate.unconsumed_tail:
+        raise errors.TooLarge(f"the request body decompresses to over {limit} bytes", reason="body_too_large")
+    if not inflate.eof:
+        raise errors.PlaneError("the request body is not valid gzip: it ends early", reason="bad_encoding")
+    return out
+
+
 def _problem(status: int, detail: str, reason: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail, "reason": reason})
-
-
-def _written(answer: BaseModel, revision: int) -> Any:
-    """The answer in the caller's revision: as it is for this one, without later fields for older ones."""
-    if revision >= protocol.PROTOCOL_VERSION:
-        return answer
-    return JSONResponse(protocol.written_for(answer, revision))
 
 
 async def _lease(
@@ -278,7 +304,15 @@ def create_app(
     app.state.tether_authorizer = authorizer
 
     app.add_middleware(RequestLog)
-    app.add_middleware(BodyLimit, limit=protocol.MAX_BODY_BYTES)
+
+    def limit_for(path: str) -> int:
+        if takes_large_bodies(path):
+            context: PlaneContext | None = getattr(app.state, "tether", None)
+            settings = context.store.settings if context is not None else PlaneSettings()
+            return settings.max_parse_result_bytes
+        return protocol.MAX_BODY_BYTES
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)
 
     @app.exception_handler(errors.PlaneError)
     async def plane_error(request: Request, exc: errors.PlaneError) -> JSONResponse:
@@ -304,7 +338,7 @@ def create_app(
         revision = protocol.parse_revision(x_tether_protocol)
         if revision is None or not protocol.OLDEST_PROTOCOL <= revision <= protocol.PROTOCOL_VERSION:
             revision = protocol.PROTOCOL_VERSION
-        return _written(protocol.Health(version=tether.__version__, protocol=revision), revision)
+        return written(protocol.Health(version=tether.__version__, protocol=revision), revision)
 
     @app.get("/v1/preflight", response_model=protocol.PreflightResponse, tags=["agent"])
     async def preflight(ctx: Ctx, identity: Identity, address: Address, revision: Revision) -> Any:
@@ -315,7 +349,7 @@ def create_app(
             version=tether.__version__,
             heartbeat_interval=ctx.store.settings.heartbeat_interval.total_seconds(),
         )
-        return _written(answer, revision)
+        return written(answer, revision)
 
     @app.post("/v1/agents/register", response_model=protocol.RegisterResponse, tags=["agent"])
     async def register(body: protocol.RegisterRequest, ctx: Ctx, identity: Identity, revision: Revision) -> Any:
@@ -327,19 +361,19 @@ def create_app(
             lease_wait=settings.lease_wait.total_seconds(),
             cordoned=agent.cordoned,
         )
-        return _written(answer, revision)
+        return written(answer, revision)
 
     @app.post("/v1/agents/{agent_id}/heartbeat", response_model=protocol.HeartbeatResponse, tags=["agent"])
     async def heartbeat(
         agent_id: uuid.UUID, body: protocol.HeartbeatRequest, ctx: Ctx, identity: Identity, revision: Revision
     ) -> Any:
-        return _written(await ctx.db(ctx.store.heartbeat, identity, str(agent_id), body), revision)
+        return written(await ctx.db(ctx.store.heartbeat, identity, str(agent_id), body), revision)
 
     @app.post("/v1/agents/{agent_id}/lease", response_model=protocol.LeaseResponse, tags=["agent"])
     async def lease(
         agent_id: uuid.UUID, body: protocol.LeaseRequest, ctx: Ctx, identity: Identity, revision: Revision
     ) -> Any:
-        return _written(await _lease(ctx, identity, agent_id, body), revision)
+        return written(await _lease(ctx, identity, agent_id, body), revision)
 
     @app.post("/v1/agents/{agent_id}/jobs/{job_id}/start", response_model=protocol.StartResponse, tags=["agent"])
     async def start(
@@ -350,13 +384,13 @@ def create_app(
         identity: Identity,
         revision: Revision,
     ) -> Any:
-        return _written(await ctx.db(ctx.store.start, identity, str(agent_id), str(job_id), body), revision)
+        return written(await ctx.db(ctx.store.start, identity, str(agent_id), str(job_id), body), revision)
 
     @app.post("/v1/agents/{agent_id}/jobs/start", response_model=protocol.StartManyResponse, tags=["agent"])
     async def start_many(
         agent_id: uuid.UUID, body: protocol.StartManyRequest, ctx: Ctx, identity: Identity, revision: Revision
     ) -> Any:
-        return _written(await ctx.db(ctx.store.start_many, identity, str(agent_id), body), revision)
+        return written(await ctx.db(ctx.store.start_many, identity, str(agent_id), body), revision)
 
     @app.post("/v1/agents/{agent_id}/jobs/{job_id}/report", response_model=protocol.ReportResponse, tags=["agent"])
     async def report(
@@ -367,7 +401,8 @@ def create_app(
         identity: Identity,
         revision: Revision,
     ) -> Any:
-        return _written(await ctx.db(ctx.store.report, identity, str(agent_id), str(job_id), body), revision)
+        return written(await ctx.db(ctx.store.report, identity, str(agent_id), str(job_id), body), revision)
 
+    app.include_router(dag_processing_router())
     app.include_router(admin_router())
     return app

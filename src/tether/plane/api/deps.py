@@ -10,6 +10,8 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 import tether
@@ -213,6 +215,13 @@ async def authenticated(
         raise errors.Unauthorized("an agent token is required (Authorization: Bearer ...)", reason="no_token")
     text = authorization[7:].strip()
     return await ctx.tokens.get(text, lambda: ctx.db(ctx.store.authenticate, text))
+
+
+def written(answer: BaseModel, revision: int) -> Any:
+    """The answer in the caller's revision: as it is for this one, without later fields for older ones."""
+    if revision >= protocol.PROTOCOL_VERSION:
+        return answer
+    return JSONResponse(protocol.written_for(answer, revision))
 
 
 Ctx = Annotated[PlaneContext, Depends(context)]

@@ -207,6 +207,7 @@ class AgentStore(Database):
                 AgentOut(
                     id=agent.id,
                     name=agent.name,
+                    roles=list(agent.roles),
                     status=agent_status(agent, self.settings, now, token=token, check_token=True),
                     cordoned=agent.cordoned,
                     cordon_reason=agent.cordon_reason,

@@ -48,6 +48,7 @@ _CALLER = select(
     AGENT.c.last_heartbeat,
     AGENT.c.deleted_at,
     AGENT.c.deleted_by,
+    AGENT.c.roles,
 ).where(AGENT.c.id == bindparam("agent_id"))
 
 

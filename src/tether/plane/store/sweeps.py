@@ -10,7 +10,7 @@ from datetime import datetime
 
 from sqlalchemy import delete, func, or_, select
 
-from tether.plane.models import Agent, AgentToken, Job
+from tether.plane.models import Agent, AgentToken, Job, WorkClaim
 from tether.plane.store.base import Database, utcnow
 from tether.plane.store.rules import IN_FLIGHT, requeue, settle, settle_agent
 from tether.protocol import JobState
@@ -58,8 +58,9 @@ class SweepStore(Database):
         return {"expired_leases": len(expired), "unhealthy_agents": len(silent)}
 
     def purge(self, *, now: datetime | None = None) -> int:
-        """Delete finished jobs older than ``[tether] job_retention``."""
+        """Delete finished jobs, and DAG-processing work claims, older than ``[tether] job_retention``."""
         cutoff = (now or utcnow()) - self.settings.job_retention
         with self.transaction() as session:
             result = session.execute(delete(Job).where(Job.state.in_(_TERMINAL), Job.finished_at < cutoff))
+            session.execute(delete(WorkClaim).where(WorkClaim.created_at < cutoff))
             return int(result.rowcount)  # type: ignore[attr-defined]
