@@ -274,6 +274,8 @@ def agent_env(plane: Plane, home: Path, **settings: str) -> dict[str, str]:
             "AIRFLOW__CORE__DAGS_FOLDER": str(plane.dags_folder),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "task-logs"),
+            # Clones and checkouts of DAG bundles: each agent's own.
+            "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_STORAGE_PATH": str(home / "dag-bundles"),
             "TETHER_PLANE_URL": plane.url,
             "PYTHONUNBUFFERED": "1",
         }
@@ -289,9 +291,13 @@ def start_agent(
     *,
     env: Mapping[str, str] | None = None,
     bin_dir: Path = BIN,
+    command: str = "run",
     **settings: str,
 ) -> AgentProcess:
-    """Start ``tether-agent run`` from ``bin_dir``; ``settings`` become TETHER_* variables, ``env`` is added as is."""
+    """Start ``tether-agent <command>`` (``run``: a worker) from ``bin_dir``.
+
+    ``settings`` become TETHER_* variables, ``env`` is added as is.
+    """
     home = plane.home / "agents" / name
     home.mkdir(parents=True, exist_ok=True)
     token_file = home / "token"
@@ -300,7 +306,7 @@ def start_agent(
     port = int(settings.pop("health_port", 0) or free_port())
     environment = agent_env(plane, home, name=name, token_file=str(token_file), health_port=str(port), **settings)
     environment.update(env or {})
-    proc = spawn(f"agent-{name}", [str(bin_dir / "tether-agent"), "run"], environment, plane.home / "logs")
+    proc = spawn(f"agent-{name}", [str(bin_dir / "tether-agent"), command], environment, plane.home / "logs")
     plane.processes[f"agent-{name}"] = proc
     return AgentProcess(name=name, process=proc, health_port=port, env=environment)
 

@@ -12,9 +12,10 @@ import asyncio
 import logging
 import platform
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -105,17 +106,25 @@ class Agent:
         *,
         settings: AgentSettings,
         client: PlaneClient,
-        runner: Runner,
+        runner: Runner | None,
         metrics: AgentMetrics | None = None,
         kill_grace: timedelta = KILL_GRACE,
+        roles: Sequence[protocol.AgentRole] = (protocol.AgentRole.WORKER,),
     ) -> None:
+        """An agent in ``roles``; a worker leases and runs jobs with ``runner``, other roles need none."""
         self.settings = settings
         self.kill_grace = kill_grace
         self.client = client
         self.runner = runner
+        self.roles = tuple(roles)
+        self.worker = protocol.AgentRole.WORKER in self.roles
+        if self.worker and runner is None:
+            raise ValueError("a worker needs a runner")
         self.metrics = metrics or AgentMetrics()
         self.incarnation = uuid.uuid4()
         self.state = AgentState()
+        #: Set once the plane has registered this agent; other threads may wait on it.
+        self.registered = threading.Event()
         self._stop_requested: asyncio.Event | None = None
         self._force = False
         self._draining = False
@@ -152,7 +161,9 @@ class Agent:
             if not await self._register_until_done():
                 return 0
             heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
-            leasing = asyncio.create_task(self._lease_loop(), name="lease")
+            leasing = asyncio.create_task(
+                self._lease_loop() if self.worker else self._stop_requested.wait(), name="lease"
+            )
             stop_wait = asyncio.create_task(self._stop_requested.wait(), name="stop-wait")
             done, _ = await asyncio.wait({heartbeat, leasing, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             exit_code = 0
@@ -173,7 +184,8 @@ class Agent:
             log.error("%s", exc)
             return 3
         finally:
-            self.runner.close()
+            if self.runner is not None:
+                self.runner.close()
             if self._health is not None:
                 await self._health.stop()
             await self.client.aclose()
@@ -236,7 +248,8 @@ class Agent:
                 airflow_version=_airflow_version(),
                 python_version=platform.python_version(),
                 hostname=socket.gethostname()[:256],
-                queues=list(self.settings.queues),
+                roles=list(self.roles),
+                queues=list(self.settings.queues) if self.worker else [],
                 slots=self.settings.slots,
                 labels=dict(self.settings.labels),
             )
@@ -250,12 +263,14 @@ class Agent:
         self.state.last_contact = time.monotonic()
         self.metrics.connected.set(1)
         self._refusals.accepted()
+        self.registered.set()
+        serves = f"queues {','.join(self.settings.queues)}, {self.settings.slots} slots" if self.worker else "no queues"
         log.info(
-            "Registered as %s (agent id %s, queues %s, %d slots%s)",
+            "Registered as %s (agent id %s, %s, %s%s)",
             self.settings.name,
             answer.agent_id,
-            ",".join(self.settings.queues),
-            self.settings.slots,
+            "+".join(self.roles),
+            serves,
             ", cordoned" if answer.cordoned else "",
         )
 
@@ -411,6 +426,7 @@ class Agent:
             # Shielded: the gate is shared, and ending one job's wait must not end the others'.
             if job_id not in await asyncio.shield(gate):
                 return
+            assert self.runner is not None
             try:
                 held.process = await self.runner.spawn(held.lease.workload)
             except Exception as exc:

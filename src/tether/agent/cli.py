@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Validate the settings, print them (token redacted) and exit",
     )
+    dag_processor = commands.add_parser(
+        "dag-processor",
+        help="Register in the dag-processor role and parse the DAG bundles here until stopped",
+        description="Runs Airflow's DAG processor on this agent's bundles "
+        "([dag_processor] dag_bundle_config_list) and sends the plane what it needs to schedule and show them.",
+    )
+    agent_settings.add_arguments(dag_processor)
     check = commands.add_parser(
         "check", help="Preflight: verify the token, the plane, the secrets and XCom backends and the DAG bundles"
     )
@@ -53,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check":
         return asyncio.run(_check(settings))
+    if args.command == "dag-processor":
+        _configure_logging(settings.log_level)
+        from tether.agent import dag_processor
+
+        return dag_processor.run(settings)
     if args.print_settings:
         print(json.dumps(settings.redacted(), indent=2))
         return 0

@@ -8,6 +8,7 @@ a 4xx is the plane's answer and is raised as ``PlaneRefused``.
 
 from __future__ import annotations
 
+import gzip
 import random
 import ssl
 import uuid
@@ -75,16 +76,22 @@ async def _call(
     path: str,
     answer: type[T],
     *,
-    body: BaseModel | None = None,
+    body: BaseModel | bytes | None = None,
+    gzipped: bool = False,
     read_timeout: float | None = None,
 ) -> T:
-    """One call to the agent API: the request id sent and named in every error, errors translated."""
+    """One call to the agent API: the request id sent and named in every error, errors translated.
+
+    ``body`` is a model, or its JSON already encoded (``gzipped``: and compressed).
+    """
     rid = uuid.uuid4().hex
     headers = {protocol.REQUEST_ID_HEADER: rid}
     kwargs: dict[str, Any] = {}
     if body is not None:
         headers["Content-Type"] = "application/json"
-        kwargs["content"] = body.model_dump_json()
+        kwargs["content"] = body if isinstance(body, bytes) else body.model_dump_json()
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
     if read_timeout is not None:
         kwargs["timeout"] = httpx.Timeout(10.0, read=read_timeout)
     try:
@@ -97,6 +104,8 @@ async def _call(
 def _decode(response: httpx.Response, answer: type[T], rid: str) -> T:
     if response.status_code >= 500:
         raise PlaneUnavailable(f"the plane answered {response.status_code} [request_id={rid}]")
+    if response.status_code == 204:
+        return answer()
     if response.status_code >= 400:
         try:
             problem = response.json()
@@ -149,11 +158,51 @@ class Jobs(_Resource):
         return await self._post(f"/agents/{agent_id}/jobs/{job_id}/report", body, protocol.ReportResponse)
 
 
+class Nothing(BaseModel):
+    """The answer of a call that answers nothing (204)."""
+
+
+class DagProcessing(_Resource):
+    """The calls of an agent in the dag-processor role."""
+
+    def _path(self, agent_id: uuid.UUID, tail: str) -> str:
+        return f"/agents/{agent_id}/dag-processing/{tail}"
+
+    async def sync_bundles(self, agent_id: uuid.UUID, body: protocol.BundleSyncRequest) -> protocol.BundleSyncResponse:
+        return await self._post(self._path(agent_id, "bundles"), body, protocol.BundleSyncResponse)
+
+    async def update_bundle_state(
+        self, agent_id: uuid.UUID, bundle_name: str, body: protocol.BundleStateUpdate
+    ) -> None:
+        path = self._path(agent_id, f"bundles/{bundle_name}/state")
+        await _call(self._http, "PUT", path, Nothing, body=body)
+
+    async def bundle_files(
+        self, agent_id: uuid.UUID, bundle_name: str, body: protocol.BundleFiles
+    ) -> protocol.BundleFilesResponse:
+        path = self._path(agent_id, f"bundles/{bundle_name}/files")
+        return await _call(self._http, "POST", path, protocol.BundleFilesResponse, body=compress(body), gzipped=True)
+
+    async def results(self, agent_id: uuid.UUID, compressed: bytes) -> protocol.ParseResultResponse:
+        """Send a ``ParseResult`` already encoded and gzip-compressed (see ``compress``)."""
+        path = self._path(agent_id, "results")
+        return await _call(self._http, "POST", path, protocol.ParseResultResponse, body=compressed, gzipped=True)
+
+    async def work(self, agent_id: uuid.UUID, body: protocol.WorkRequest) -> protocol.WorkResponse:
+        return await self._post(self._path(agent_id, "work"), body, protocol.WorkResponse)
+
+
+def compress(body: BaseModel) -> bytes:
+    """A request body as JSON, gzip-compressed: what large DAG-processing calls send."""
+    return gzip.compress(body.model_dump_json().encode(), compresslevel=5)
+
+
 class PlaneClient:
     def __init__(self, http: httpx.AsyncClient) -> None:
         self._http = http
         self.agents = Agents(http)
         self.jobs = Jobs(http)
+        self.dag_processing = DagProcessing(http)
 
     async def health(self) -> protocol.Health:
         return await _call(self._http, "GET", "/health", protocol.Health)

@@ -48,6 +48,28 @@ class AgentMetrics:
             registry=self.registry,
         )
 
+        self.dag_files = Counter(
+            "tether_agent_dag_files",
+            "DAG files parsed, by what became of their result: sent, unchanged (not sent), queued (the plane "
+            "was away), refused, stale (older than one the plane had), deferred (to be written later)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.dag_parse_seconds = Histogram(
+            "tether_agent_dag_parse_seconds",
+            "Time to parse one DAG file",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.dag_upload_bytes = Counter(
+            "tether_agent_dag_upload_bytes",
+            "Bytes of parse results sent to the plane (compressed)",
+            registry=self.registry,
+        )
+        self.dag_callbacks = Counter(
+            "tether_agent_dag_callbacks", "DAG callbacks claimed from the plane to run here", registry=self.registry
+        )
+
     def sdk_features(self, availability: Availability) -> None:
         for feature, reason in availability.items():
             self.sdk_feature.labels(feature.value).set(0 if reason else 1)

@@ -81,6 +81,13 @@ def _nice(text: str) -> int:
     return value
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ValueError("must be true or false")
+    return value in ("true", "1", "yes", "on")
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -115,6 +122,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("client_cert", "PEM client certificate presented to the plane"),
     Option("client_key", "PEM key of the client certificate"),
     Option("execution_api_url", "Airflow Execution API URL (default: <plane_url>/execution/)"),
+    Option(
+        "share_dag_source",
+        "dag-processor role: send the source of the DAG files it parses, for the plane's Code tab (the plane "
+        "keeps it only where [tether] store_dag_source is on)",
+        default="false",
+        parse=_bool,
+    ),
     Option("log_level", "DEBUG, INFO, WARNING or ERROR", default="INFO", parse=_log_level),
     Option(
         "max_backoff",
@@ -145,6 +159,7 @@ class AgentSettings:
     execution_api_url: str = ""
     log_level: str = "INFO"
     max_backoff: timedelta = timedelta(seconds=30)
+    share_dag_source: bool = False
     token_file: Path | None = None
 
     def redacted(self) -> dict[str, Any]:
@@ -265,4 +280,5 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         execution_api_url=values["execution_api_url"] or f"{plane_url}/execution/",
         log_level=values["log_level"],
         max_backoff=values["max_backoff"],
+        share_dag_source=values["share_dag_source"],
     )
