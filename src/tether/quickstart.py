@@ -1,4 +1,8 @@
-"""The quick start: an embedded SQLite plane, one agent, the example DAG run to success.
+"""The quick start: an embedded SQLite plane with no DAG files, two agents, the example DAG run to success.
+
+The plane runs Airflow's API server and scheduler only: no DAG folder, no DAG
+processor. One agent parses the example DAG where the file is (the dag-processor
+role), another runs its tasks (a worker).
 
 python -m tether.quickstart [--keep]
 """
@@ -22,38 +26,51 @@ def _step(message: str, started: float) -> None:
 
 def run(home: Path) -> int:
     started = time.monotonic()
-    dags = copy_example_dags(home / "dags")
-    plane = Plane(home=home / "plane", dags_folder=dags, sql_alchemy_conn=f"sqlite:///{home / 'plane' / 'airflow.db'}")
+    dags = copy_example_dags(home / "agent-dags")
+    nothing = home / "plane-dags"
+    nothing.mkdir(parents=True, exist_ok=True)
+    plane = Plane(
+        home=home / "plane", dags_folder=nothing, sql_alchemy_conn=f"sqlite:///{home / 'plane' / 'airflow.db'}"
+    )
+    # The agents' DAG folder; the plane's stays empty.
+    agent_dags = {"AIRFLOW__CORE__DAGS_FOLDER": str(dags)}
     try:
         _step(f"creating the plane's database in {plane.home}", started)
         plane.migrate()
         token = plane.create_token("quickstart")
-        _step("starting the API server, scheduler and DAG processor", started)
-        plane.start()
-        _step(f"plane up at {plane.url}; starting agent 'quickstart-agent'", started)
-        agent = start_agent(plane, "quickstart-agent", token, queues="default", slots="4")
-        wait_until(
-            lambda: agent.health("/readyz") == 200 or not agent.process.alive(),
-            120,
-            "the agent did not become ready",
-        )
-        if not agent.process.alive():
-            raise RuntimeError("the agent exited")
-        _step("agent registered and ready; waiting for the example DAG to be parsed", started)
+        _step("starting the API server and the scheduler (no DAG files, no DAG processor)", started)
+        plane.start(("api-server", "scheduler"))
+        _step(f"plane up at {plane.url}; starting agents 'quickstart-parser' and 'quickstart-worker'", started)
+        agents = [
+            start_agent(plane, "quickstart-parser", token, command="dag-processor", env=agent_dags),
+            start_agent(plane, "quickstart-worker", token, env=agent_dags, queues="default", slots="4"),
+        ]
+        for agent in agents:
+            wait_until(
+                lambda agent=agent: agent.health("/readyz") == 200 or not agent.process.alive(),
+                120,
+                f"agent {agent.name} did not become ready",
+            )
+            if not agent.process.alive():
+                raise RuntimeError(f"agent {agent.name} exited")
+        _step(f"agents ready; waiting for the example DAG, parsed on the agent side, in {dags}", started)
         plane.wait_for_dag(DAG_ID)
         run_id = plane.trigger(DAG_ID)
         _step(f"triggered {DAG_ID} (run {run_id})", started)
         state = plane.wait_for_run(DAG_ID, run_id, timeout=300)
         tasks = plane.task_states(DAG_ID, run_id)
-        agents = {row[0] for row in plane.query("SELECT DISTINCT agent_name FROM tether_job")}
+        ran_on = {row[0] for row in plane.query("SELECT DISTINCT agent_name FROM tether_job")}
         _step(f"DAG run finished: {state}", started)
         for task_id, task_state in sorted(tasks.items()):
             print(f"    {task_id:<12} {task_state}")
-        print(f"    ran on agent(s): {', '.join(sorted(a for a in agents if a))}")
+        print(f"    ran on agent(s): {', '.join(sorted(a for a in ran_on if a))}")
         if state != "success":
             print(f"FAILED: the example DAG ended {state}; logs are in {plane.home / 'logs'}", file=sys.stderr)
             return 1
-        print(f"SUCCESS: {DAG_ID} ran on a Tether agent in {time.monotonic() - started:.1f}s")
+        print(
+            f"SUCCESS: {DAG_ID}, parsed and run on Tether agents, with no DAG file on the plane, "
+            f"in {time.monotonic() - started:.1f}s"
+        )
         return 0
     except Exception as exc:
         print(f"FAILED: {exc}\nlogs are in {plane.home / 'logs'}", file=sys.stderr)
