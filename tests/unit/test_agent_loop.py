@@ -116,17 +116,21 @@ def test_slots_bound_what_is_leased() -> None:
 def test_an_outcome_waits_for_the_plane_to_come_back() -> None:
     async def scenario() -> None:
         plane, runner = FakePlane(), FakeRunner()
-        job = plane.add_job()
+        first, job = plane.add_job(), plane.add_job()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await until(lambda: len(runner.tasks) == 1)
-        plane.down = True
+        await until(lambda: len(runner.tasks) == 2)
+        # With the plane there, the same 0.3 s see an outcome reach it.
         runner.tasks[0].finish(0)
         await asyncio.sleep(0.3)
-        assert plane.reports == []
+        assert plane.reports == [(first, "success", 0)]
+        plane.down = True
+        runner.tasks[1].finish(0)
+        await asyncio.sleep(0.3)
+        assert plane.reports == [(first, "success", 0)]
         await until(lambda: agent.ready()[0] is False)
         plane.down = False
-        await until(lambda: plane.reports == [(job, "success", 0)])
+        await until(lambda: plane.reports == [(first, "success", 0), (job, "success", 0)])
         await until(lambda: agent.ready()[0])
         agent.stop()
         await running
