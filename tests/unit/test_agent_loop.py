@@ -181,14 +181,20 @@ def test_stop_drains_running_tasks_and_leases_nothing_more() -> None:
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
         await until(lambda: len(runner.tasks) == 1)
+        # Before the stop, the same 0.2 s see a job queued taken by the slot still free.
+        earlier = plane.add_job()
+        await asyncio.sleep(0.2)
+        assert len(runner.tasks) == 2
+        runner.tasks[1].finish(0)
+        await until(lambda: agent.free_slots == 1)
         agent.stop()
         plane.add_job()
         await asyncio.sleep(0.2)
-        assert len(runner.tasks) == 1 and not runner.tasks[0].terminated
+        assert len(runner.tasks) == 2 and not runner.tasks[0].terminated
         await until(lambda: plane.heartbeats[-1]["draining"] is True)
         runner.tasks[0].finish(0)
         assert await running == 0
-        assert plane.reports == [(job, "success", 0)]
+        assert plane.reports == [(earlier, "success", 0), (job, "success", 0)]
         assert len(plane.queued) == 1
 
     run(scenario)
