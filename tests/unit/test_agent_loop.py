@@ -54,12 +54,24 @@ def test_the_outcome_is_reported_from_the_exit_code() -> None:
 def test_nothing_runs_when_the_start_gate_refuses() -> None:
     async def scenario() -> None:
         plane, runner = FakePlane(refuse_start=True), FakeRunner()
+
+        async def leased_and_a_few_heartbeats_later() -> None:
+            beats = len(plane.heartbeats)
+            await until(lambda: not plane.queued and len(plane.heartbeats) > beats + 2)
+
         plane.add_job()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await until(lambda: not plane.queued and len(plane.heartbeats) > 2)
+        await leased_and_a_few_heartbeats_later()
         assert runner.tasks == [] and plane.reports == []
         assert agent.free_slots == 2
+        # The same wait, the gate open: the job leased runs.
+        plane.refuse_start = False
+        job = plane.add_job()
+        await leased_and_a_few_heartbeats_later()
+        assert len(runner.tasks) == 1 and plane.started == [job]
+        runner.tasks[0].finish(0)
+        await until(lambda: plane.reports == [(job, "success", 0)])
         agent.stop()
         await running
 
