@@ -66,6 +66,11 @@ def _ti_state(plane: Plane, dag_id: str, run_id: str) -> str | None:
     return rows[0][0] if rows else None
 
 
+def _job_state(plane: Plane, dag_id: str, run_id: str) -> str | None:
+    rows = plane.query("SELECT state FROM tether_job WHERE dag_id = :d AND run_id = :r", d=dag_id, r=run_id)
+    return rows[0][0] if rows else None
+
+
 def test_viewer_may_read_but_not_change(plane: Plane, admin: Admin) -> None:
     viewer = Admin(plane, "viewer")
     assert isinstance(viewer.call("GET", "/agents"), list)
@@ -89,8 +94,11 @@ def test_cordon_lets_running_work_finish_and_holds_new_work_until_uncordon(plane
     # The cordoned agent is alive and idle, yet the queued task is not handed to it.
     time.sleep(3)
     assert _ti_state(plane, "e2e_cordon_next", next_run) == "queued"
+    assert _job_state(plane, "e2e_cordon_next", next_run) == "QUEUED"
     assert _agent(admin, "cordon-agent")["status"] == "HEALTHY"
     admin.call("POST", "/agents/cordon-agent/action", {"action": "UNCORDON"})
+    # Uncordoned, the agent takes it within the same 3 s.
+    wait_until(lambda: _job_state(plane, "e2e_cordon_next", next_run) != "QUEUED", 3, "the job taken once uncordoned")
     assert plane.wait_for_run("e2e_cordon_next", next_run, timeout=60) == "success"
 
 

@@ -33,6 +33,8 @@ HEARTBEAT = 4.0
 MISSED = 3
 HEALTH_TIMEOUT = HEARTBEAT * MISSED
 LEASE_TIMEOUT = 25.0
+#: The longest the plane holds an agent's poll for work open.
+LEASE_WAIT = 5.0
 #: What a scheduler loop, a sweep and the poll of the test may add to a deadline of the design.
 SLACK = 5.0
 
@@ -58,7 +60,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Iterat
             "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": str(HEARTBEAT),
             "AIRFLOW__TETHER__MISSED_HEARTBEATS": str(MISSED),
             "AIRFLOW__TETHER__LEASE_TIMEOUT": str(LEASE_TIMEOUT),
-            "AIRFLOW__TETHER__LEASE_WAIT": "5",
+            "AIRFLOW__TETHER__LEASE_WAIT": str(LEASE_WAIT),
         },
     )
     try:

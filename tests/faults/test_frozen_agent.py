@@ -14,6 +14,7 @@ from tests.faults.conftest import (
     Agents,
     history,
     jobs,
+    log_text,
     logs,
     settled_jobs,
     task_instances,
@@ -38,6 +39,7 @@ def test_a_frozen_agent_is_fenced_and_its_stale_outcome_refused(plane: Plane, ag
         HEALTH_TIMEOUT + SLACK,
         "the frozen agent's job failed",
     )
+    stale = jobs(plane, "faults_frozen", run_id)[0]["id"]
     assert admin.call("GET", "/agents/frozen-a")["status"] == "UNHEALTHY"
     # The task process was not frozen: it runs on until Airflow fences it, or finishes into a
     # task instance that is no longer running. Wake the agent only once that try is over.
@@ -52,7 +54,11 @@ def test_a_frozen_agent_is_fenced_and_its_stale_outcome_refused(plane: Plane, ag
         30,
         "the woken agent reaping its stale task",
     )
-    time.sleep(3)  # room for a stale report to arrive, were it to be accepted
+    # Room for the stale report to arrive, were it to be accepted: it does arrive within it,
+    # as the API server's log of every call it answers shows.
+    wait_until(
+        lambda: f"/jobs/{stale}/report -> " in log_text(plane.processes["api-server"]), 3, "the stale report answered"
+    )
     settled = settled_jobs(plane, "faults_frozen", run_id)
     assert [(j["try_number"], j["state"], j["agent_name"]) for j in settled] == [
         (1, "FAILED", "frozen-a"),

@@ -18,6 +18,7 @@ from tests.faults.conftest import (
     HEALTH_TIMEOUT,
     Agents,
     agent_row,
+    log_text,
     logs,
     settled_jobs,
     task_instances,
@@ -37,15 +38,19 @@ def test_a_paused_plane_fails_no_running_task_when_it_resumes(plane: Plane, agen
     run_id = trigger(plane, "faults_plane_pause")
     wait_running(plane, "faults_plane_pause", run_id)
 
-    frozen = [agent.process, plane.processes["scheduler"], plane.processes["api-server"]]
+    scheduler = plane.processes["scheduler"]
+    frozen = [agent.process, scheduler, plane.processes["api-server"]]
     for process in frozen:
         process.signal(signal.SIGSTOP)
     try:
         time.sleep(PAUSE)
+        logged_before = len(log_text(scheduler))
         for process in reversed(frozen[1:]):
             process.signal(signal.SIGCONT)
         # The scheduler sweeps about every second: it looks at the silent agent before the agent wakes.
         time.sleep(AGENT_WAKES_AFTER)
+        # It did, within that wait: the sweep's look at the agent API, back after the pause, is in its log.
+        assert "The agent API" in log_text(scheduler)[logged_before:], scheduler.tail()
     finally:
         for process in frozen:
             process.signal(signal.SIGCONT)

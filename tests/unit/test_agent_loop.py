@@ -54,12 +54,24 @@ def test_the_outcome_is_reported_from_the_exit_code() -> None:
 def test_nothing_runs_when_the_start_gate_refuses() -> None:
     async def scenario() -> None:
         plane, runner = FakePlane(refuse_start=True), FakeRunner()
+
+        async def leased_and_a_few_heartbeats_later() -> None:
+            beats = len(plane.heartbeats)
+            await until(lambda: not plane.queued and len(plane.heartbeats) > beats + 2)
+
         plane.add_job()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await until(lambda: not plane.queued and len(plane.heartbeats) > 2)
+        await leased_and_a_few_heartbeats_later()
         assert runner.tasks == [] and plane.reports == []
         assert agent.free_slots == 2
+        # The same wait, the gate open: the job leased runs.
+        plane.refuse_start = False
+        job = plane.add_job()
+        await leased_and_a_few_heartbeats_later()
+        assert len(runner.tasks) == 1 and plane.started == [job]
+        runner.tasks[0].finish(0)
+        await until(lambda: plane.reports == [(job, "success", 0)])
         agent.stop()
         await running
 
@@ -103,7 +115,8 @@ def test_slots_bound_what_is_leased() -> None:
         await asyncio.sleep(0.2)
         assert len(runner.tasks) == 2 and len(plane.queued) == 1
         runner.tasks[0].finish(0)
-        await until(lambda: len(runner.tasks) == 3)
+        # Within the same 0.2 s, the slot freed takes the job left in the queue.
+        await until(lambda: len(runner.tasks) == 3, timeout=0.2)
         for task in runner.tasks:
             task.finish(0)
         agent.stop()
@@ -115,17 +128,21 @@ def test_slots_bound_what_is_leased() -> None:
 def test_an_outcome_waits_for_the_plane_to_come_back() -> None:
     async def scenario() -> None:
         plane, runner = FakePlane(), FakeRunner()
-        job = plane.add_job()
+        first, job = plane.add_job(), plane.add_job()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
-        await until(lambda: len(runner.tasks) == 1)
-        plane.down = True
+        await until(lambda: len(runner.tasks) == 2)
+        # With the plane there, the same 0.3 s see an outcome reach it.
         runner.tasks[0].finish(0)
         await asyncio.sleep(0.3)
-        assert plane.reports == []
+        assert plane.reports == [(first, "success", 0)]
+        plane.down = True
+        runner.tasks[1].finish(0)
+        await asyncio.sleep(0.3)
+        assert plane.reports == [(first, "success", 0)]
         await until(lambda: agent.ready()[0] is False)
         plane.down = False
-        await until(lambda: plane.reports == [(job, "success", 0)])
+        await until(lambda: plane.reports == [(first, "success", 0), (job, "success", 0)])
         await until(lambda: agent.ready()[0])
         agent.stop()
         await running
@@ -160,7 +177,8 @@ def test_a_cordoned_agent_leases_nothing_until_uncordoned() -> None:
         await asyncio.sleep(0.2)
         assert runner.tasks == []
         plane.cordoned = False
-        await until(lambda: len(runner.tasks) == 1)
+        # Within the same 0.2 s, the agent uncordoned takes the job.
+        await until(lambda: len(runner.tasks) == 1, timeout=0.2)
         runner.tasks[0].finish(0)
         agent.stop()
         await running
@@ -175,14 +193,20 @@ def test_stop_drains_running_tasks_and_leases_nothing_more() -> None:
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
         await until(lambda: len(runner.tasks) == 1)
+        # Before the stop, the same 0.2 s see a job queued taken by the slot still free.
+        earlier = plane.add_job()
+        await asyncio.sleep(0.2)
+        assert len(runner.tasks) == 2
+        runner.tasks[1].finish(0)
+        await until(lambda: agent.free_slots == 1)
         agent.stop()
         plane.add_job()
         await asyncio.sleep(0.2)
-        assert len(runner.tasks) == 1 and not runner.tasks[0].terminated
+        assert len(runner.tasks) == 2 and not runner.tasks[0].terminated
         await until(lambda: plane.heartbeats[-1]["draining"] is True)
         runner.tasks[0].finish(0)
         assert await running == 0
-        assert plane.reports == [(job, "success", 0)]
+        assert plane.reports == [(earlier, "success", 0), (job, "success", 0)]
         assert len(plane.queued) == 1
 
     run(scenario)

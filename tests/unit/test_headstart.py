@@ -133,6 +133,9 @@ def test_the_sdks_start_runs_the_task_in_the_process_forked_ahead(report: Path) 
         # Only that one start was served from the head start.
         assert supervisor.socketpair is socket.socketpair
         assert supervisor.os is os
+        # The same 0.2 s, once its task came, see the task process run it.
+        time.sleep(0.2)
+        assert report.exists(), "the task process did not run its task once it came"
         assert process.wait() == 0
     finally:
         headstart.release()

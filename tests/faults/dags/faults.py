@@ -25,17 +25,36 @@ def _sleeper(dag_id: str, queue: str, seconds: float, *, retries: int = 0, copie
     sleeper()
 
 
+def _held(dag_id: str, queue: str) -> None:
+    """A task that finishes when the test says so: once the file named by FAULTS_RELEASE exists."""
+
+    @dag(dag_id=dag_id, schedule=None, catchup=False)
+    def held():
+        @task(queue=queue, retries=0)
+        def wait_for_release() -> str:
+            release = os.environ["FAULTS_RELEASE"]
+            deadline = time.monotonic() + 120
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return "released"
+
+        wait_for_release()
+
+    held()
+
+
 # 1. kill -9: one long task to fail over, and short ones to be leased but never started.
 _sleeper("faults_kill_long", "killq", 60, retries=1)
 _sleeper("faults_kill_short", "killq", 1, copies=3)
-# 2. SIGTERM: a 20 s task drained to completion, then one that outlives the drain timeout.
-_sleeper("faults_drain", "drainq", 20)
+# 2. SIGTERM: a task drained to completion once the test releases it, then one that outlives the drain timeout.
+_held("faults_drain", "drainq")
 _sleeper("faults_drain_cut", "drainq2", 30, retries=1)
 # 3. API server restart; 4. scheduler restart.
 _sleeper("faults_api_restart", "apiq", 45)
 _sleeper("faults_sched_running", "schedq", 25)
 _sleeper("faults_sched_waiting", "schedq", 1, copies=4)
-# 5. partitions: a short one the task outlives, a long one the plane acts on.
+# 5. partitions: a short one the task outlives (it finishes while the agent is cut off), a long one the plane acts on.
+_held("faults_partition_short", "partq")
 _sleeper("faults_partition_long", "partq2", 40, retries=1)
 # 7. a lease never confirmed.
 _sleeper("faults_unconfirmed", "leaseq", 1)
@@ -43,24 +62,6 @@ _sleeper("faults_unconfirmed", "leaseq", 1)
 _sleeper("faults_frozen", "frozenq", 25, retries=1)
 # 9. a frozen plane.
 _sleeper("faults_plane_pause", "pauseq", 35)
-
-
-@dag(dag_id="faults_partition_short", schedule=None, catchup=False)
-def faults_partition_short():
-    """5. A task that finishes when the test says so: while the agent is cut off from the plane."""
-
-    @task(queue="partq", retries=0)
-    def wait_for_release() -> str:
-        release = os.environ["FAULTS_RELEASE"]
-        deadline = time.monotonic() + 120
-        while not os.path.exists(release) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return "released"
-
-    wait_for_release()
-
-
-faults_partition_short()
 
 
 @dag(dag_id="faults_many", schedule=None, catchup=False, max_active_tasks=256)
