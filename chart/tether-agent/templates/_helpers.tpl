@@ -8,6 +8,11 @@
 {{- default .Release.Namespace .Values.namespace -}}
 {{- end -}}
 
+{{/* Name of an object of one part of the release: root and suffix, e.g. a worker's name. */}}
+{{- define "tether-agent.objectName" -}}
+{{- printf "%s-%s" (include "tether-agent.prefix" .root) .suffix | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "tether-agent.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (printf "%s-agent" (include "tether-agent.prefix" .)) .Values.serviceAccount.name -}}
@@ -16,7 +21,7 @@
 {{- end -}}
 {{- end -}}
 
-{{/* Labels that select the agents of the release; a worker group adds its own. */}}
+{{/* Labels that select the agents of the release; each Deployment adds its own. */}}
 {{- define "tether-agent.selectorLabels" -}}
 app.kubernetes.io/name: tether-agent
 app.kubernetes.io/instance: {{ .Release.Name }}
