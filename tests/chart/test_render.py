@@ -14,12 +14,14 @@ from tests.chart.rendering import (
     KUBERNETES_VERSION,
     NAMESPACE,
     RELEASE,
+    SCHEMA,
     TOKEN,
     by_kind,
     env_of,
     pod_specs,
     render,
     render_files,
+    schema_entry,
     validate,
     values,
 )
@@ -188,8 +190,9 @@ def test_default_install_objects() -> None:
 
 
 def test_a_worker_gets_the_schema_defaults_it_leaves_out() -> None:
-    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
-    defaults = {k: v["default"] for k, v in schema["properties"]["workers"]["items"]["properties"].items()}
+    defaults = {
+        k: schema_entry(v)["default"] for k, v in SCHEMA["properties"]["workers"]["items"]["properties"].items()
+    }
     objects = render(values(workers=[{"name": "etl", "queues": ["etl"]}]))
     [deployment] = by_kind(objects, "Deployment")
     spec = deployment["spec"]["template"]["spec"]
