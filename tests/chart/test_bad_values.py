@@ -71,6 +71,16 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
         values(workers=[_worker(drainTimeoutSeconds=0)]),
         "workers[0].drainTimeoutSeconds is 0: set it to 1 or more so running tasks get time to finish.",
     ),
+    "a worker with the DAG processor's name": (
+        values(dagProcessor={"enabled": True}, workers=[_worker(), _worker(name="dag-processor")]),
+        'workers[1].name "dag-processor" is the name of the DAG processor\'s Deployment while dagProcessor.enabled '
+        "is true: give the worker another name.",
+    ),
+    "metadata database in the DAG processor's env": (
+        values(dagProcessor={"enabled": True, "env": [{"name": "AIRFLOW__CORE__SQL_ALCHEMY_CONN", "value": "x"}]}),
+        "dagProcessor.env sets AIRFLOW__CORE__SQL_ALCHEMY_CONN, but agents never connect to the metadata database: "
+        "remove it.",
+    ),
     "two pull secret sources": (
         values(imagePullSecretName="registry", imagePullSecretData="{}"),
         "imagePullSecretName and imagePullSecretData are both set: keep the name of an existing Secret "
@@ -111,6 +121,15 @@ SCHEMA_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
     "slots as text": (values(workers=[_worker(slots="four")]), "/workers/0/slots"),
     "unknown log level": (values(logLevel="verbose"), "/logLevel"),
     "no workers": (values(workers=[]), "/workers"),
+    "negative DAG processor replicas": (
+        values(dagProcessor={"enabled": True, "replicas": -1}),
+        "at '/dagProcessor/replicas': minimum: got -1, want 0",
+    ),
+    "misspelt DAG processor value": (
+        values(dagProcessor={"enabled": True, "shareDagSource": True}),
+        "additional properties 'shareDagSource' not allowed",
+    ),
+    "shareSource as text": (values(dagProcessor={"shareSource": "yes"}), "/dagProcessor/shareSource"),
 }
 
 

@@ -114,9 +114,16 @@ naming the value and the fix.
 {{- fail "caBundle.configMapName and caBundle.secretName are both set: take the CA bundle from one of them." -}}
 {{- end -}}
 {{- $forbidden := list "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD" "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_SECRET" "AIRFLOW__CORE__SQL_ALCHEMY_CONN" -}}
-{{- range $e := $v.commonEnv -}}
+{{- $envLists := list (list "commonEnv" $v.commonEnv) -}}
+{{- range $i, $w := $v.workers -}}
+{{- $envLists = append $envLists (list (printf "workers[%d].env" $i) $w.env) -}}
+{{- end -}}
+{{- $envLists = append $envLists (list "dagProcessor.env" $v.dagProcessor.env) -}}
+{{- range $pair := $envLists -}}
+{{- range $e := index $pair 1 -}}
 {{- if has $e.name $forbidden -}}
-{{- fail (printf "commonEnv sets %s, but agents never connect to the metadata database: remove it." $e.name) -}}
+{{- fail (printf "%s sets %s, but agents never connect to the metadata database: remove it." (index $pair 0) $e.name) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- $names := dict -}}
@@ -139,10 +146,8 @@ naming the value and the fix.
 {{- else if lt $grace 31 -}}
 {{- fail (printf "workers[%d].terminationGracePeriodSeconds (%d) leaves no time to drain running tasks: set it above 30 or set a drainTimeoutSeconds below it." $i $grace) -}}
 {{- end -}}
-{{- range $e := $w.env -}}
-{{- if has $e.name $forbidden -}}
-{{- fail (printf "workers[%d].env sets %s, but agents never connect to the metadata database: remove it." $i $e.name) -}}
-{{- end -}}
+{{- if and $v.dagProcessor.enabled (eq $w.name "dag-processor") -}}
+{{- fail (printf "workers[%d].name \"dag-processor\" is the name of the DAG processor's Deployment while dagProcessor.enabled is true: give the worker another name." $i) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

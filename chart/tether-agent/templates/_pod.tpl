@@ -20,6 +20,9 @@ context), agent (a workers[] item or dagProcessor) and role (worker or dag-proce
   value: {{ include "tether-agent.slots" $a | quote }}
 - name: TETHER_DRAIN_TIMEOUT
   value: {{ include "tether-agent.drainTimeout" $a | quote }}
+{{- else if eq .role "dag-processor" }}
+- name: TETHER_SHARE_DAG_SOURCE
+  value: {{ eq $a.shareSource true | quote }}
 {{- end }}
 - name: TETHER_HEALTH_PORT
   value: {{ $v.healthPort | quote }}
