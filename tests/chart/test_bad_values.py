@@ -103,14 +103,36 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
+def refusals(message: str) -> list[str]:
+    """The chart's refusals in a Helm error, one a line, each checked to be one sentence."""
+    # The template's message is the whole error after Helm's location prefix.
+    lines = message.split("): ", 1)[-1].strip().splitlines()
+    for line in lines:
+        assert line.endswith("."), line
+        assert line.replace("e.g. ", "").count(". ") == 0, line
+    return lines
+
+
 @pytest.mark.parametrize("case", sorted(BAD_VALUES))
 def test_bad_values_fail_with_one_sentence(case: str) -> None:
     vals, sentence = BAD_VALUES[case]
-    message = render_error(vals)
-    assert sentence in message
-    # One sentence: the template's message is the whole error after Helm's location prefix.
-    assert message.rstrip().endswith(".")
-    assert message.split("): ", 1)[-1].replace("e.g. ", "").count(". ") == 0
+    [refusal] = refusals(render_error(vals))
+    assert refusal.startswith(sentence)
+
+
+def test_every_problem_is_refused_at_once_one_line_each() -> None:
+    vals = values(planeURL=None, secretBackend=None, xcomBackend="", workers=[_worker(slots=0), _worker()])
+    expected = [
+        BAD_VALUES["missing planeURL"][1],
+        BAD_VALUES["missing secretBackend"][1],
+        BAD_VALUES["empty xcomBackend"][1],
+        "workers[0].slots is 0: set it to 1 or more, the number of tasks an agent runs at once.",
+        'workers[1].name "etl" is already the name of workers[0]: give every worker a unique name.',
+    ]
+    lines = refusals(render_error(vals))
+    assert len(lines) == len(expected)
+    for line, sentence in zip(lines, expected, strict=True):
+        assert line.startswith(sentence)
 
 
 SCHEMA_ERRORS: dict[str, tuple[dict[str, Any], str]] = {

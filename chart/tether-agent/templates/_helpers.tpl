@@ -77,41 +77,41 @@ annotations:
 {{- define "tether-agent.clientCertDir" -}}/var/run/secrets/tether/client{{- end -}}
 
 {{/*
-Every rule values.schema.json cannot say in a sentence. Each failure is one sentence
-naming the value and the fix.
+Every rule values.schema.json cannot say in a sentence. Each problem is one sentence naming
+the value and the fix, and all of them are refused together, one a line, so a values file with
+several values still to fill in needs one round, not one per value.
 */}}
 {{- define "tether-agent.validate" -}}
 {{- $v := .Values -}}
+{{- $problems := list -}}
 {{- if not $v.planeURL -}}
-{{- fail "planeURL is required: set it to the URL of the Airflow API server the agents connect to, e.g. https://airflow.example.com." -}}
-{{- end -}}
-{{- if not (regexMatch "^https?://[^/]+" $v.planeURL) -}}
-{{- fail (printf "planeURL %q is not an http(s) URL: set it to the URL of the Airflow API server, starting with https://." $v.planeURL) -}}
+{{- $problems = append $problems "planeURL is required: set it to the URL of the Airflow API server the agents connect to, e.g. https://airflow.example.com." -}}
+{{- else if not (regexMatch "^https?://[^/]+" $v.planeURL) -}}
+{{- $problems = append $problems (printf "planeURL %q is not an http(s) URL: set it to the URL of the Airflow API server, starting with https://." $v.planeURL) -}}
 {{- end -}}
 {{- $tokenSources := list -}}
 {{- range $key := list "agentToken" "agentTokenSecretName" "agentTokenFile" -}}
 {{- if index $v $key -}}{{- $tokenSources = append $tokenSources $key -}}{{- end -}}
 {{- end -}}
 {{- if eq (len $tokenSources) 0 -}}
-{{- fail "No agent token is set: set exactly one of agentToken, agentTokenSecretName or agentTokenFile." -}}
-{{- end -}}
-{{- if gt (len $tokenSources) 1 -}}
-{{- fail (printf "%s are set together, but the agents take one token: keep exactly one of agentToken, agentTokenSecretName or agentTokenFile." (join ", " $tokenSources)) -}}
+{{- $problems = append $problems "No agent token is set: set exactly one of agentToken, agentTokenSecretName or agentTokenFile." -}}
+{{- else if gt (len $tokenSources) 1 -}}
+{{- $problems = append $problems (printf "%s are set together, but the agents take one token: keep exactly one of agentToken, agentTokenSecretName or agentTokenFile." (join ", " $tokenSources)) -}}
 {{- end -}}
 {{- if and $v.agentTokenFile (not (isAbs $v.agentTokenFile)) -}}
-{{- fail (printf "agentTokenFile %q is not an absolute path: set it to where the token file is mounted in the container, e.g. /var/run/secrets/tether/token/token." $v.agentTokenFile) -}}
+{{- $problems = append $problems (printf "agentTokenFile %q is not an absolute path: set it to where the token file is mounted in the container, e.g. /var/run/secrets/tether/token/token." $v.agentTokenFile) -}}
 {{- end -}}
 {{- if and $v.imagePullSecretName $v.imagePullSecretData -}}
-{{- fail "imagePullSecretName and imagePullSecretData are both set: keep the name of an existing Secret or the data for the chart to store, not both." -}}
+{{- $problems = append $problems "imagePullSecretName and imagePullSecretData are both set: keep the name of an existing Secret or the data for the chart to store, not both." -}}
 {{- end -}}
 {{- if not $v.secretBackend -}}
-{{- fail "secretBackend is required because secrets stay on the agent side: set it to a secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend." -}}
+{{- $problems = append $problems "secretBackend is required because secrets stay on the agent side: set it to a secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend." -}}
 {{- end -}}
 {{- if not $v.xcomBackend -}}
-{{- fail "xcomBackend is required because XCom values stay on the agent side: set it to an XCom backend class, e.g. airflow.providers.common.io.xcom.backend.XComObjectStorageBackend." -}}
+{{- $problems = append $problems "xcomBackend is required because XCom values stay on the agent side: set it to an XCom backend class, e.g. airflow.providers.common.io.xcom.backend.XComObjectStorageBackend." -}}
 {{- end -}}
 {{- if and $v.caBundle.configMapName $v.caBundle.secretName -}}
-{{- fail "caBundle.configMapName and caBundle.secretName are both set: take the CA bundle from one of them." -}}
+{{- $problems = append $problems "caBundle.configMapName and caBundle.secretName are both set: take the CA bundle from one of them." -}}
 {{- end -}}
 {{- $forbidden := list "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD" "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_SECRET" "AIRFLOW__CORE__SQL_ALCHEMY_CONN" -}}
 {{- $envLists := list (list "commonEnv" $v.commonEnv) -}}
@@ -122,33 +122,36 @@ naming the value and the fix.
 {{- range $pair := $envLists -}}
 {{- range $e := index $pair 1 -}}
 {{- if has $e.name $forbidden -}}
-{{- fail (printf "%s sets %s, but agents never connect to the metadata database: remove it." (index $pair 0) $e.name) -}}
+{{- $problems = append $problems (printf "%s sets %s, but agents never connect to the metadata database: remove it." (index $pair 0) $e.name) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 {{- $names := dict -}}
 {{- range $i, $w := $v.workers -}}
 {{- if hasKey $names $w.name -}}
-{{- fail (printf "workers[%d].name %q is already the name of workers[%d]: give every worker a unique name." $i $w.name (get $names $w.name)) -}}
-{{- end -}}
+{{- $problems = append $problems (printf "workers[%d].name %q is already the name of workers[%d]: give every worker a unique name." $i $w.name (get $names $w.name)) -}}
+{{- else -}}
 {{- $_ := set $names $w.name $i -}}
+{{- end -}}
 {{- if and (hasKey $w "slots") (lt (int $w.slots) 1) -}}
-{{- fail (printf "workers[%d].slots is %d: set it to 1 or more, the number of tasks an agent runs at once." $i (int $w.slots)) -}}
+{{- $problems = append $problems (printf "workers[%d].slots is %d: set it to 1 or more, the number of tasks an agent runs at once." $i (int $w.slots)) -}}
 {{- end -}}
 {{- $grace := include "tether-agent.grace" $w | int -}}
 {{- if and (hasKey $w "drainTimeoutSeconds") (not (kindIs "invalid" $w.drainTimeoutSeconds)) -}}
 {{- if lt (int $w.drainTimeoutSeconds) 1 -}}
-{{- fail (printf "workers[%d].drainTimeoutSeconds is %d: set it to 1 or more so running tasks get time to finish." $i (int $w.drainTimeoutSeconds)) -}}
-{{- end -}}
-{{- if ge (int $w.drainTimeoutSeconds) $grace -}}
-{{- fail (printf "workers[%d].terminationGracePeriodSeconds (%d) is not longer than its drainTimeoutSeconds (%d): raise terminationGracePeriodSeconds or lower drainTimeoutSeconds so Kubernetes waits for the drain." $i $grace (int $w.drainTimeoutSeconds)) -}}
+{{- $problems = append $problems (printf "workers[%d].drainTimeoutSeconds is %d: set it to 1 or more so running tasks get time to finish." $i (int $w.drainTimeoutSeconds)) -}}
+{{- else if ge (int $w.drainTimeoutSeconds) $grace -}}
+{{- $problems = append $problems (printf "workers[%d].terminationGracePeriodSeconds (%d) is not longer than its drainTimeoutSeconds (%d): raise terminationGracePeriodSeconds or lower drainTimeoutSeconds so Kubernetes waits for the drain." $i $grace (int $w.drainTimeoutSeconds)) -}}
 {{- end -}}
 {{- else if lt $grace 31 -}}
-{{- fail (printf "workers[%d].terminationGracePeriodSeconds (%d) leaves no time to drain running tasks: set it above 30 or set a drainTimeoutSeconds below it." $i $grace) -}}
+{{- $problems = append $problems (printf "workers[%d].terminationGracePeriodSeconds (%d) leaves no time to drain running tasks: set it above 30 or set a drainTimeoutSeconds below it." $i $grace) -}}
 {{- end -}}
 {{- if and $v.dagProcessor.enabled (eq $w.name "dag-processor") -}}
-{{- fail (printf "workers[%d].name \"dag-processor\" is the name of the DAG processor's Deployment while dagProcessor.enabled is true: give the worker another name." $i) -}}
+{{- $problems = append $problems (printf "workers[%d].name \"dag-processor\" is the name of the DAG processor's Deployment while dagProcessor.enabled is true: give the worker another name." $i) -}}
 {{- end -}}
+{{- end -}}
+{{- if $problems -}}
+{{- fail (join "\n" $problems) -}}
 {{- end -}}
 {{- end -}}
 
