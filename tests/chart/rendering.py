@@ -25,7 +25,7 @@ SCHEMA: dict[str, Any] = json.loads((CHART_DIR / "values.schema.json").read_text
 
 # The least a user must give: where the plane is, a token and both backends.
 MINIMAL: dict[str, Any] = {
-    "planeURL": "https://airflow.example.com",
+    "planeURL": "https://airflow.corp.internal",
     "agentToken": TOKEN,
     "secretBackend": "airflow.providers.hashicorp.secrets.vault.VaultBackend",
     "xcomBackend": "airflow.providers.common.io.xcom.backend.XComObjectStorageBackend",

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.chart.rendering import render_error, values
+from tests.chart.rendering import render, render_error, values
 
 
 def _worker(**fields: Any) -> dict[str, Any]:
@@ -43,6 +43,17 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "missing planeURL": (
         values(planeURL=None),
         "planeURL is required: set it to the URL of the Airflow API server the agents connect to",
+    ),
+    "planeURL an example host": (
+        values(planeURL="https://airflow.example.com"),
+        'planeURL "https://airflow.example.com" is an example address, not your plane: set it to the URL at which '
+        "the agents reach your Airflow API server (its [api] base_url).",
+    ),
+    "placeholder secretBackend of an older values file": (
+        values(secretBackend="<secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend>"),
+        'secretBackend "<secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend>" is not '
+        "a dotted Python path: set it to the module and class of a secrets backend, "
+        "e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend.",
     ),
     "planeURL without scheme": (
         values(planeURL="airflow.example.com"),
@@ -133,6 +144,41 @@ def test_every_problem_is_refused_at_once_one_line_each() -> None:
     assert len(lines) == len(expected)
     for line, sentence in zip(lines, expected, strict=True):
         assert line.startswith(sentence)
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        ("http://AIRFLOW.Example:8080/", True),
+        ("https://user@example.org/airflow", True),
+        ("https://example.net.", True),
+        ("https://myexample.com", False),
+        ("https://example.company.net", False),
+        ("https://airflow.examples.org:8443/x", False),
+    ],
+)
+def test_planeurl_in_an_example_domain_is_refused(value: str, refused: bool) -> None:
+    vals = values(planeURL=value)
+    if refused:
+        [refusal] = refusals(render_error(vals))
+        assert refusal.startswith(f'planeURL "{value}" is an example address, not your plane: set it to the URL')
+    else:
+        assert render(vals)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("secretBackend", "VaultBackend"),
+        ("secretBackend", "airflow.providers.hashicorp.secrets.vault VaultBackend"),
+        ("xcomBackend", "airflow.providers.common.io.xcom.backend."),
+        ("xcomBackend", "airflow..XComObjectStorageBackend"),
+        ("xcomBackend", "3rdparty.XComBackend"),
+    ],
+)
+def test_a_backend_that_is_not_a_dotted_python_path_is_refused(name: str, value: str) -> None:
+    [refusal] = refusals(render_error(values(**{name: value})))
+    assert refusal.startswith(f'{name} "{value}" is not a dotted Python path: set it to the module and class of ')
 
 
 SCHEMA_ERRORS: dict[str, tuple[dict[str, Any], str]] = {

@@ -84,10 +84,17 @@ several values still to fill in needs one round, not one per value.
 {{- define "tether-agent.validate" -}}
 {{- $v := .Values -}}
 {{- $problems := list -}}
+{{- $dottedPath := "^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)+$" -}}
 {{- if not $v.planeURL -}}
 {{- $problems = append $problems "planeURL is required: set it to the URL of the Airflow API server the agents connect to, e.g. https://airflow.example.com." -}}
 {{- else if not (regexMatch "^https?://[^/]+" $v.planeURL) -}}
 {{- $problems = append $problems (printf "planeURL %q is not an http(s) URL: set it to the URL of the Airflow API server, starting with https://." $v.planeURL) -}}
+{{- else -}}
+{{- $host := regexReplaceAll "^https?://([^/?#]*@)?([^/:?#]+).*$" $v.planeURL "${2}" | lower | trimSuffix "." -}}
+{{- /* The reserved example domains (RFC 2606): a file that still has one was never finished. */ -}}
+{{- if regexMatch "(^|[.])example([.](com|net|org))?$" $host -}}
+{{- $problems = append $problems (printf "planeURL %q is an example address, not your plane: set it to the URL at which the agents reach your Airflow API server (its [api] base_url)." $v.planeURL) -}}
+{{- end -}}
 {{- end -}}
 {{- $tokenSources := list -}}
 {{- range $key := list "agentToken" "agentTokenSecretName" "agentTokenFile" -}}
@@ -106,9 +113,13 @@ several values still to fill in needs one round, not one per value.
 {{- end -}}
 {{- if not $v.secretBackend -}}
 {{- $problems = append $problems "secretBackend is required because secrets stay on the agent side: set it to a secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend." -}}
+{{- else if not (regexMatch $dottedPath $v.secretBackend) -}}
+{{- $problems = append $problems (printf "secretBackend %q is not a dotted Python path: set it to the module and class of a secrets backend, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend." $v.secretBackend) -}}
 {{- end -}}
 {{- if not $v.xcomBackend -}}
 {{- $problems = append $problems "xcomBackend is required because XCom values stay on the agent side: set it to an XCom backend class, e.g. airflow.providers.common.io.xcom.backend.XComObjectStorageBackend." -}}
+{{- else if not (regexMatch $dottedPath $v.xcomBackend) -}}
+{{- $problems = append $problems (printf "xcomBackend %q is not a dotted Python path: set it to the module and class of an XCom backend, e.g. airflow.providers.common.io.xcom.backend.XComObjectStorageBackend." $v.xcomBackend) -}}
 {{- end -}}
 {{- if and $v.caBundle.configMapName $v.caBundle.secretName -}}
 {{- $problems = append $problems "caBundle.configMapName and caBundle.secretName are both set: take the CA bundle from one of them." -}}
