@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ NAMESPACE = "agents"
 
 TOKEN = "tether_0123abcd_" + "s" * 43
 
+SCHEMA: dict[str, Any] = json.loads((CHART_DIR / "values.schema.json").read_text())
+
 # The least a user must give: where the plane is, a token and both backends.
 MINIMAL: dict[str, Any] = {
-    "planeURL": "https://airflow.example.com",
+    "planeURL": "https://airflow.corp.internal",
     "agentToken": TOKEN,
     "secretBackend": "airflow.providers.hashicorp.secrets.vault.VaultBackend",
     "xcomBackend": "airflow.providers.common.io.xcom.backend.XComObjectStorageBackend",
@@ -38,6 +41,15 @@ def values(**overrides: Any) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def schema_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A schema entry with its `$ref` resolved: the definition, under the entry's own keys."""
+    ref = entry.get("$ref")
+    if ref is None:
+        return entry
+    definition = SCHEMA["definitions"][ref.removeprefix("#/definitions/")]
+    return {**schema_entry(definition), **{k: v for k, v in entry.items() if k != "$ref"}}
 
 
 @cache

@@ -1,8 +1,7 @@
-"""What the chart runs is what the agent accepts, and the plane's values file installs."""
+"""What the chart runs is what the agent accepts."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -13,22 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.chart.rendering import (
-    NAMESPACE,
     ROOT,
     TOKEN,
     by_kind,
     env_of,
     pod_specs,
     render,
-    validate,
     values,
 )
 from tests.chart.test_render import MATRIX
 from tether.agent import cli as agent_cli
-from tether.plane.commands import agents_values
 
 AGENT = Path(sys.executable).parent / "tether-agent"
 DOCKERFILE = ROOT / "docker" / "agent" / "Dockerfile"
@@ -128,35 +123,6 @@ def test_the_preflight_container_runs_the_check_command() -> None:
     [preflight] = spec["initContainers"]
     parsed = agent_cli._parser().parse_args([*preflight["command"][1:], *preflight["args"]])
     assert parsed.command == "check"
-
-
-def _plane_values(capsys: pytest.CaptureFixture[str], namespace: str) -> dict[str, Any]:
-    agents_values(argparse.Namespace(namespace=namespace, queues="default, etl"))
-    loaded: dict[str, Any] = yaml.safe_load(capsys.readouterr().out)
-    return loaded
-
-
-def test_the_values_the_plane_prints_install_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
-    plane_values = _plane_values(capsys, "data-eu")
-    objects = render(plane_values, namespace="data-eu")
-    for obj in objects:
-        validate(obj)
-        assert obj["metadata"]["namespace"] == "data-eu"
-    [spec] = pod_specs(objects)
-    env = env_of(spec["containers"][0])
-    assert env["TETHER_QUEUES"] == "default,etl"
-    assert env["TETHER_PLANE_URL"] == plane_values["planeURL"]
-    [token] = [v for v in spec["volumes"] if v["name"] == "token"]
-    assert token["secret"]["secretName"] == plane_values["agentTokenSecretName"]
-
-
-def test_the_values_the_plane_prints_take_a_token_instead_of_a_secret(capsys: pytest.CaptureFixture[str]) -> None:
-    plane_values = _plane_values(capsys, NAMESPACE)
-    del plane_values["agentTokenSecretName"]
-    plane_values["agentToken"] = TOKEN
-    objects = render(plane_values)
-    [secret] = [s for s in by_kind(objects, "Secret") if "token" in s["data"]]
-    assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.chart.rendering import render_error, values
+from tests.chart.rendering import render, render_error, values
 
 
 def _worker(**fields: Any) -> dict[str, Any]:
@@ -44,6 +44,17 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
         values(planeURL=None),
         "planeURL is required: set it to the URL of the Airflow API server the agents connect to",
     ),
+    "planeURL an example host": (
+        values(planeURL="https://airflow.example.com"),
+        'planeURL "https://airflow.example.com" is an example address, not your plane: set it to the URL at which '
+        "the agents reach your Airflow API server (its [api] base_url).",
+    ),
+    "placeholder secretBackend of an older values file": (
+        values(secretBackend="<secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend>"),
+        'secretBackend "<secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend>" is not '
+        "a dotted Python path: set it to the module and class of a secrets backend, "
+        "e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend.",
+    ),
     "planeURL without scheme": (
         values(planeURL="airflow.example.com"),
         'planeURL "airflow.example.com" is not an http(s) URL: set it to the URL of the Airflow API server, '
@@ -71,6 +82,16 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
         values(workers=[_worker(drainTimeoutSeconds=0)]),
         "workers[0].drainTimeoutSeconds is 0: set it to 1 or more so running tasks get time to finish.",
     ),
+    "a worker with the DAG processor's name": (
+        values(dagProcessor={"enabled": True}, workers=[_worker(), _worker(name="dag-processor")]),
+        'workers[1].name "dag-processor" is the name of the DAG processor\'s Deployment while dagProcessor.enabled '
+        "is true: give the worker another name.",
+    ),
+    "metadata database in the DAG processor's env": (
+        values(dagProcessor={"enabled": True, "env": [{"name": "AIRFLOW__CORE__SQL_ALCHEMY_CONN", "value": "x"}]}),
+        "dagProcessor.env sets AIRFLOW__CORE__SQL_ALCHEMY_CONN, but agents never connect to the metadata database: "
+        "remove it.",
+    ),
     "two pull secret sources": (
         values(imagePullSecretName="registry", imagePullSecretData="{}"),
         "imagePullSecretName and imagePullSecretData are both set: keep the name of an existing Secret "
@@ -93,14 +114,71 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
+def refusals(message: str) -> list[str]:
+    """The chart's refusals in a Helm error, one a line, each checked to be one sentence."""
+    # The template's message is the whole error after Helm's location prefix.
+    lines = message.split("): ", 1)[-1].strip().splitlines()
+    for line in lines:
+        assert line.endswith("."), line
+        assert line.replace("e.g. ", "").count(". ") == 0, line
+    return lines
+
+
 @pytest.mark.parametrize("case", sorted(BAD_VALUES))
 def test_bad_values_fail_with_one_sentence(case: str) -> None:
     vals, sentence = BAD_VALUES[case]
-    message = render_error(vals)
-    assert sentence in message
-    # One sentence: the template's message is the whole error after Helm's location prefix.
-    assert message.rstrip().endswith(".")
-    assert message.split("): ", 1)[-1].replace("e.g. ", "").count(". ") == 0
+    [refusal] = refusals(render_error(vals))
+    assert refusal.startswith(sentence)
+
+
+def test_every_problem_is_refused_at_once_one_line_each() -> None:
+    vals = values(planeURL=None, secretBackend=None, xcomBackend="", workers=[_worker(slots=0), _worker()])
+    expected = [
+        BAD_VALUES["missing planeURL"][1],
+        BAD_VALUES["missing secretBackend"][1],
+        BAD_VALUES["empty xcomBackend"][1],
+        "workers[0].slots is 0: set it to 1 or more, the number of tasks an agent runs at once.",
+        'workers[1].name "etl" is already the name of workers[0]: give every worker a unique name.',
+    ]
+    lines = refusals(render_error(vals))
+    assert len(lines) == len(expected)
+    for line, sentence in zip(lines, expected, strict=True):
+        assert line.startswith(sentence)
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        ("http://AIRFLOW.Example:8080/", True),
+        ("https://user@example.org/airflow", True),
+        ("https://example.net.", True),
+        ("https://myexample.com", False),
+        ("https://example.company.net", False),
+        ("https://airflow.examples.org:8443/x", False),
+    ],
+)
+def test_planeurl_in_an_example_domain_is_refused(value: str, refused: bool) -> None:
+    vals = values(planeURL=value)
+    if refused:
+        [refusal] = refusals(render_error(vals))
+        assert refusal.startswith(f'planeURL "{value}" is an example address, not your plane: set it to the URL')
+    else:
+        assert render(vals)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("secretBackend", "VaultBackend"),
+        ("secretBackend", "airflow.providers.hashicorp.secrets.vault VaultBackend"),
+        ("xcomBackend", "airflow.providers.common.io.xcom.backend."),
+        ("xcomBackend", "airflow..XComObjectStorageBackend"),
+        ("xcomBackend", "3rdparty.XComBackend"),
+    ],
+)
+def test_a_backend_that_is_not_a_dotted_python_path_is_refused(name: str, value: str) -> None:
+    [refusal] = refusals(render_error(values(**{name: value})))
+    assert refusal.startswith(f'{name} "{value}" is not a dotted Python path: set it to the module and class of ')
 
 
 SCHEMA_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
@@ -111,6 +189,15 @@ SCHEMA_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
     "slots as text": (values(workers=[_worker(slots="four")]), "/workers/0/slots"),
     "unknown log level": (values(logLevel="verbose"), "/logLevel"),
     "no workers": (values(workers=[]), "/workers"),
+    "negative DAG processor replicas": (
+        values(dagProcessor={"enabled": True, "replicas": -1}),
+        "at '/dagProcessor/replicas': minimum: got -1, want 0",
+    ),
+    "misspelt DAG processor value": (
+        values(dagProcessor={"enabled": True, "shareDagSource": True}),
+        "additional properties 'shareDagSource' not allowed",
+    ),
+    "shareSource as text": (values(dagProcessor={"shareSource": "yes"}), "/dagProcessor/shareSource"),
 }
 
 

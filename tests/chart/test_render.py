@@ -14,12 +14,14 @@ from tests.chart.rendering import (
     KUBERNETES_VERSION,
     NAMESPACE,
     RELEASE,
+    SCHEMA,
     TOKEN,
     by_kind,
     env_of,
     pod_specs,
     render,
     render_files,
+    schema_entry,
     validate,
     values,
 )
@@ -50,6 +52,29 @@ THREE_WORKERS = [
     },
 ]
 
+BUNDLES = [
+    {
+        "name": "dags",
+        "classpath": "airflow.providers.git.bundles.git.GitDagBundle",
+        "kwargs": {"git_conn_id": "dags_repo", "tracking_ref": "main"},
+    }
+]
+
+DAG_PROCESSOR = {
+    "enabled": True,
+    "replicas": 2,
+    "shareSource": True,
+    "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+    "env": [{"name": "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL", "value": "60"}],
+    "probes": {"readiness": {"periodSeconds": 20}},
+    "volumes": [{"name": "ssh", "secret": {"secretName": "git-ssh-key", "defaultMode": 0o400}}],
+    "volumeMounts": [{"name": "ssh", "mountPath": "/home/tether/.ssh", "readOnly": True}],
+    "nodeSelector": {"pool": "parsing"},
+    "tolerations": [{"key": "parsing", "operator": "Exists", "effect": "NoSchedule"}],
+    "podSecurityContext": {"supplementalGroups": [50010]},
+    "containerSecurityContext": {"seLinuxOptions": {"level": "s0:c123,c456"}},
+}
+
 MATRIX: dict[str, dict[str, Any]] = {
     "minimal": values(),
     "three-workers": values(workers=THREE_WORKERS),
@@ -79,6 +104,15 @@ MATRIX: dict[str, dict[str, Any]] = {
     ),
     "ca-secret-and-client-cert": values(caBundle={"secretName": "corp-ca"}, clientCertSecretName="agent-client-tls"),
     "preflight": values(preflight={"enabled": True}),
+    "dag-processor": values(
+        dagProcessor=DAG_PROCESSOR,
+        dagBundleConfigList=BUNDLES,
+        workers=THREE_WORKERS,
+        preflight={"enabled": True},
+        proxy={"httpsProxy": "http://proxy:3128"},
+        caBundle={"secretName": "corp-ca"},
+        commonEnv=[{"name": "AIRFLOW__CORE__DEFAULT_TIMEZONE", "value": "Europe/Paris"}],
+    ),
     "create-namespace": values(createNamespace=True, namespace="data-eu"),
     "no-pdb-no-metrics-existing-sa": values(
         podDisruptionBudget={"enabled": False},
@@ -188,8 +222,9 @@ def test_default_install_objects() -> None:
 
 
 def test_a_worker_gets_the_schema_defaults_it_leaves_out() -> None:
-    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
-    defaults = {k: v["default"] for k, v in schema["properties"]["workers"]["items"]["properties"].items()}
+    defaults = {
+        k: schema_entry(v)["default"] for k, v in SCHEMA["properties"]["workers"]["items"]["properties"].items()
+    }
     objects = render(values(workers=[{"name": "etl", "queues": ["etl"]}]))
     [deployment] = by_kind(objects, "Deployment")
     spec = deployment["spec"]["template"]["spec"]
@@ -249,6 +284,103 @@ def test_metrics_service_selects_the_agents_health_port() -> None:
         [agent] = deployment["spec"]["template"]["spec"]["containers"]
         assert agent["ports"] == [{"name": "health", "containerPort": 8790, "protocol": "TCP"}]
     assert service["spec"]["ports"][0]["targetPort"] == "health"
+
+
+def _deployments(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in by_kind(objects, "Deployment")}
+
+
+DAG_PROCESSOR_NAME = f"{RELEASE}-dag-processor"
+WORKER_ONLY_ENV = {"TETHER_QUEUES", "TETHER_SLOTS", "TETHER_DRAIN_TIMEOUT"}
+
+
+def test_the_dag_processor_is_absent_unless_enabled() -> None:
+    for vals in (values(), values(dagProcessor={"enabled": False, "shareSource": True})):
+        objects = render(vals)
+        assert all("dag-processor" not in o["metadata"]["name"] for o in objects)
+        assert "DAG processor" not in render_files(vals)["tether-agent/templates/NOTES.txt"]
+    # Its name is free for a worker while it is off.
+    worker = render(values(workers=[{"name": "dag-processor", "queues": ["parse"]}]))
+    assert [d["metadata"]["name"] for d in by_kind(worker, "Deployment")] == [DAG_PROCESSOR_NAME]
+
+
+def test_the_dag_processor_runs_its_command_with_the_agents_settings() -> None:
+    objects = render(MATRIX["dag-processor"])
+    deployments = _deployments(objects)
+    processor = deployments.pop(DAG_PROCESSOR_NAME)
+    spec = processor["spec"]["template"]["spec"]
+    [agent] = spec["containers"]
+    assert (agent["command"], agent["args"]) == (["tether-agent"], ["dag-processor"])
+    assert processor["spec"]["replicas"] == 2
+    assert spec["terminationGracePeriodSeconds"] == 60
+    env = env_of(agent)
+    assert env["TETHER_SHARE_DAG_SOURCE"] == "true"
+    assert json.loads(env["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"]) == BUNDLES
+    assert env["AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL"] == "60"
+    # Queues, slots and the drain are a worker's: the DAG processor takes no tasks.
+    assert WORKER_ONLY_ENV.isdisjoint(env)
+
+    # Everything else is what a worker gets: token, plane, backends, bundles, proxy, CA, common env.
+    worker = deployments[f"{RELEASE}-default"]["spec"]["template"]["spec"]
+    [worker_agent] = worker["containers"]
+    worker_env = {k: v for k, v in env_of(worker_agent).items() if k not in WORKER_ONLY_ENV}
+    own_env = {"TETHER_SHARE_DAG_SOURCE", "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL"}
+    assert {k: v for k, v in env.items() if k not in own_env} == worker_env
+    assert worker["volumes"] == [v for v in spec["volumes"] if v["name"] != "ssh"]
+    assert {"name": "ssh", "mountPath": "/home/tether/.ssh", "readOnly": True} in agent["volumeMounts"]
+    assert agent["livenessProbe"] == worker_agent["livenessProbe"]
+    assert agent["readinessProbe"]["periodSeconds"] == 20
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert agent["resources"] == DAG_PROCESSOR["resources"]
+    assert spec["nodeSelector"] == {"pool": "parsing"}
+    assert spec["tolerations"] == DAG_PROCESSOR["tolerations"]
+
+    # The same security contexts, with the DAG processor's own additions merged over them.
+    assert spec["securityContext"] == {**worker["securityContext"], "supplementalGroups": [50010]}
+    assert agent["securityContext"] == {
+        **worker_agent["securityContext"],
+        "seLinuxOptions": {"level": "s0:c123,c456"},
+    }
+    assert agent["securityContext"]["readOnlyRootFilesystem"] is True
+
+    [preflight] = spec["initContainers"]
+    assert preflight["args"] == ["check"]
+    assert preflight["env"] == agent["env"]
+
+
+def test_the_dag_processor_gets_the_schema_defaults() -> None:
+    defaults = SCHEMA["properties"]["dagProcessor"]["default"]
+    assert defaults["enabled"] is False
+    processor = _deployments(render(values(dagProcessor={"enabled": True})))[DAG_PROCESSOR_NAME]
+    spec = processor["spec"]["template"]["spec"]
+    [agent] = spec["containers"]
+    assert processor["spec"]["replicas"] == defaults["replicas"]
+    assert spec["terminationGracePeriodSeconds"] == defaults["terminationGracePeriodSeconds"]
+    assert env_of(agent)["TETHER_SHARE_DAG_SOURCE"] == "false"
+    # Empty: Airflow's default bundle, as for the workers.
+    assert "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST" not in env_of(agent)
+    for probe in ("liveness", "readiness"):
+        rendered = {k: v for k, v in agent[f"{probe}Probe"].items() if k != "httpGet"}
+        assert rendered == defaults["probes"][probe]
+    assert "resources" not in agent and "nodeSelector" not in spec
+
+
+def test_the_dag_processor_is_selected_apart_from_workers_and_by_the_metrics_service() -> None:
+    objects = render(MATRIX["dag-processor"])
+    [service] = by_kind(objects, "Service")
+    pods = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in _deployments(objects).items()}
+    pdbs = {
+        p["metadata"]["name"]: p["spec"]["selector"]["matchLabels"] for p in by_kind(objects, "PodDisruptionBudget")
+    }
+    assert DAG_PROCESSOR_NAME in pdbs
+    for name, selector in pdbs.items():
+        assert selector == _deployments(objects)[name]["spec"]["selector"]["matchLabels"]
+        # Each Deployment's selector matches its own pods and no other Deployment's.
+        assert [pod for pod, labels in pods.items() if selector.items() <= labels.items()] == [name]
+    for labels in pods.values():
+        assert service["spec"]["selector"].items() <= labels.items()
+    notes = render_files(MATRIX["dag-processor"])["tether-agent/templates/NOTES.txt"]
+    assert "DAG processor: 2 agent(s) parsing the DAG bundles dags" in notes
 
 
 def test_token_sources_end_up_as_a_token_file() -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import yaml
 
-from tests.chart.rendering import CHART_DIR
+from tests.chart.rendering import CHART_DIR, SCHEMA, schema_entry
 
 VALUES = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
-SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
 JSON_TYPES = {
     "string": str,
     "integer": int,
@@ -37,7 +35,7 @@ def _walk(schema: dict[str, Any], defaults: dict[str, Any], where: str) -> list[
     for key in sorted(set(properties) - set(defaults)):
         problems.append(f"{where}{key}: in the schema, not in values.yaml")
     for key in sorted(set(defaults) & set(properties)):
-        entry, value, name = properties[key], defaults[key], f"{where}{key}"
+        entry, value, name = schema_entry(properties[key]), defaults[key], f"{where}{key}"
         for field in ("description", "type", "default"):
             if field not in entry:
                 problems.append(f"{name}: the schema gives no {field}")
@@ -66,20 +64,24 @@ def _documented_paths(schema: dict[str, Any], path: tuple[str, ...] = ()) -> set
     """Paths of the mappings whose keys are chart values (not free-form Kubernetes objects)."""
     paths = {path}
     for key, entry in schema["properties"].items():
+        entry = schema_entry(entry)
         if "properties" in entry:
             paths |= _documented_paths(entry, (*path, key))
-        if "properties" in entry.get("items", {}):
-            paths |= _documented_paths(entry["items"], (*path, key))
+        items = schema_entry(entry.get("items", {}))
+        if "properties" in items:
+            paths |= _documented_paths(items, (*path, key))
     return paths
 
 
 # Their keys are Kubernetes probe fields, commented once at the probe.
-KUBERNETES_FIELDS = {("workers", "probes", "liveness"), ("workers", "probes", "readiness")}
+KUBERNETES_FIELDS = {
+    (group, "probes", probe) for group in ("workers", "dagProcessor") for probe in ("liveness", "readiness")
+}
 
 
 def test_every_value_has_a_comment_above_it() -> None:
     documented = _documented_paths(SCHEMA) - KUBERNETES_FIELDS
-    assert ("workers",) in documented and ("image",) in documented
+    assert {("workers",), ("image",), ("dagProcessor",), ("workers", "probes")} <= documented
     stack: list[tuple[int, str]] = []
     previous = ""
     uncommented = []

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import pytest
 import yaml
 
-from tether.plane.commands import agents_values
 from tether.plane.config import OPTIONS, PlaneSettings
 from tether.plane.provider import get_provider_info
+from tether.plane.values import agent_values
 
 
 def test_provider_declares_executor_cli_db_manager_and_every_option() -> None:
@@ -40,14 +39,24 @@ def test_declared_defaults_are_the_settings_defaults() -> None:
             assert value == type(value)(declared), name
 
 
-def test_values_file_is_valid_yaml_prefilled_for_the_namespace(capsys: pytest.CaptureFixture[str]) -> None:
-    agents_values(argparse.Namespace(namespace="data-eu", queues="default, etl"))
-    values = yaml.safe_load(capsys.readouterr().out)
-    assert values["namespace"] == "data-eu"
-    assert values["planeURL"].startswith("http")
-    assert values["agentTokenSecretName"]
-    assert values["workers"][0]["queues"] == ["default", "etl"]
-    assert {"secretBackend", "xcomBackend"} <= set(values)
+def test_values_file_is_valid_yaml_prefilled_for_the_namespace() -> None:
+    values = agent_values(plane_url="https://airflow.corp.internal", namespace="data-eu", queues=["default", " etl"])
+    loaded = yaml.safe_load(values.text)
+    assert loaded["namespace"] == "data-eu"
+    assert loaded["planeURL"] == "https://airflow.corp.internal"
+    assert loaded["agentTokenSecretName"]
+    assert loaded["workers"][0]["queues"] == ["default", "etl"]
+    assert loaded["secretBackend"] == loaded["xcomBackend"] == ""
+    assert [m.name for m in values.missing] == ["secretBackend", "xcomBackend"]
+    assert values.warnings == ()
+
+
+def test_values_file_reads_back_any_queue_name_and_url() -> None:
+    queues = ["a: b", "#etl", "'quoted'", 'say "hi"']
+    url = "https://airflow.corp.internal/prefix?x=1#frag"
+    loaded = yaml.safe_load(agent_values(plane_url=url, namespace="data-eu", queues=queues).text)
+    assert loaded["workers"][0]["queues"] == queues
+    assert loaded["planeURL"] == url
 
 
 def test_loading_example_dags_finds_the_providers_package_without_an_error(caplog: pytest.LogCaptureFixture) -> None:

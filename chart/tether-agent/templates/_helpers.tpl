@@ -8,6 +8,11 @@
 {{- default .Release.Namespace .Values.namespace -}}
 {{- end -}}
 
+{{/* Name of an object of one part of the release: root and suffix, e.g. a worker's name. */}}
+{{- define "tether-agent.objectName" -}}
+{{- printf "%s-%s" (include "tether-agent.prefix" .root) .suffix | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "tether-agent.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (printf "%s-agent" (include "tether-agent.prefix" .)) .Values.serviceAccount.name -}}
@@ -16,7 +21,7 @@
 {{- end -}}
 {{- end -}}
 
-{{/* Labels that select the agents of the release; a worker group adds its own. */}}
+{{/* Labels that select the agents of the release; each Deployment adds its own. */}}
 {{- define "tether-agent.selectorLabels" -}}
 app.kubernetes.io/name: tether-agent
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -72,73 +77,92 @@ annotations:
 {{- define "tether-agent.clientCertDir" -}}/var/run/secrets/tether/client{{- end -}}
 
 {{/*
-Every rule values.schema.json cannot say in a sentence. Each failure is one sentence
-naming the value and the fix.
+Every rule values.schema.json cannot say in a sentence. Each problem is one sentence naming
+the value and the fix, and all of them are refused together, one a line, so a values file with
+several values still to fill in needs one round, not one per value.
 */}}
 {{- define "tether-agent.validate" -}}
 {{- $v := .Values -}}
+{{- $problems := list -}}
+{{- $dottedPath := "^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)+$" -}}
 {{- if not $v.planeURL -}}
-{{- fail "planeURL is required: set it to the URL of the Airflow API server the agents connect to, e.g. https://airflow.example.com." -}}
+{{- $problems = append $problems "planeURL is required: set it to the URL of the Airflow API server the agents connect to, e.g. https://airflow.example.com." -}}
+{{- else if not (regexMatch "^https?://[^/]+" $v.planeURL) -}}
+{{- $problems = append $problems (printf "planeURL %q is not an http(s) URL: set it to the URL of the Airflow API server, starting with https://." $v.planeURL) -}}
+{{- else -}}
+{{- $host := regexReplaceAll "^https?://([^/?#]*@)?([^/:?#]+).*$" $v.planeURL "${2}" | lower | trimSuffix "." -}}
+{{- /* The reserved example domains (RFC 2606): a file that still has one was never finished. */ -}}
+{{- if regexMatch "(^|[.])example([.](com|net|org))?$" $host -}}
+{{- $problems = append $problems (printf "planeURL %q is an example address, not your plane: set it to the URL at which the agents reach your Airflow API server (its [api] base_url)." $v.planeURL) -}}
 {{- end -}}
-{{- if not (regexMatch "^https?://[^/]+" $v.planeURL) -}}
-{{- fail (printf "planeURL %q is not an http(s) URL: set it to the URL of the Airflow API server, starting with https://." $v.planeURL) -}}
 {{- end -}}
 {{- $tokenSources := list -}}
 {{- range $key := list "agentToken" "agentTokenSecretName" "agentTokenFile" -}}
 {{- if index $v $key -}}{{- $tokenSources = append $tokenSources $key -}}{{- end -}}
 {{- end -}}
 {{- if eq (len $tokenSources) 0 -}}
-{{- fail "No agent token is set: set exactly one of agentToken, agentTokenSecretName or agentTokenFile." -}}
-{{- end -}}
-{{- if gt (len $tokenSources) 1 -}}
-{{- fail (printf "%s are set together, but the agents take one token: keep exactly one of agentToken, agentTokenSecretName or agentTokenFile." (join ", " $tokenSources)) -}}
+{{- $problems = append $problems "No agent token is set: set exactly one of agentToken, agentTokenSecretName or agentTokenFile." -}}
+{{- else if gt (len $tokenSources) 1 -}}
+{{- $problems = append $problems (printf "%s are set together, but the agents take one token: keep exactly one of agentToken, agentTokenSecretName or agentTokenFile." (join ", " $tokenSources)) -}}
 {{- end -}}
 {{- if and $v.agentTokenFile (not (isAbs $v.agentTokenFile)) -}}
-{{- fail (printf "agentTokenFile %q is not an absolute path: set it to where the token file is mounted in the container, e.g. /var/run/secrets/tether/token/token." $v.agentTokenFile) -}}
+{{- $problems = append $problems (printf "agentTokenFile %q is not an absolute path: set it to where the token file is mounted in the container, e.g. /var/run/secrets/tether/token/token." $v.agentTokenFile) -}}
 {{- end -}}
 {{- if and $v.imagePullSecretName $v.imagePullSecretData -}}
-{{- fail "imagePullSecretName and imagePullSecretData are both set: keep the name of an existing Secret or the data for the chart to store, not both." -}}
+{{- $problems = append $problems "imagePullSecretName and imagePullSecretData are both set: keep the name of an existing Secret or the data for the chart to store, not both." -}}
 {{- end -}}
 {{- if not $v.secretBackend -}}
-{{- fail "secretBackend is required because secrets stay on the agent side: set it to a secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend." -}}
+{{- $problems = append $problems "secretBackend is required because secrets stay on the agent side: set it to a secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend." -}}
+{{- else if not (regexMatch $dottedPath $v.secretBackend) -}}
+{{- $problems = append $problems (printf "secretBackend %q is not a dotted Python path: set it to the module and class of a secrets backend, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend." $v.secretBackend) -}}
 {{- end -}}
 {{- if not $v.xcomBackend -}}
-{{- fail "xcomBackend is required because XCom values stay on the agent side: set it to an XCom backend class, e.g. airflow.providers.common.io.xcom.backend.XComObjectStorageBackend." -}}
+{{- $problems = append $problems "xcomBackend is required because XCom values stay on the agent side: set it to an XCom backend class, e.g. airflow.providers.common.io.xcom.backend.XComObjectStorageBackend." -}}
+{{- else if not (regexMatch $dottedPath $v.xcomBackend) -}}
+{{- $problems = append $problems (printf "xcomBackend %q is not a dotted Python path: set it to the module and class of an XCom backend, e.g. airflow.providers.common.io.xcom.backend.XComObjectStorageBackend." $v.xcomBackend) -}}
 {{- end -}}
 {{- if and $v.caBundle.configMapName $v.caBundle.secretName -}}
-{{- fail "caBundle.configMapName and caBundle.secretName are both set: take the CA bundle from one of them." -}}
+{{- $problems = append $problems "caBundle.configMapName and caBundle.secretName are both set: take the CA bundle from one of them." -}}
 {{- end -}}
 {{- $forbidden := list "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD" "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_SECRET" "AIRFLOW__CORE__SQL_ALCHEMY_CONN" -}}
-{{- range $e := $v.commonEnv -}}
+{{- $envLists := list (list "commonEnv" $v.commonEnv) -}}
+{{- range $i, $w := $v.workers -}}
+{{- $envLists = append $envLists (list (printf "workers[%d].env" $i) $w.env) -}}
+{{- end -}}
+{{- $envLists = append $envLists (list "dagProcessor.env" $v.dagProcessor.env) -}}
+{{- range $pair := $envLists -}}
+{{- range $e := index $pair 1 -}}
 {{- if has $e.name $forbidden -}}
-{{- fail (printf "commonEnv sets %s, but agents never connect to the metadata database: remove it." $e.name) -}}
+{{- $problems = append $problems (printf "%s sets %s, but agents never connect to the metadata database: remove it." (index $pair 0) $e.name) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- $names := dict -}}
 {{- range $i, $w := $v.workers -}}
 {{- if hasKey $names $w.name -}}
-{{- fail (printf "workers[%d].name %q is already the name of workers[%d]: give every worker a unique name." $i $w.name (get $names $w.name)) -}}
-{{- end -}}
+{{- $problems = append $problems (printf "workers[%d].name %q is already the name of workers[%d]: give every worker a unique name." $i $w.name (get $names $w.name)) -}}
+{{- else -}}
 {{- $_ := set $names $w.name $i -}}
+{{- end -}}
 {{- if and (hasKey $w "slots") (lt (int $w.slots) 1) -}}
-{{- fail (printf "workers[%d].slots is %d: set it to 1 or more, the number of tasks an agent runs at once." $i (int $w.slots)) -}}
+{{- $problems = append $problems (printf "workers[%d].slots is %d: set it to 1 or more, the number of tasks an agent runs at once." $i (int $w.slots)) -}}
 {{- end -}}
 {{- $grace := include "tether-agent.grace" $w | int -}}
 {{- if and (hasKey $w "drainTimeoutSeconds") (not (kindIs "invalid" $w.drainTimeoutSeconds)) -}}
 {{- if lt (int $w.drainTimeoutSeconds) 1 -}}
-{{- fail (printf "workers[%d].drainTimeoutSeconds is %d: set it to 1 or more so running tasks get time to finish." $i (int $w.drainTimeoutSeconds)) -}}
-{{- end -}}
-{{- if ge (int $w.drainTimeoutSeconds) $grace -}}
-{{- fail (printf "workers[%d].terminationGracePeriodSeconds (%d) is not longer than its drainTimeoutSeconds (%d): raise terminationGracePeriodSeconds or lower drainTimeoutSeconds so Kubernetes waits for the drain." $i $grace (int $w.drainTimeoutSeconds)) -}}
+{{- $problems = append $problems (printf "workers[%d].drainTimeoutSeconds is %d: set it to 1 or more so running tasks get time to finish." $i (int $w.drainTimeoutSeconds)) -}}
+{{- else if ge (int $w.drainTimeoutSeconds) $grace -}}
+{{- $problems = append $problems (printf "workers[%d].terminationGracePeriodSeconds (%d) is not longer than its drainTimeoutSeconds (%d): raise terminationGracePeriodSeconds or lower drainTimeoutSeconds so Kubernetes waits for the drain." $i $grace (int $w.drainTimeoutSeconds)) -}}
 {{- end -}}
 {{- else if lt $grace 31 -}}
-{{- fail (printf "workers[%d].terminationGracePeriodSeconds (%d) leaves no time to drain running tasks: set it above 30 or set a drainTimeoutSeconds below it." $i $grace) -}}
+{{- $problems = append $problems (printf "workers[%d].terminationGracePeriodSeconds (%d) leaves no time to drain running tasks: set it above 30 or set a drainTimeoutSeconds below it." $i $grace) -}}
 {{- end -}}
-{{- range $e := $w.env -}}
-{{- if has $e.name $forbidden -}}
-{{- fail (printf "workers[%d].env sets %s, but agents never connect to the metadata database: remove it." $i $e.name) -}}
+{{- if and $v.dagProcessor.enabled (eq $w.name "dag-processor") -}}
+{{- $problems = append $problems (printf "workers[%d].name \"dag-processor\" is the name of the DAG processor's Deployment while dagProcessor.enabled is true: give the worker another name." $i) -}}
 {{- end -}}
 {{- end -}}
+{{- if $problems -}}
+{{- fail (join "\n" $problems) -}}
 {{- end -}}
 {{- end -}}
 

@@ -1,7 +1,10 @@
-{{/* Environment of the agent and preflight containers of one worker group. */}}
+{{/*
+Environment of the agent and preflight containers of one Deployment. Takes root (the chart's
+context), agent (a workers[] item or dagProcessor) and role (worker or dag-processor).
+*/}}
 {{- define "tether-agent.env" -}}
 {{- $v := .root.Values -}}
-{{- $w := .worker -}}
+{{- $a := .agent -}}
 - name: TETHER_NAME
   valueFrom:
     fieldRef:
@@ -10,12 +13,17 @@
   value: {{ $v.planeURL | quote }}
 - name: TETHER_TOKEN_FILE
   value: {{ $v.agentTokenFile | default (printf "%s/token" (include "tether-agent.tokenDir" .root)) | quote }}
+{{- if eq .role "worker" }}
 - name: TETHER_QUEUES
-  value: {{ join "," $w.queues | quote }}
+  value: {{ join "," $a.queues | quote }}
 - name: TETHER_SLOTS
-  value: {{ include "tether-agent.slots" $w | quote }}
+  value: {{ include "tether-agent.slots" $a | quote }}
 - name: TETHER_DRAIN_TIMEOUT
-  value: {{ include "tether-agent.drainTimeout" $w | quote }}
+  value: {{ include "tether-agent.drainTimeout" $a | quote }}
+{{- else if eq .role "dag-processor" }}
+- name: TETHER_SHARE_DAG_SOURCE
+  value: {{ eq $a.shareSource true | quote }}
+{{- end }}
 - name: TETHER_HEALTH_PORT
   value: {{ $v.healthPort | quote }}
 - name: TETHER_LOG_LEVEL
@@ -68,7 +76,7 @@
 {{- with $v.commonEnv }}
 {{ toYaml . }}
 {{- end }}
-{{- with $w.env }}
+{{- with $a.env }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
@@ -95,7 +103,7 @@
   mountPath: {{ include "tether-agent.clientCertDir" .root }}
   readOnly: true
 {{- end }}
-{{- with .worker.volumeMounts }}
+{{- with .agent.volumeMounts }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
@@ -136,7 +144,7 @@
     secretName: {{ $v.clientCertSecretName }}
     defaultMode: 0440
 {{- end }}
-{{- with .worker.volumes }}
+{{- with .agent.volumes }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from airflow.cli.cli_config import ActionCommand, Arg, GroupCommand, lazy_load_command
 
+from tether.plane.values import DEFAULT_SLOTS, DEFAULT_TOKEN_SECRET_NAME
+
 ARG_OUTPUT = Arg(
     ("-o", "--output"), help="Output format", choices=("table", "json"), default="table", metavar="(table, json)"
 )
@@ -21,6 +23,12 @@ ARG_CIDRS = Arg(("cidrs",), help="IPv4 or IPv6 addresses or CIDR ranges", nargs=
 ARG_CIDRS_OPTIONAL = Arg(("cidrs",), help="IPv4 or IPv6 addresses or CIDR ranges (none: allow any)", nargs="*")
 ARG_NAMESPACE = Arg(("--namespace",), help="Kubernetes namespace the agents go to", default="tether-agents")
 ARG_QUEUES = Arg(("--queues",), help="Comma-separated queues the agents serve", default="default")
+ARG_SLOTS = Arg(("--slots",), help="Task slots per agent", type=int, default=DEFAULT_SLOTS)
+ARG_TOKEN_SECRET = Arg(
+    ("--agent-token-secret-name",),
+    help="Secret in the namespace that holds the agent token under the key `token`",
+    default=DEFAULT_TOKEN_SECRET_NAME,
+)
 ARG_LIMIT = Arg(("--limit",), help="How many entries, newest first", type=int, default=100)
 ARG_TARGET_TYPE = Arg(("--target-type",), help="Only entries about: token, agent or allowed_ip_ranges", default=None)
 ARG_TARGET_ID = Arg(("--target-id",), help="Only entries about this token or agent id", default=None)
@@ -71,6 +79,8 @@ AGENT_COMMANDS = (
         "agents_values",
         ARG_NAMESPACE,
         ARG_QUEUES,
+        ARG_SLOTS,
+        ARG_TOKEN_SECRET,
     ),
 )
 

@@ -20,6 +20,7 @@ from tether import errors
 from tether.plane.config import PlaneSettings
 from tether.plane.store import Store, airflow_session_factory, utcnow
 from tether.plane.store.agents import RangeChange
+from tether.plane.values import agent_values, configured_plane_url
 from tether.plane.views import AuditOut, BundleOut, IpRangeOut, TokenOut
 
 T = TypeVar("T")
@@ -220,42 +221,22 @@ def audit(args: argparse.Namespace) -> None:
 
 # -- Helm values --------------------------------------------------------------------
 
-VALUES_TEMPLATE = """\
-# values.yaml for the tether-agent Helm chart (chart/tether-agent), made by
-# `airflow tether agents values`. Fill in the placeholders, then:
-#   kubectl create namespace {namespace}
-#   kubectl label namespace {namespace} pod-security.kubernetes.io/enforce=restricted
-#   helm install tether-agent <chart> -n {namespace} -f values.yaml
-
-# The plane's API server, as the agents reach it (outbound HTTPS).
-planeURL: {plane_url}
-
-# The namespace exists before the install, since the token Secret goes there first.
-namespace: {namespace}
-createNamespace: false
-
-# The agent token, from an existing Secret with key `token`. Create the token with
-#   airflow tether tokens create --name {namespace}
-# and the Secret with
-#   kubectl -n {namespace} create secret generic tether-agent-token --from-literal=token=<the token>
-agentTokenSecretName: tether-agent-token
-
-# Secrets and XCom values stay with the agents: both backends are required.
-secretBackend: "<secrets backend class, e.g. airflow.providers.hashicorp.secrets.vault.VaultBackend>"
-secretBackendKwargs: {{}}
-xcomBackend: "<XCom backend class, e.g. airflow.providers.common.io.xcom.backend.XComObjectStorageBackend>"
-
-workers:
-  - name: default
-    queues: [{queues}]
-    replicas: 1
-    slots: 4
-"""
-
 
 def agents_values(args: argparse.Namespace) -> None:
-    from airflow.configuration import conf
-
-    plane_url = (conf.get("api", "base_url", fallback="") or "").rstrip("/") or "https://airflow.example.com"
-    queues = ", ".join(q.strip() for q in args.queues.split(",") if q.strip())
-    print(VALUES_TEMPLATE.format(plane_url=plane_url, namespace=args.namespace, queues=queues), end="")
+    """The values file on stdout, ready to redirect; what the user still has to do on stderr."""
+    values = _call(
+        lambda: agent_values(
+            plane_url=configured_plane_url(),
+            namespace=args.namespace,
+            queues=args.queues.split(","),
+            slots=args.slots,
+            agent_token_secret_name=args.agent_token_secret_name,
+        )
+    )
+    print(values.text, end="")
+    for warning in values.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if values.missing:
+        print("Fill in before `helm install` (the chart refuses the file until they are set):", file=sys.stderr)
+        for missing in values.missing:
+            print(f"  {missing.name}: {missing.hint}", file=sys.stderr)
