@@ -71,6 +71,7 @@ def _container_environment(
 CASES = [
     "minimal",
     "three-workers",
+    "dag-processor",
     "token-file",
     "proxy-and-ca-configmap",
     "ca-secret-and-client-cert",
@@ -95,10 +96,14 @@ def test_the_agent_accepts_the_rendered_command_and_environment(case: str, tmp_p
         rendered = env_of(agent)
         assert settings["plane_url"] == MATRIX[case]["planeURL"]
         assert settings["name"] == POD_NAME
-        assert settings["queues"] == rendered["TETHER_QUEUES"].split(",")
-        assert settings["slots"] == int(rendered["TETHER_SLOTS"])
-        assert settings["drain_timeout"] == float(rendered["TETHER_DRAIN_TIMEOUT"])
-        assert settings["drain_timeout"] < spec["terminationGracePeriodSeconds"]
+        if agent["args"] == ["dag-processor"]:
+            assert settings["share_dag_source"] is (rendered["TETHER_SHARE_DAG_SOURCE"] == "true")
+        else:
+            assert agent["args"] == ["run"]
+            assert settings["queues"] == rendered["TETHER_QUEUES"].split(",")
+            assert settings["slots"] == int(rendered["TETHER_SLOTS"])
+            assert settings["drain_timeout"] == float(rendered["TETHER_DRAIN_TIMEOUT"])
+            assert settings["drain_timeout"] < spec["terminationGracePeriodSeconds"]
         assert settings["health_port"] == agent["ports"][0]["containerPort"]
         assert settings["log_level"] == MATRIX[case].get("logLevel", "INFO")
         assert settings["token"].startswith("tether_0123abcd_") and TOKEN not in result.stdout

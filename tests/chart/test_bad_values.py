@@ -194,10 +194,10 @@ SCHEMA_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
         "at '/dagProcessor/replicas': minimum: got -1, want 0",
     ),
     "misspelt DAG processor value": (
-        values(dagProcessor={"enabled": True, "shareDagSource": True}),
-        "additional properties 'shareDagSource' not allowed",
+        values(dagProcessor={"enabled": True, "shareSource": True}),
+        "additional properties 'shareSource' not allowed",
     ),
-    "shareSource as text": (values(dagProcessor={"shareSource": "yes"}), "/dagProcessor/shareSource"),
+    "shareDagSource as text": (values(dagProcessor={"shareDagSource": "yes"}), "/dagProcessor/shareDagSource"),
 }
 
 

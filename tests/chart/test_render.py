@@ -63,7 +63,7 @@ BUNDLES = [
 DAG_PROCESSOR = {
     "enabled": True,
     "replicas": 2,
-    "shareSource": True,
+    "shareDagSource": True,
     "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
     "env": [{"name": "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL", "value": "60"}],
     "probes": {"readiness": {"periodSeconds": 20}},
@@ -295,7 +295,7 @@ WORKER_ONLY_ENV = {"TETHER_QUEUES", "TETHER_SLOTS", "TETHER_DRAIN_TIMEOUT"}
 
 
 def test_the_dag_processor_is_absent_unless_enabled() -> None:
-    for vals in (values(), values(dagProcessor={"enabled": False, "shareSource": True})):
+    for vals in (values(), values(dagProcessor={"enabled": False, "shareDagSource": True})):
         objects = render(vals)
         assert all("dag-processor" not in o["metadata"]["name"] for o in objects)
         assert "DAG processor" not in render_files(vals)["tether-agent/templates/NOTES.txt"]

@@ -22,7 +22,7 @@ context), agent (a workers[] item or dagProcessor) and role (worker or dag-proce
   value: {{ include "tether-agent.drainTimeout" $a | quote }}
 {{- else if eq .role "dag-processor" }}
 - name: TETHER_SHARE_DAG_SOURCE
-  value: {{ eq $a.shareSource true | quote }}
+  value: {{ eq $a.shareDagSource true | quote }}
 {{- end }}
 - name: TETHER_HEALTH_PORT
   value: {{ $v.healthPort | quote }}

@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         "([dag_processor] dag_bundle_config_list) and sends the plane what it needs to schedule and show them.",
     )
     agent_settings.add_arguments(dag_processor)
+    dag_processor.add_argument(
+        "--print-settings",
+        action="store_true",
+        help="Validate the settings, print them (token redacted) and exit",
+    )
     check = commands.add_parser(
         "check", help="Preflight: verify the token, the plane, the secrets and XCom backends and the DAG bundles"
     )
@@ -60,15 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check":
         return asyncio.run(_check(settings))
-    if args.command == "dag-processor":
-        _configure_logging(settings.log_level)
-        from tether.agent import dag_processor
-
-        return dag_processor.run(settings)
     if args.print_settings:
         print(json.dumps(settings.redacted(), indent=2))
         return 0
     _configure_logging(settings.log_level)
+    if args.command == "dag-processor":
+        from tether.agent import dag_processor
+
+        return dag_processor.run(settings)
     return asyncio.run(_run(settings))
 
 
