@@ -109,6 +109,8 @@ def plane_env(executor: str) -> dict[str, str]:
     elif executor == "edge":
         env["AIRFLOW__CORE__EXECUTOR"] = "airflow.providers.edge3.executors.EdgeExecutor"
         env["AIRFLOW__EDGE__API_ENABLED"] = "True"
+        # Airflow's own logging configuration: Tether is not installed in the Edge Executor's venv.
+        env["AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS"] = ""
     return env
 
 

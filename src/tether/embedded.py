@@ -134,6 +134,8 @@ class Plane:
                 "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                 "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "task-logs"),
+                # Task logs agents ship are read through Tether (see tether.plane.log_config).
+                "AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS": "tether.plane.log_config.LOGGING_CONFIG",
                 "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": "2",
                 "AIRFLOW__TETHER__LEASE_WAIT": "10",
                 "PYTHONUNBUFFERED": "1",

@@ -79,6 +79,15 @@ def _prune(value: Any, revision: int) -> Any:
     return value
 
 
+class TaskLogs(enum.StrEnum):
+    """What becomes of the logs of an agent's tasks."""
+
+    #: Sent to the plane as they are written, and read there.
+    SHIP = "ship"
+    #: Kept on the agent (and wherever its own Airflow remote logging puts them).
+    LOCAL = "local"
+
+
 class AgentRole(enum.StrEnum):
     WORKER = "worker"
     #: Parses DAG files where they are and sends the plane what Airflow's scheduler and UI need (revision 2).
@@ -127,6 +136,10 @@ class RegisterRequest(_Request):
     queues: list[QueueName] = Field(default_factory=list, max_length=64)
     slots: int = Field(ge=1, le=1024)
     labels: dict[LabelKey, ShortText] = Field(default_factory=dict, max_length=64)
+    #: Whether the agent ships its tasks' logs to the plane (revision 2); an older agent ships none.
+    task_logs: TaskLogs | None = None
+    #: Where the agent writes its tasks' logs ([logging] base_log_folder), for people looking for them.
+    task_log_folder: Annotated[str, StringConstraints(max_length=1024)] | None = None
 
     @field_validator("queues")
     @classmethod
@@ -362,6 +375,32 @@ class CallbackWork(_Answer):
 class WorkResponse(_Answer):
     priority_files: list[PriorityFile] = Field(default_factory=list)
     callbacks: list[CallbackWork] = Field(default_factory=list)
+
+
+# -- task logs (revision 2) ----------------------------------------------------
+
+#: Longest log line shipped; a longer one is cut, and says so.
+MAX_LOG_LINE = 64 * 1024
+#: Largest log batch body, after decompression.
+MAX_LOG_BATCH_BYTES = 2 * 1024 * 1024
+
+
+class LogBatch(_Request):
+    """Lines of a running task's log, in order; one agent process numbers the batches of a job from 0."""
+
+    incarnation: uuid.UUID
+    #: Names the run of the task this agent process is following: a task resumed later is a new segment.
+    segment: uuid.UUID
+    seq: int = Field(ge=0)
+    lines: list[Annotated[str, StringConstraints(max_length=MAX_LOG_LINE + 256)]] = Field(max_length=10_000)
+    #: The task process has exited and these are its last lines.
+    final: bool = False
+
+
+class LogBatchResponse(_Answer):
+    #: The plane takes no more lines of this try (its cap is reached, or the job is no longer this agent's).
+    stop: bool = False
+    reason: str | None = None
 
 
 class PreflightResponse(_Answer):

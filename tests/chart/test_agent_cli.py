@@ -104,6 +104,7 @@ def test_the_agent_accepts_the_rendered_command_and_environment(case: str, tmp_p
             assert settings["slots"] == int(rendered["TETHER_SLOTS"])
             assert settings["drain_timeout"] == float(rendered["TETHER_DRAIN_TIMEOUT"])
             assert settings["drain_timeout"] < spec["terminationGracePeriodSeconds"]
+            assert settings["task_logs"] == rendered["TETHER_TASK_LOGS"]
         assert settings["health_port"] == agent["ports"][0]["containerPort"]
         assert settings["log_level"] == MATRIX[case].get("logLevel", "INFO")
         assert settings["token"].startswith("tether_0123abcd_") and TOKEN not in result.stdout

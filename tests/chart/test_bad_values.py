@@ -188,6 +188,10 @@ SCHEMA_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
     "worker name not a DNS label": (values(workers=[_worker(name="ETL_jobs")]), "/workers/0/name"),
     "slots as text": (values(workers=[_worker(slots="four")]), "/workers/0/slots"),
     "unknown log level": (values(logLevel="verbose"), "/logLevel"),
+    "unknown task log mode": (
+        values(workers=[{"name": "default", "queues": ["default"], "taskLogs": "s3"}]),
+        "/workers/0/taskLogs",
+    ),
     "no workers": (values(workers=[]), "/workers"),
     "negative DAG processor replicas": (
         values(dagProcessor={"enabled": True, "replicas": -1}),

@@ -291,7 +291,17 @@ def _deployments(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 DAG_PROCESSOR_NAME = f"{RELEASE}-dag-processor"
-WORKER_ONLY_ENV = {"TETHER_QUEUES", "TETHER_SLOTS", "TETHER_DRAIN_TIMEOUT"}
+WORKER_ONLY_ENV = {"TETHER_QUEUES", "TETHER_SLOTS", "TETHER_DRAIN_TIMEOUT", "TETHER_TASK_LOGS"}
+
+
+def test_a_worker_group_keeps_its_task_logs_when_told() -> None:
+    workers = [{"name": "ship", "queues": ["a"]}, {"name": "keep", "queues": ["b"], "taskLogs": "local"}]
+    deployments = _deployments(render(values(workers=workers)))
+    logs = {
+        name: env_of(d["spec"]["template"]["spec"]["containers"][0])["TETHER_TASK_LOGS"]
+        for name, d in deployments.items()
+    }
+    assert logs == {f"{RELEASE}-ship": "ship", f"{RELEASE}-keep": "local"}
 
 
 def test_the_dag_processor_is_absent_unless_enabled() -> None:

@@ -20,6 +20,8 @@ context), agent (a workers[] item or dagProcessor) and role (worker or dag-proce
   value: {{ include "tether-agent.slots" $a | quote }}
 - name: TETHER_DRAIN_TIMEOUT
   value: {{ include "tether-agent.drainTimeout" $a | quote }}
+- name: TETHER_TASK_LOGS
+  value: {{ $a.taskLogs | default "ship" | quote }}
 {{- else if eq .role "dag-processor" }}
 - name: TETHER_SHARE_DAG_SOURCE
   value: {{ eq $a.shareDagSource true | quote }}

@@ -9,6 +9,7 @@ a free slot, a stop request, or the plane handing out work.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import platform
 import socket
@@ -17,12 +18,14 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import tether
 from tether import protocol
 from tether.agent.client import NO_REASON, PlaneClient, backoff_for
 from tether.agent.health import AgentMetrics, HealthServer
+from tether.agent.logs import LogFollower, LogShipper
 from tether.agent.runner import Runner, TaskProcess
 from tether.agent.settings import AgentSettings
 from tether.errors import PlaneRefused, PlaneUnavailable, TetherError
@@ -110,8 +113,13 @@ class Agent:
         metrics: AgentMetrics | None = None,
         kill_grace: timedelta = KILL_GRACE,
         roles: Sequence[protocol.AgentRole] = (protocol.AgentRole.WORKER,),
+        task_log_folder: Path | None = None,
     ) -> None:
-        """An agent in ``roles``; a worker leases and runs jobs with ``runner``, other roles need none."""
+        """An agent in ``roles``; a worker leases and runs jobs with ``runner``, other roles need none.
+
+        ``task_log_folder``: where the Task SDK writes task logs; a worker ships them from there
+        (``--task-logs ship``) or says where they stay (``local``).
+        """
         self.settings = settings
         self.kill_grace = kill_grace
         self.client = client
@@ -125,6 +133,20 @@ class Agent:
         self.state = AgentState()
         #: Set once the plane has registered this agent; other threads may wait on it.
         self.registered = threading.Event()
+        #: Where the Task SDK writes task logs here ([logging] base_log_folder); None: not known.
+        self.task_log_folder = task_log_folder
+        self.logs = (
+            LogShipper(
+                client=client,
+                agent_id=self._agent_id,
+                incarnation=self.incarnation,
+                folder=task_log_folder,
+                metrics=self.metrics,
+                settings=settings,
+            )
+            if task_log_folder is not None and settings.task_logs is protocol.TaskLogs.SHIP and self.worker
+            else None
+        )
         self._stop_requested: asyncio.Event | None = None
         self._force = False
         self._draining = False
@@ -133,6 +155,12 @@ class Agent:
         self._pending_stop = False
         self._start_one_by_one = False
         self._refusals = RefusalNotice()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _agent_id(self) -> uuid.UUID:
+        registration = self.state.registration
+        assert registration is not None
+        return registration.agent_id
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -252,6 +280,8 @@ class Agent:
                 queues=list(self.settings.queues) if self.worker else [],
                 slots=self.settings.slots,
                 labels=dict(self.settings.labels),
+                task_logs=self.settings.task_logs if self.worker else None,
+                task_log_folder=str(self.task_log_folder) if self.task_log_folder is not None else None,
             )
         )
         self.state.registration = _Registration(
@@ -422,11 +452,14 @@ class Agent:
         reg = self.state.registration
         assert reg is not None
         job_id = held.job_id
+        follower: LogFollower | None = None
         try:
             # Shielded: the gate is shared, and ending one job's wait must not end the others'.
             if job_id not in await asyncio.shield(gate):
                 return
             assert self.runner is not None
+            # Before the start: the task's first lines are written as soon as it starts.
+            follower = self._follow_log(held)
             try:
                 held.process = await self.runner.spawn(held.lease.workload)
             except Exception as exc:
@@ -445,6 +478,8 @@ class Agent:
                 held.process.pid,
             )
             exit_code = await held.process.wait()
+            if follower is not None:
+                follower.finish()
             outcome = protocol.ReportState.SUCCESS if exit_code == 0 else protocol.ReportState.FAILED
             self.metrics.jobs.labels(outcome.value).inc()
             log.info("Job %s finished with exit code %d", job_id, exit_code)
@@ -454,6 +489,38 @@ class Agent:
             self.state.jobs.pop(job_id, None)
             self._update_slot_metrics()
             self._wake_lease_loop()
+            if follower is not None:
+                # The slot is free already; the job's last log lines still go out.
+                follower.finish()
+                await follower.wait()
+
+    def _follow_log(self, held: HeldJob) -> LogFollower | None:
+        """Follow the job's log file (lines shipped), or tell the plane where it stays (``--task-logs local``)."""
+        log_path = held.lease.workload.get("log_path")
+        if self.logs is not None:
+            return self.logs.follow(held.job_id, log_path)
+        if self.settings.task_logs is protocol.TaskLogs.LOCAL and log_path and self.task_log_folder is not None:
+            where = self.task_log_folder / log_path
+            notice = (
+                f"This try's log stays on agent {self.settings.name}, which keeps its task logs (--task-logs local): "
+                f"host {socket.gethostname()}, file {where}"
+            )
+            task = asyncio.create_task(self._send_notice(held.job_id, notice), name=f"log-notice-{held.job_id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return None
+
+    async def _send_notice(self, job_id: uuid.UUID, event: str) -> None:
+        reg = self.state.registration
+        assert reg is not None
+        line = json.dumps(
+            {"timestamp": datetime.now(UTC).isoformat(), "level": "info", "logger": "tether", "event": event}
+        )
+        batch = protocol.LogBatch(incarnation=self.incarnation, segment=uuid.uuid4(), seq=0, lines=[line], final=True)
+        try:
+            await self.client.jobs.log(reg.agent_id, job_id, batch)
+        except TetherError as exc:
+            log.info("Could not tell the plane where the log of job %s is: %s", job_id, exc)
 
     async def _pass_start_gate(self, agent_id: uuid.UUID, held_jobs: list[HeldJob]) -> set[uuid.UUID]:
         """The jobs the plane confirms may start; the others must not run here."""

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import tether
 from tether.agent import settings as agent_settings
@@ -76,6 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(_run(settings))
 
 
+def _task_log_folder() -> Path:
+    """Where the Task SDK writes task logs on this agent: Airflow's ``[logging] base_log_folder``."""
+    from airflow.configuration import conf
+
+    return Path(conf.get("logging", "base_log_folder")).expanduser().resolve()
+
+
 async def _check(settings: agent_settings.AgentSettings) -> int:
     from tether.agent.preflight import run_checks
 
@@ -111,6 +119,7 @@ async def _run(settings: agent_settings.AgentSettings) -> int:
         client=PlaneClient(make_http_client(settings)),
         runner=runner,
         metrics=metrics,
+        task_log_folder=_task_log_folder(),
     )
     loop = asyncio.get_running_loop()
     signals_seen = 0

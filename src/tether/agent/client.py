@@ -157,6 +157,11 @@ class Jobs(_Resource):
     ) -> protocol.ReportResponse:
         return await self._post(f"/agents/{agent_id}/jobs/{job_id}/report", body, protocol.ReportResponse)
 
+    async def log(self, agent_id: uuid.UUID, job_id: uuid.UUID, body: protocol.LogBatch) -> protocol.LogBatchResponse:
+        """Lines of a running job's log; sent compressed."""
+        path = f"/agents/{agent_id}/jobs/{job_id}/logs"
+        return await _call(self._http, "POST", path, protocol.LogBatchResponse, body=compress(body), gzipped=True)
+
 
 class Nothing(BaseModel):
     """The answer of a call that answers nothing (204)."""

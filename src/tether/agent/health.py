@@ -70,6 +70,15 @@ class AgentMetrics:
             "tether_agent_dag_callbacks", "DAG callbacks claimed from the plane to run here", registry=self.registry
         )
 
+        self.log_lines = Counter(
+            "tether_agent_task_log_lines", "Task log lines sent to the plane", registry=self.registry
+        )
+        self.log_bytes = Counter(
+            "tether_agent_task_log_bytes",
+            "Task log bytes sent to the plane (before compression)",
+            registry=self.registry,
+        )
+
     def sdk_features(self, availability: Availability) -> None:
         for feature, reason in availability.items():
             self.sdk_feature.labels(feature.value).set(0 if reason else 1)

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from tether.errors import ConfigError
+from tether.protocol import TaskLogs
 
 ENV_PREFIX = "TETHER_"
 
@@ -123,6 +124,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("client_key", "PEM key of the client certificate"),
     Option("execution_api_url", "Airflow Execution API URL (default: <plane_url>/execution/)"),
     Option(
+        "task_logs",
+        "ship: send task logs to the plane as they are written, for Airflow's log views; local: keep them here "
+        "(and in the agent's own Airflow remote logging), the plane's log view saying where they are",
+        default="ship",
+        parse=lambda text: TaskLogs(text.strip().lower()),
+    ),
+    Option(
         "share_dag_source",
         "dag-processor role: send the source of the DAG files it parses, for the plane's Code tab (the plane "
         "keeps it only where [tether] store_dag_source is on)",
@@ -160,6 +168,7 @@ class AgentSettings:
     log_level: str = "INFO"
     max_backoff: timedelta = timedelta(seconds=30)
     share_dag_source: bool = False
+    task_logs: TaskLogs = TaskLogs.SHIP
     token_file: Path | None = None
 
     def redacted(self) -> dict[str, Any]:
@@ -281,4 +290,5 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         log_level=values["log_level"],
         max_backoff=values["max_backoff"],
         share_dag_source=values["share_dag_source"],
+        task_logs=values["task_logs"],
     )

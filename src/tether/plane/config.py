@@ -84,6 +84,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "default": str(16 * 1024 * 1024),
         "example": str(16 * 1024 * 1024),
     },
+    "task_log_max_bytes": {
+        "description": "Most bytes of one task try's log that agents may ship; past it the plane keeps what it "
+        "has, adds a line saying the log was cut there, and takes no more.\n",
+        "type": "integer",
+        "default": str(10 * 1024 * 1024),
+        "example": str(10 * 1024 * 1024),
+    },
     "trusted_proxies": {
         "description": "Comma-separated addresses or CIDR ranges of reverse proxies whose X-Forwarded-For "
         "header is believed. Empty: the socket's peer address is the client address.\n",
@@ -110,6 +117,7 @@ class PlaneSettings:
     token_cache_ttl: timedelta = timedelta(seconds=2)
     store_dag_source: bool = False
     max_parse_result_bytes: int = 16 * 1024 * 1024
+    task_log_max_bytes: int = 10 * 1024 * 1024
     trusted_proxies: tuple[Network, ...] = ()
 
     @property
@@ -134,5 +142,6 @@ class PlaneSettings:
             token_cache_ttl=_seconds(get("token_cache_ttl")),
             store_dag_source=get("store_dag_source").strip().lower() in ("true", "1", "yes", "on"),
             max_parse_result_bytes=int(get("max_parse_result_bytes")),
+            task_log_max_bytes=int(get("task_log_max_bytes")),
             trusted_proxies=tuple(parse_cidrs(item for item in get("trusted_proxies").split(",") if item.strip())),
         )

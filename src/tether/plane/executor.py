@@ -238,6 +238,10 @@ class TetherExecutor(BaseExecutor):
         if now >= self._next_purge:
             self._next_purge = now + _PURGE_EVERY.total_seconds()
             self.store.purge()
+            try:
+                self.store.purge_task_logs()
+            except SQLAlchemyError as exc:
+                self.log.warning("Could not delete the logs of tries Airflow no longer has: %s", exc)
         self._report_changes()
 
     def _report_changes(self) -> None:
@@ -285,6 +289,25 @@ class TetherExecutor(BaseExecutor):
                 self.log.warning("Tether job for %s disappeared; releasing its slot", key)
         for ti_id in seen:
             self._missing_since.pop(ti_id, None)
+
+    def get_task_log(self, ti: TaskInstance, try_number: int) -> tuple[list[str], list[str]]:
+        """What Airflow's log view shows of a running try from the executor: never a fetch from the agent's host.
+
+        Where Tether reads remote task logs (``tether.plane.log_config``) the lines come
+        from there and this only names the source; otherwise the shipped lines come
+        from here, for running tries at least.
+        """
+        from tether.plane.task_logs import TetherRemoteLogIO, tether_reads_remote_logs
+
+        reader = TetherRemoteLogIO(store=self.store)
+        state = reader.state_of(ti)
+        if state is None:
+            return [], []
+        source = f"Tether: live from agent {state.agent_name}"
+        if tether_reads_remote_logs():
+            return [source], []
+        _, blobs = reader.read("", ti)
+        return [f"{source}; finished tries need [logging] logging_config_class (README)"], list(blobs or [])
 
     def revoke_task(self, *, ti: TaskInstance) -> None:
         self.store.revoke(str(ti.id), ti.try_number)

@@ -71,6 +71,9 @@ class Agent(Base):
     tether_version: Mapped[str] = mapped_column(String(64), nullable=False)
     #: The protocol revision the agent speaks; agents registered before revisions were recorded spoke 1.
     protocol: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default="1")
+    #: ship or local (None: an agent that ships no logs, of a release before log shipping).
+    task_logs: Mapped[str | None] = mapped_column(String(16))
+    task_log_folder: Mapped[str | None] = mapped_column(String(1024))
     airflow_version: Mapped[str] = mapped_column(String(64), nullable=False)
     python_version: Mapped[str] = mapped_column(String(64), nullable=False)
     roles: Mapped[list[str]] = mapped_column(JSON, nullable=False)
@@ -193,3 +196,46 @@ class WorkClaim(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
     __table_args__ = (Index("idx_tether_work_claim_created_at", "created_at"),)
+
+
+class TaskLog(Base):
+    """The log of one task try as agents shipped it: where it came from, how much, whether it is whole."""
+
+    __tablename__ = "tether_task_log"
+
+    ti_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    try_number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dag_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    task_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    run_id: Mapped[str] = mapped_column(String(250), nullable=False)
+    map_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    agent_name: Mapped[str] = mapped_column(String(128), nullable=False)
+    bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    lines: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    truncated: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    #: The agent sent the last lines of the task process's latest run.
+    closed: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    first_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    last_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+    __table_args__ = (Index("idx_tether_task_log_last_at", "last_at"),)
+
+
+class TaskLogChunk(Base):
+    """One batch of log lines of a try, stored as the agent sent it: complete lines joined by newlines."""
+
+    __tablename__ = "tether_task_log_chunk"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    ti_id: Mapped[str] = mapped_column(String(36), nullable=False)
+    try_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    segment: Mapped[str] = mapped_column(String(36), nullable=False)
+    seq: Mapped[int] = mapped_column(Integer, nullable=False)
+    data: Mapped[str] = mapped_column(Text, nullable=False)
+    lines: Mapped[int] = mapped_column(Integer, nullable=False)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+    __table_args__ = (
+        Index("idx_tether_task_log_chunk_batch", "ti_id", "try_number", "segment", "seq", unique=True),
+        Index("idx_tether_task_log_chunk_read", "ti_id", "try_number", "id"),
+    )

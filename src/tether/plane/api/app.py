@@ -310,6 +310,8 @@ def create_app(
             context: PlaneContext | None = getattr(app.state, "tether", None)
             settings = context.store.settings if context is not None else PlaneSettings()
             return settings.max_parse_result_bytes
+        if path.endswith("/logs"):
+            return protocol.MAX_LOG_BATCH_BYTES
         return protocol.MAX_BODY_BYTES
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
@@ -402,6 +404,17 @@ def create_app(
         revision: Revision,
     ) -> Any:
         return written(await ctx.db(ctx.store.report, identity, str(agent_id), str(job_id), body), revision)
+
+    @app.post("/v1/agents/{agent_id}/jobs/{job_id}/logs", response_model=protocol.LogBatchResponse, tags=["agent"])
+    async def task_log(
+        agent_id: uuid.UUID,
+        job_id: uuid.UUID,
+        body: protocol.LogBatch,
+        ctx: Ctx,
+        identity: Identity,
+        revision: Revision,
+    ) -> Any:
+        return written(await ctx.db(ctx.store.append_log, identity, str(agent_id), str(job_id), body), revision)
 
     app.include_router(dag_processing_router())
     app.include_router(admin_router())

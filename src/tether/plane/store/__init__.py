@@ -8,6 +8,7 @@ own. One module per concern, each a part of ``Store``:
 - ``jobs``: queueing, claiming, the start gate, outcomes, the executor's view of its jobs;
 - ``sweeps``: expired leases, unhealthy agents, orphans, old finished jobs;
 - ``dags``: what agents parse, written through Airflow's own DAG processor functions;
+- ``logs``: task logs agents ship, per try, read back for Airflow's log views;
 - ``rules``: what several of them apply (the calling agent, settling a gone agent's jobs);
 - ``base``: sessions and one-statement connections, notifications, the audit trail.
 
@@ -20,6 +21,7 @@ from tether.plane.store.agents import AgentStore
 from tether.plane.store.base import NOTIFY_CHANNEL, TokenIdentity, airflow_session_factory, utcnow
 from tether.plane.store.dags import DagStore
 from tether.plane.store.jobs import JobKey, JobStore, JobView
+from tether.plane.store.logs import LogStore
 from tether.plane.store.rules import agent_status, token_live
 from tether.plane.store.sweeps import SweepStore
 from tether.plane.store.tokens import TokenStore
@@ -37,5 +39,5 @@ __all__ = [
 ]
 
 
-class Store(TokenStore, AgentStore, JobStore, SweepStore, DagStore):
+class Store(TokenStore, AgentStore, JobStore, SweepStore, DagStore, LogStore):
     """Tether's tables, as the plane's processes use them."""

@@ -109,6 +109,8 @@ class AgentStore(Database):
             agent.hostname = request.hostname
             agent.tether_version = request.tether_version
             agent.protocol = revision
+            agent.task_logs = request.task_logs.value if request.task_logs else None
+            agent.task_log_folder = request.task_log_folder
             agent.airflow_version = request.airflow_version
             agent.python_version = request.python_version
             agent.roles = [r.value for r in request.roles]

@@ -1,0 +1,213 @@
+"""Task logs leave the agent as they are written: each running task's log file is followed and sent in batches.
+
+The Task SDK's supervisor writes a task's log to ``[logging] base_log_folder`` /
+``log_path`` on the agent, one JSON line per event, secrets already masked by
+Airflow's masker. A follower reads that file from where the task's run began,
+complete lines only, and sends them to the plane a batch at a time (a second,
+2,000 lines or 256 KiB, whichever comes first), one batch in flight per task.
+The file is the buffer: while the plane is slow or away the follower stops
+reading and tries again with backoff, and the task, which only ever writes its
+file, never waits for it. After the task process exits the follower reads to the
+end and sends the last batch. The plane may say to stop (the try's log reached
+its limit): the follower stops, and the file stays whole on the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tether import protocol
+from tether.agent.client import Backoff, PlaneClient, backoff_for
+from tether.agent.health import AgentMetrics
+from tether.agent.settings import AgentSettings
+from tether.errors import PlaneRefused, PlaneUnavailable
+
+log = logging.getLogger("tether.agent.logs")
+
+#: How often a follower looks for new lines.
+POLL = 0.5
+#: A batch goes once it holds this many lines or bytes, or its first line is this old (seconds).
+BATCH_LINES = 2000
+BATCH_BYTES = 256 * 1024
+BATCH_AGE = 1.0
+#: Most bytes read from the file at a time.
+READ_SIZE = 256 * 1024
+#: How long the last lines of a task may take to leave, once its process exited.
+FINAL_GRACE = 60.0
+
+
+#: Sends one batch of a job's lines to the plane.
+Send = Callable[[uuid.UUID, protocol.LogBatch], Awaitable[protocol.LogBatchResponse]]
+
+
+def _clamp(line: str) -> str:
+    if len(line) <= protocol.MAX_LOG_LINE:
+        return line
+    return line[: protocol.MAX_LOG_LINE] + f" ... [Tether cut this line at {protocol.MAX_LOG_LINE} characters]"
+
+
+@dataclass
+class LogFollower:
+    """Follows one task's log file and sends its lines; ``finish()`` once the task process exited."""
+
+    job_id: uuid.UUID
+    path: Path
+    send: Send
+    incarnation: uuid.UUID
+    metrics: AgentMetrics
+    settings: AgentSettings
+    segment: uuid.UUID = field(default_factory=uuid.uuid4)
+    offset: int = 0
+    seq: int = 0
+    _partial: bytes = b""
+    _exited: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+    stopped_by_plane: bool = False
+
+    def start(self) -> None:
+        # The file of a try that ran here before (a task resumed after deferral) holds lines already sent.
+        with contextlib.suppress(OSError):
+            self.offset = self.path.stat().st_size
+        self._task = asyncio.create_task(self._run(), name=f"logs-{self.job_id}")
+
+    def finish(self) -> None:
+        self._exited.set()
+
+    async def wait(self, timeout: float = FINAL_GRACE) -> None:
+        """Wait, at most ``timeout``, for the last lines to leave; then stop following."""
+        if self._task is None:
+            return
+        _, pending = await asyncio.wait({self._task}, timeout=timeout)
+        for task in pending:
+            log.warning(
+                "The last log lines of job %s did not leave within %.0fs; they stay in %s",
+                self.job_id,
+                timeout,
+                self.path,
+            )
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        backoff = backoff_for(self.settings)
+        loop = asyncio.get_running_loop()
+        lines: list[str] = []
+        size = 0
+        first_at = 0.0
+        while True:
+            # Looked at before reading: what the process wrote before it exited is read in this pass.
+            exited = self._exited.is_set()
+            new, at_end = self._read(flush=exited)
+            if new and not lines:
+                first_at = loop.time()
+            lines.extend(new)
+            size += sum(len(line) + 1 for line in new)
+            if exited and at_end:
+                await self._send(lines, True, backoff)
+                return
+            if lines and (size >= BATCH_BYTES or len(lines) >= BATCH_LINES or loop.time() - first_at >= BATCH_AGE):
+                if not await self._send(lines, False, backoff):
+                    return
+                lines, size = [], 0
+            if not at_end:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), POLL)
+
+    def _read(self, *, flush: bool) -> tuple[list[str], bool]:
+        """Complete lines written since the last read, and whether the file's end was reached.
+
+        A last line without its newline waits for it, unless ``flush``: the process is gone.
+        """
+        try:
+            with self.path.open("rb") as file:
+                file.seek(self.offset)
+                data = file.read(READ_SIZE)
+        except OSError:
+            return [], True
+        self.offset += len(data)
+        at_end = len(data) < READ_SIZE
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        if flush and at_end and self._partial:
+            complete.append(self._partial)
+            self._partial = b""
+        return [_clamp(line.decode("utf-8", errors="replace")) for line in complete if line], at_end
+
+    async def _send(self, lines: list[str], final: bool, backoff: Backoff) -> bool:
+        """Send one batch, retrying while the plane is away; False once the plane says to stop."""
+        batch = protocol.LogBatch(
+            incarnation=self.incarnation, segment=self.segment, seq=self.seq, lines=lines, final=final
+        )
+        while True:
+            try:
+                answer = await self.send(self.job_id, batch)
+            except PlaneUnavailable as exc:
+                delay = backoff.next_delay()
+                log.debug("Log lines of job %s wait for the plane (%s); again in %.1fs", self.job_id, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            except PlaneRefused as exc:
+                log.warning(
+                    "The plane refused the log lines of job %s: %s; they stay in %s", self.job_id, exc, self.path
+                )
+                self.stopped_by_plane = True
+                return False
+            backoff.reset()
+            self.seq += 1
+            self.metrics.log_lines.inc(len(lines))
+            self.metrics.log_bytes.inc(sum(len(line) + 1 for line in lines))
+            if answer.stop:
+                log.warning(
+                    "The plane takes no more log lines of job %s (%s); the rest stays in %s",
+                    self.job_id,
+                    answer.reason,
+                    self.path,
+                )
+                self.stopped_by_plane = True
+                return False
+            return True
+
+
+class LogShipper:
+    """Makes a follower for each task the agent starts, when it ships logs."""
+
+    def __init__(
+        self,
+        *,
+        client: PlaneClient,
+        agent_id: Callable[[], uuid.UUID],
+        incarnation: uuid.UUID,
+        folder: Path,
+        metrics: AgentMetrics,
+        settings: AgentSettings,
+    ) -> None:
+        self.client = client
+        self.agent_id = agent_id
+        self.incarnation = incarnation
+        self.folder = folder
+        self.metrics = metrics
+        self.settings = settings
+
+    def follow(self, job_id: uuid.UUID, log_path: str | None) -> LogFollower | None:
+        if not log_path:
+            return None
+        follower = LogFollower(
+            job_id=job_id,
+            path=self.folder / log_path,
+            send=self._send,
+            incarnation=self.incarnation,
+            metrics=self.metrics,
+            settings=self.settings,
+        )
+        follower.start()
+        return follower
+
+    async def _send(self, job_id: uuid.UUID, batch: protocol.LogBatch) -> protocol.LogBatchResponse:
+        return await self.client.jobs.log(self.agent_id(), job_id, batch)
