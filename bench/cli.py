@@ -1,4 +1,7 @@
-"""``python -m bench``: deploy each executor in turn, run the DAGs, then the scale test; write the report."""
+"""``python -m bench``: deploy each executor in turn and run the DAGs; compare DAG processing; run the scale test.
+
+Then write the report.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import asdict, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
+from bench.dag_processing import PROCESSORS, ProcessingRun, Workload, measure_processor, summary
 from bench.deploy import BENCH, EXECUTORS, Postgres, deployed, ensure_edge_venv, log, prepare_template
 from bench.measure import DeploymentResult, measure
 
@@ -33,6 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale-duration", type=float, default=60.0, help="seconds of load per agent count")
     parser.add_argument("--idle-window", type=float, default=30.0, help="seconds of each idle measurement window")
     parser.add_argument("--dag-timeout", type=float, default=600.0, help="longest wait for one DAG run")
+    parser.add_argument(
+        "--dag-processing",
+        choices=("on", "off"),
+        default="on",
+        help="compare Tether's dag-processor agent with Airflow's dag-processor on 500 DAG files (default on)",
+    )
+    parser.add_argument(
+        "--dag-processing-runs", type=int, default=3, help="runs of each DAG processor, alternating (default 3)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="report folder (default bench/results/<date>)")
     parser.add_argument("--pg-url", default=PG_ADMIN_URL, help="PostgreSQL admin URL (env TETHER_BENCH_PG_URL)")
     args = parser.parse_args(argv)
@@ -41,13 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--only: unknown executor(s) {', '.join(sorted(unknown))}; choose from {', '.join(EXECUTORS)}")
     args.scale_counts = [] if args.scale == "none" else [int(n) for n in args.scale.split(",") if n.strip()]
+    args.workload = Workload()
     if args.quick:
+        args.workload = Workload(files=100, changes=5)
+        args.dag_processing_runs = 1
         args.runs = 1
         args.idle_window = min(args.idle_window, 5.0)
         args.scale_duration = min(args.scale_duration, 10.0)
         args.scale_counts = [min(n, 20) for n in args.scale_counts[:1]]
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    if args.runs < 1 or args.dag_processing_runs < 1:
+        parser.error("--runs and --dag-processing-runs must be at least 1")
     return args
 
 
@@ -72,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pg = Postgres(args.pg_url)
     results: list[DeploymentResult] = []
+    processing: list[ProcessingRun] = []
     scale: list[dict[str, object]] = []
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     log(f"writing to {out}; work folder {work}")
@@ -82,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         for executor in args.executors:
             log(f"migrating a template database for {executor}")
             templates[executor] = prepare_template(executor, pg, work)
+
+        def tether_template(purpose: str) -> str:
+            if "tether" not in templates:
+                log(f"migrating a template database for {purpose}")
+                templates["tether"] = prepare_template("tether", pg, work)
+            return templates["tether"]
+
         for run in range(1, args.runs + 1):
             for executor in args.executors:
                 log(f"run {run}/{args.runs}: {executor}")
@@ -89,15 +114,21 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(
                         measure(deployment, pg, run=run, idle_window=args.idle_window, timeout=args.dag_timeout)
                     )
-                _save(out, args, results, scale)
+                _save(out, args, results, processing, scale)
+        if args.dag_processing == "on":
+            template = tether_template("DAG processing")
+            for run in range(1, args.dag_processing_runs + 1):
+                for processor in PROCESSORS:
+                    log(f"DAG processing, run {run}/{args.dag_processing_runs}: {processor}")
+                    processing.append(measure_processor(processor, pg, template, work, run, args.workload))
+                    log(f"  {summary(processing[-1])}")
+                    _save(out, args, results, processing, scale)
         if args.scale_counts:
             from bench.scale import scale_test
 
-            if "tether" not in templates:
-                log("migrating a template database for the scale test")
-                templates["tether"] = prepare_template("tether", pg, work)
-            scale.extend(scale_test(pg, templates["tether"], work, args.scale_counts, duration=args.scale_duration))
-            _save(out, args, results, scale)
+            template = tether_template("the scale test")
+            scale.extend(scale_test(pg, template, work, args.scale_counts, duration=args.scale_duration))
+            _save(out, args, results, processing, scale)
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
@@ -111,18 +142,33 @@ def main(argv: list[str] | None = None) -> int:
         pg.cleanup()
     from bench.report import write_report
 
-    report = write_report(out, args, results, scale, elapsed=time.monotonic() - started)
+    report = write_report(out, args, results, scale, time.monotonic() - started, processing=processing)
     log(f"done in {(time.monotonic() - started) / 60:.1f} min: {report}")
     return status
 
 
-def _save(out: Path, args: argparse.Namespace, results: list[DeploymentResult], scale: list[dict[str, object]]) -> None:
+def _save(
+    out: Path,
+    args: argparse.Namespace,
+    results: list[DeploymentResult],
+    processing: list[ProcessingRun],
+    scale: list[dict[str, object]],
+) -> None:
     data = {
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "options": {k: _plain(v) for k, v in vars(args).items()},
         "results": [r.as_dict() for r in results],
+        "dag_processing": [r.as_dict() for r in processing],
         "scale": scale,
     }
     (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value
 
 
 if __name__ == "__main__":

@@ -201,11 +201,11 @@ class Deployment:
         self.plane.stop()
 
 
-def make_plane(executor: str, home: Path, database_url: str) -> Plane:
+def make_plane(executor: str, home: Path, database_url: str, *, dags_folder: Path = DAGS) -> Plane:
     """The plane of ``executor`` on ``database_url``, with the benchmark's DAGs and the product's settings."""
     plane = Plane(
         home=home,
-        dags_folder=DAGS,
+        dags_folder=dags_folder,
         sql_alchemy_conn=database_url,
         extra_env=plane_env(executor),
         bin_dir=bin_dir(executor),

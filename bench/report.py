@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from bench.dag_processing import NAMES as PROCESSOR_NAMES
+from bench.dag_processing import PROCESSORS
 from bench.deploy import DAG_IDS, EXECUTORS
 from bench.stats import percentile
 
@@ -224,28 +226,38 @@ def _git() -> str:
         return "unknown"
 
 
-def render(res: Results, scale: list[dict[str, Any]], options: dict[str, Any], elapsed: float | None) -> str:
+def render(
+    res: Results,
+    scale: list[dict[str, Any]],
+    options: dict[str, Any],
+    elapsed: float | None,
+    processing: list[dict[str, Any]] | None = None,
+) -> str:
     lines: list[str] = []
     add = lines.append
     runs = max((r["run"] for r in res.runs), default=0)
     add(f"# Tether benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     add("")
-    add(
-        f"Commit `{_git()}`, Airflow 3.3.2, Python {platform.python_version()}, PostgreSQL on loopback; "
-        f"{_machine()}. {runs} run(s) per executor, alternating "
-        f"({', '.join(NAMES[e] for e in res.executors)}), each on a fresh database copied from a migrated template"
-        + (f"; whole run {elapsed / 60:.1f} min." if elapsed else ".")
+    intro = (
+        f"Commit `{_git()}`, Airflow 3.3.2, Python {platform.python_version()}, PostgreSQL on loopback; {_machine()}"
     )
+    if res.executors:
+        intro += (
+            f". {runs} run(s) per executor, alternating ({', '.join(NAMES[e] for e in res.executors)}), "
+            "each on a fresh database copied from a migrated template"
+        )
+    add(intro + (f"; whole run {elapsed / 60:.1f} min." if elapsed else "."))
     add("")
-    add(
-        "Every executor gets the same plane (API server, scheduler, DAG processor; `[core] parallelism` 16, "
-        "scheduler heartbeat 1 s) and the same DAGs. LocalExecutor runs tasks from the scheduler; Tether runs one "
-        "`tether-agent` with 16 slots (product defaults: heartbeat 10 s, long-poll 20 s); Edge runs one "
-        "`airflow edge worker --concurrency 16` (edge3 5.1.0, default settings: 5 s job poll, 30 s heartbeat). "
-        "Figures are median (min-max) over runs; ratios are taken run by run against the LocalExecutor run "
-        "measured minutes before it."
-    )
-    add("")
+    if res.executors:
+        add(
+            "Every executor gets the same plane (API server, scheduler, DAG processor; `[core] parallelism` 16, "
+            "scheduler heartbeat 1 s) and the same DAGs. LocalExecutor runs tasks from the scheduler; Tether runs "
+            "one `tether-agent` with 16 slots (product defaults: heartbeat 10 s, long-poll 20 s); Edge runs one "
+            "`airflow edge worker --concurrency 16` (edge3 5.1.0, default settings: 5 s job poll, 30 s heartbeat). "
+            "Figures are median (min-max) over runs; ratios are taken run by run against the LocalExecutor run "
+            "measured minutes before it."
+        )
+        add("")
     targets = target_rows(res, scale)
     if targets:
         add("## Targets")
@@ -343,6 +355,7 @@ def render(res: Results, scale: list[dict[str, Any]], options: dict[str, Any], e
             "scale test below gives a cleaner per-agent figure."
         )
         add("")
+    lines.extend(processing_section(processing))
     if scale:
         add("## Scale test: simulated agents against one API server")
         add("")
@@ -387,6 +400,100 @@ def render(res: Results, scale: list[dict[str, Any]], options: dict[str, Any], e
         )
         add("")
     return "\n".join(lines)
+
+
+def _of(runs: list[dict[str, Any]], processor: str) -> list[dict[str, Any]]:
+    return sorted((r for r in runs if r["processor"] == processor), key=lambda r: r["run"])
+
+
+def _tether_over_airflow(runs: list[dict[str, Any]], pick: Callable[[dict[str, Any]], float | None]) -> list[float]:
+    """Tether's figure over Airflow's, run by run (measured minutes apart)."""
+    airflow = {r["run"]: pick(r) for r in _of(runs, "airflow")}
+    out = []
+    for r in _of(runs, "tether"):
+        mine, base = pick(r), airflow.get(r["run"])
+        if mine is not None and base:
+            out.append(mine / base)
+    return out
+
+
+def _change_pct(q: float) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: percentile(r["change_latencies"], q)
+
+
+def _setting(variable: str, value: str) -> str:
+    """``AIRFLOW__CORE__X`` = 0 as ``[core] x`` 0."""
+    _, section, key = variable.split("__", 2)
+    return f"`[{section.lower()}] {key.lower()}` {value}"
+
+
+def processing_section(runs: list[dict[str, Any]] | None) -> list[str]:
+    """The DAG-processing comparison: a table, Tether's uploads, and what was set and ran."""
+    if not runs:
+        return []
+    lines = ["## DAG processing: Tether's dag-processor agent and Airflow's dag-processor", ""]
+    lines.append("| | files | throughput (files/s) | change → version p50 / p95 (s) | Tether ÷ Airflow |")
+    lines.append("|---|---|---|---|---|")
+    for processor in PROCESSORS:
+        mine = _of(runs, processor)
+        if not mine:
+            continue
+        pooled = [x for r in mine for x in r["change_latencies"]]
+        ratio = "-"
+        if processor == "tether":
+            ratio = (
+                f"throughput {_spread(_tether_over_airflow(runs, lambda r: r['files_per_second']), unit='x')}, "
+                f"p50 {_spread(_tether_over_airflow(runs, _change_pct(0.5)), unit='x')}, "
+                f"p95 {_spread(_tether_over_airflow(runs, _change_pct(0.95)), unit='x')}"
+            )
+        lines.append(
+            f"| {PROCESSOR_NAMES[processor]} | {mine[0]['files']} "
+            f"| {_spread([r['files_per_second'] for r in mine])} "
+            f"| {_fmt(percentile(pooled, 0.5))} / {_fmt(percentile(pooled, 0.95))} | {ratio} |"
+        )
+    lines.append("")
+    tether = [r for r in _of(runs, "tether") if r.get("first_parse_bytes") is not None]
+    if tether:
+        lines.append("| | first parse of every file | per parse loop after it |")
+        lines.append("|---|---|---|")
+        per_loop = [r["after_bytes"] / r["after_loops"] / 1024 for r in tether if r["after_loops"]]
+        loops = [r["after_loops"] for r in tether]
+        sent = [r["after_files_sent"] for r in tether]
+        lines.append(
+            "| Tether's agent: results sent to the plane, compressed "
+            f"| {_spread([r['first_parse_bytes'] / 1024 for r in tether], '.0f', ' KiB')} "
+            f"| {_spread(per_loop, '.1f', ' KiB')} (over {_spread(loops, '.1f')} loops that sent "
+            f"{_spread(sent, '.0f')} changed files) |"
+        )
+        lines.append("")
+    first = runs[0]
+    logged = {
+        PROCESSOR_NAMES[p]: ", ".join(f"{k} {v}" for k, v in r["logged"].items())
+        for p in PROCESSORS
+        for r in _of(runs, p)[:1]
+    }
+    said = (
+        f"both logged {next(iter(logged.values()))}"
+        if len(set(logged.values())) == 1
+        else "; ".join(f"{name} logged {text or 'nothing'}" for name, text in logged.items())
+    )
+    versions = ", ".join(f"{dist} {v}" for dist, v in first["versions"].items())
+    changes = len(first["change_latencies"])
+    interval = first["settings"].get("AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL", "?")
+    lines.append(
+        f"{versions}. {max(r['run'] for r in runs)} run(s) of each processor, alternating, each on a fresh database "
+        f"copied from a migrated template, its plane an API server alone; {first['files']} generated files of one "
+        "DAG each (one or two tasks). Set on both sides: "
+        + ", ".join(_setting(k, v) for k, v in first["settings"].items())
+        + f" (seconds); `[dag_processor] parsing_processes` left at Airflow's default ({said}). Throughput: files "
+        "÷ time from the processor process's start to the `created_at` of the last serialized DAG. Change → "
+        f"version: {changes} changes per run (a new description), each a random 0-{interval} s after the last "
+        "one's new version, timed from the file's replacement to the `created_at` of its DAG's new `dag_version` "
+        "row; p50 / p95 pooled over runs (nearest rank), ratios run by run. Each changed DAG had one queued run "
+        "first, since Airflow rewrites in place a version that no task instance uses."
+    )
+    lines.append("")
+    return lines
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -445,12 +552,18 @@ def target_rows(res: Results, scale: list[dict[str, Any]]) -> list[tuple[str, st
 
 
 def write_report(
-    out: Path, options: Any, results: list[Any], scale: list[dict[str, Any]], elapsed: float | None = None
+    out: Path,
+    options: Any,
+    results: list[Any],
+    scale: list[dict[str, Any]],
+    elapsed: float | None = None,
+    *,
+    processing: Sequence[Any] = (),
 ) -> Path:
     runs = [r.as_dict() if hasattr(r, "as_dict") else r for r in results]
     opts = vars(options) if isinstance(options, argparse.Namespace) else dict(options or {})
     res = Results(runs)
-    text = render(res, scale, opts, elapsed)
+    text = render(res, scale, opts, elapsed, [r.as_dict() if hasattr(r, "as_dict") else r for r in processing])
     made = charts(out, res, scale)
     if made:
         text += "\n## Charts\n\n" + "\n".join(f"![{name}]({name})" for name in made) + "\n"
@@ -464,7 +577,16 @@ def main() -> None:
     parser.add_argument("folder", type=Path, help="a results folder holding results.json")
     args = parser.parse_args()
     data = json.loads((args.folder / "results.json").read_text())
-    print(write_report(args.folder, data.get("options"), data["results"], data.get("scale", []), data.get("elapsed")))
+    print(
+        write_report(
+            args.folder,
+            data.get("options"),
+            data["results"],
+            data.get("scale", []),
+            data.get("elapsed"),
+            processing=data.get("dag_processing", []),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ uses it, and so do the end-to-end tests.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -197,6 +198,24 @@ class Plane:
                     return
             time.sleep(0.5)
         raise TimeoutError(f"the API server did not answer {path} within {timeout:.0f}s")
+
+    def rest_client(self, username: str = "admin", *, path: str = "/api/v2", timeout: float = 30) -> httpx.Client:
+        """A client of the API server under ``path``, logged in as ``username`` of Airflow's simple auth manager."""
+        passwords = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())
+        verify: str | bool = str(self.tls[2]) if self.tls else True
+        login = httpx.post(
+            f"{self.url}/auth/token",
+            json={"username": username, "password": passwords[username]},
+            timeout=10,
+            verify=verify,
+        )
+        login.raise_for_status()
+        return httpx.Client(
+            base_url=f"{self.url}{path}",
+            headers={"Authorization": f"Bearer {login.json()['access_token']}"},
+            timeout=timeout,
+            verify=verify,
+        )
 
     def stop(self) -> None:
         for proc in reversed(list(self.processes.values())):

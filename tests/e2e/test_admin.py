@@ -6,7 +6,6 @@ simple auth manager; agents are real processes.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -22,16 +21,7 @@ class Admin:
     """A logged-in Airflow user calling Tether's REST API."""
 
     def __init__(self, plane: Plane, username: str) -> None:
-        passwords = json.loads((plane.home / "simple_auth_manager_passwords.json.generated").read_text())
-        login = httpx.post(
-            f"{plane.url}/auth/token", json={"username": username, "password": passwords[username]}, timeout=10
-        )
-        login.raise_for_status()
-        self.http = httpx.Client(
-            base_url=f"{plane.url}/tether/v1",
-            headers={"Authorization": f"Bearer {login.json()['access_token']}"},
-            timeout=10,
-        )
+        self.http = plane.rest_client(username, path="/tether/v1", timeout=10)
 
     def call(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
         response = self.http.request(method, path, json=body)

@@ -54,16 +54,7 @@ class Remote:
 
     def api(self) -> httpx.Client:
         """Airflow's REST API as its admin."""
-        passwords = json.loads((self.plane.home / "simple_auth_manager_passwords.json.generated").read_text())
-        login = httpx.post(
-            f"{self.plane.url}/auth/token", json={"username": "admin", "password": passwords["admin"]}, timeout=10
-        )
-        login.raise_for_status()
-        return httpx.Client(
-            base_url=f"{self.plane.url}/api/v2",
-            headers={"Authorization": f"Bearer {login.json()['access_token']}"},
-            timeout=30,
-        )
+        return self.plane.rest_client()
 
     def dag(self, dag_id: str) -> dict[str, Any] | None:
         rows = self.plane.query(
