@@ -199,8 +199,13 @@ class Plane:
             time.sleep(0.5)
         raise TimeoutError(f"the API server did not answer {path} within {timeout:.0f}s")
 
-    def rest_client(self, username: str = "admin", *, path: str = "/api/v2", timeout: float = 30) -> httpx.Client:
-        """A client of the API server under ``path``, logged in as ``username`` of Airflow's simple auth manager."""
+    def rest_client(
+        self, username: str = "admin", *, path: str = "/api/v2", timeout: float = 30, base: str | None = None
+    ) -> httpx.Client:
+        """A client of the API server under ``path``, logged in as ``username`` of Airflow's simple auth manager.
+
+        ``base``: another API server of this plane (a replica on the same database) to call instead.
+        """
         passwords = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())
         verify: str | bool = str(self.tls[2]) if self.tls else True
         login = httpx.post(
@@ -211,7 +216,7 @@ class Plane:
         )
         login.raise_for_status()
         return httpx.Client(
-            base_url=f"{self.url}{path}",
+            base_url=f"{base or self.url}{path}",
             headers={"Authorization": f"Bearer {login.json()['access_token']}"},
             timeout=timeout,
             verify=verify,

@@ -35,16 +35,8 @@ class Logs:
     second_api: str
     worker: AgentProcess
 
-    def _client(self, base: str) -> httpx.Client:
-        passwords = json.loads((self.plane.home / "simple_auth_manager_passwords.json.generated").read_text())
-        login = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": passwords["admin"]}, timeout=10)
-        login.raise_for_status()
-        return httpx.Client(
-            base_url=f"{base}/api/v2", headers={"Authorization": f"Bearer {login.json()['access_token']}"}, timeout=30
-        )
-
     def read(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, *, base: str | None = None) -> Any:
-        with self._client(base or self.plane.url) as api:
+        with self.plane.rest_client(base=base) as api:
             response = api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}")
             response.raise_for_status()
             return response.json()["content"]
