@@ -92,6 +92,8 @@ class AgentRole(enum.StrEnum):
     WORKER = "worker"
     #: Parses DAG files where they are and sends the plane what Airflow's scheduler and UI need (revision 2).
     DAG_PROCESSOR = "dag-processor"
+    #: Runs the triggers of deferred tasks where their code and connections are (revision 2).
+    TRIGGERER = "triggerer"
 
 
 class AgentStatus(enum.StrEnum):
@@ -401,6 +403,94 @@ class LogBatchResponse(_Answer):
     #: The plane takes no more lines of this try (its cap is reached, or the job is no longer this agent's).
     stop: bool = False
     reason: str | None = None
+
+
+# -- triggers (revision 2) -----------------------------------------------------
+#
+# An agent in the triggerer role runs Airflow's own trigger runner. The plane
+# gives it triggers by capacity (as Airflow assigns them to its own triggerers,
+# under an Airflow triggerer job the plane keeps for the agent process) and their
+# workloads, kwargs decrypted; the agent sends back what they fired. An outcome
+# is taken once (by its id) and only from the agent process holding the trigger.
+
+TriggerId = Annotated[int, Field(ge=1)]
+
+
+class TriggererLoad(_Request):
+    incarnation: uuid.UUID
+    capacity: int = Field(ge=1, le=100_000)
+    #: Ask for a fresh Execution API token with the answer (the agent's is getting old).
+    want_token: bool = False
+    #: The agent's trigger runner answers. False (its event loop is stuck) leaves the triggerer job's
+    #: heartbeat unwritten, so that its triggers go to other triggerers, as Airflow's watchdog does.
+    healthy: bool = True
+
+
+class TriggererLoadResponse(_Answer):
+    #: The triggers this agent process must run now; any other it runs, it stops.
+    trigger_ids: list[int]
+    #: The Airflow triggerer job the plane keeps for this agent process (it names trigger log files).
+    job_id: int
+    #: A token for the Execution API calls trigger code makes (Variables, Connections, XCom), when asked for.
+    execution_token: str | None = None
+    #: Seconds the token is valid for, from now.
+    token_valid_for: int | None = None
+
+
+class TriggerWorkloadsRequest(_Request):
+    incarnation: uuid.UUID
+    trigger_ids: list[TriggerId] = Field(min_length=1, max_length=1000)
+
+
+class TriggerWorkloadsResponse(_Answer):
+    #: Airflow ``RunTrigger`` workloads, kwargs in the clear (TLS is their protection), with ``log_path``.
+    workloads: list[dict[str, Any]]
+
+
+class TriggerEventKind(enum.StrEnum):
+    """What a trigger's event does, as Airflow's event classes say it."""
+
+    #: A ``TriggerEvent``: the deferred task resumes on a worker with the payload.
+    EVENT = "event"
+    #: A task-end event: the task ends in this state without running again.
+    SUCCESS = "success"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class TriggerFired(_Request):
+    #: Names this outcome: sent again after a lost answer, it is taken once.
+    outcome_id: uuid.UUID
+    trigger_id: TriggerId
+    kind: TriggerEventKind = TriggerEventKind.EVENT
+    #: The event's payload, encoded by Airflow's serde (``airflow.sdk.serde.serialize``).
+    payload: Any = None
+    #: A task-end event's XComs (JSON, as Airflow's task-end events hold them).
+    xcoms: dict[str, JsonValue] | None = None
+
+
+class TriggerFailed(_Request):
+    outcome_id: uuid.UUID
+    trigger_id: TriggerId
+    #: The traceback lines, as Airflow's trigger runner reports them.
+    error: list[Annotated[str, StringConstraints(max_length=16_384)]] | None = Field(default=None, max_length=500)
+
+
+class TriggerOutcomes(_Request):
+    incarnation: uuid.UUID
+    events: list[TriggerFired] = Field(default_factory=list, max_length=1000)
+    failures: list[TriggerFailed] = Field(default_factory=list, max_length=1000)
+
+
+class TriggerOutcomesResponse(_Answer):
+    #: Outcomes the plane took (or had taken already, or that concern a trigger gone meanwhile): forget them.
+    taken: list[uuid.UUID] = Field(default_factory=list)
+    #: Outcomes of triggers this agent process no longer holds: dropped.
+    refused: list[uuid.UUID] = Field(default_factory=list)
+
+
+class TriggererRelease(_Request):
+    incarnation: uuid.UUID
 
 
 class PreflightResponse(_Answer):

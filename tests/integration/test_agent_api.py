@@ -226,7 +226,7 @@ def test_sweep_settles_the_jobs_of_a_silent_agent(
     enqueue(store, make_workload(), make_workload())
     leases = agent.lease(free_slots=2).json()["leases"]
     agent.post(f"/jobs/{leases[0]['job_id']}/start", {})
-    assert store.sweep() == {"expired_leases": 0, "unhealthy_agents": 0}
+    assert store.sweep() == {"expired_leases": 0, "unhealthy_agents": 0, "triggerers_ended": 0}
     later = utcnow() + SETTINGS_HEALTH_TIMEOUT + timedelta(seconds=1)
     assert store.sweep(now=later)["unhealthy_agents"] == 1
     with store.transaction() as session:

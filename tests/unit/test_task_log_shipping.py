@@ -46,7 +46,7 @@ class Plane:
 
 def _follower(path: Path, plane: Plane) -> LogFollower:
     return LogFollower(
-        job_id=uuid.uuid4(),
+        key=uuid.uuid4(),
         path=path,
         send=plane.send,
         incarnation=uuid.uuid4(),

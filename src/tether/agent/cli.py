@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Validate the settings, print them (token redacted) and exit",
     )
+    triggerer = commands.add_parser(
+        "triggerer",
+        help="Register in the triggerer role and run the triggers of deferred tasks here until stopped",
+        description="Runs Airflow's trigger runner on the triggers the plane assigns this agent (at most "
+        "trigger_capacity at once), with this agent's code, connections and secrets backends.",
+    )
+    agent_settings.add_arguments(triggerer)
+    triggerer.add_argument(
+        "--print-settings",
+        action="store_true",
+        help="Validate the settings, print them (token redacted) and exit",
+    )
     check = commands.add_parser(
         "check", help="Preflight: verify the token, the plane, the secrets and XCom backends and the DAG bundles"
     )
@@ -74,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tether.agent import dag_processor
 
         return dag_processor.run(settings)
+    if args.command == "triggerer":
+        return _triggerer(settings)
     return asyncio.run(_run(settings))
 
 
@@ -82,6 +97,20 @@ def _task_log_folder() -> Path:
     from airflow.configuration import conf
 
     return Path(conf.get("logging", "base_log_folder")).expanduser().resolve()
+
+
+def _triggerer(settings: agent_settings.AgentSettings) -> int:
+    from tether.agent.runner import task_sdk_tls_environment
+
+    # Read by the Task SDK's Execution API client when it is first imported, as in the worker role.
+    os.environ.update(
+        task_sdk_tls_environment(
+            ca_bundle=settings.ca_bundle, client_cert=settings.client_cert, client_key=settings.client_key
+        )
+    )
+    from tether.agent import triggerer
+
+    return triggerer.run(settings, log_folder=_task_log_folder(), execution_api_url=settings.execution_api_url)
 
 
 async def _check(settings: agent_settings.AgentSettings) -> int:

@@ -197,6 +197,32 @@ class DagProcessing(_Resource):
         return await self._post(self._path(agent_id, "work"), body, protocol.WorkResponse)
 
 
+class Triggerer(_Resource):
+    """The calls of an agent in the triggerer role."""
+
+    def _path(self, agent_id: uuid.UUID, tail: str) -> str:
+        return f"/agents/{agent_id}/triggerer/{tail}"
+
+    async def load(self, agent_id: uuid.UUID, body: protocol.TriggererLoad) -> protocol.TriggererLoadResponse:
+        return await self._post(self._path(agent_id, "load"), body, protocol.TriggererLoadResponse)
+
+    async def workloads(
+        self, agent_id: uuid.UUID, body: protocol.TriggerWorkloadsRequest
+    ) -> protocol.TriggerWorkloadsResponse:
+        return await self._post(self._path(agent_id, "workloads"), body, protocol.TriggerWorkloadsResponse)
+
+    async def outcomes(self, agent_id: uuid.UUID, body: protocol.TriggerOutcomes) -> protocol.TriggerOutcomesResponse:
+        return await self._post(self._path(agent_id, "outcomes"), body, protocol.TriggerOutcomesResponse)
+
+    async def log(self, agent_id: uuid.UUID, trigger_id: int, body: protocol.LogBatch) -> protocol.LogBatchResponse:
+        """Lines of a running trigger's log; sent compressed."""
+        path = self._path(agent_id, f"triggers/{trigger_id}/logs")
+        return await _call(self._http, "POST", path, protocol.LogBatchResponse, body=compress(body), gzipped=True)
+
+    async def release(self, agent_id: uuid.UUID, body: protocol.TriggererRelease) -> None:
+        await _call(self._http, "POST", self._path(agent_id, "release"), Nothing, body=body)
+
+
 def compress(body: BaseModel) -> bytes:
     """A request body as JSON, gzip-compressed: what large DAG-processing calls send."""
     return gzip.compress(body.model_dump_json().encode(), compresslevel=5)
@@ -208,6 +234,7 @@ class PlaneClient:
         self.agents = Agents(http)
         self.jobs = Jobs(http)
         self.dag_processing = DagProcessing(http)
+        self.triggerer = Triggerer(http)
 
     async def health(self) -> protocol.Health:
         return await _call(self._http, "GET", "/health", protocol.Health)

@@ -25,15 +25,13 @@ a thread of their own, and the manager's calls to the plane are handed to it.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import json
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +42,7 @@ from airflow.dag_processing.manager import BundleState, DagFileInfo, DagFileProc
 
 from tether import protocol
 from tether.agent.agent import Agent
+from tether.agent.bridge import PlaneBridge
 from tether.agent.client import DagProcessing, PlaneClient, compress, make_http_client
 from tether.agent.health import AgentMetrics
 from tether.agent.settings import AgentSettings
@@ -57,65 +56,8 @@ T = TypeVar("T")
 WORK_POLL = 2.0
 #: How often results and bundle states the plane could not take are offered again.
 RETRY_EVERY = 5.0
-#: Longest wait for one call to the plane from the manager's thread.
-CALL_TIMEOUT = 120.0
 #: Refusals after which a parse result is not offered again until the file's result changes.
 _FINAL_REFUSALS = frozenset({409, 413, 422})
-
-
-class PlaneBridge:
-    """The agent (registration, heartbeats, health) on an asyncio loop in a thread; calls to it from others."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self._loop = asyncio.new_event_loop()
-        self._exit_code: int | None = None
-        self._thread = threading.Thread(target=self._serve, name="tether-agent", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._exit_code = self._loop.run_until_complete(self.agent.run())
-
-    def wait_registered(self) -> bool:
-        """Wait until the plane registered the agent; False if the agent stopped first."""
-        while not self.agent.registered.wait(0.5):
-            if not self._thread.is_alive():
-                return False
-        return True
-
-    @property
-    def agent_id(self) -> uuid.UUID:
-        registration = self.agent.state.registration
-        assert registration is not None
-        return registration.agent_id
-
-    @property
-    def incarnation(self) -> uuid.UUID:
-        return self.agent.incarnation
-
-    @property
-    def client(self) -> PlaneClient:
-        return self.agent.client
-
-    def call(self, call: Callable[..., Awaitable[T]], *args: Any, timeout: float = CALL_TIMEOUT) -> T:
-        """Run ``call(*args)`` on the agent's loop and wait for it; raises what it raises."""
-
-        async def run() -> T:
-            return await call(*args)
-
-        try:
-            return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
-        except TimeoutError as exc:
-            raise PlaneUnavailable(f"no answer from the plane within {timeout:.0f}s") from exc
-
-    def stop(self) -> int:
-        """Stop the agent (a last heartbeat) and wait for its thread; its exit code."""
-        self._loop.call_soon_threadsafe(self.agent.stop)
-        self._thread.join(30)
-        return self._exit_code or 0
 
 
 def result_digest(parsed: protocol.ParseResult, source: str | None) -> str:

@@ -79,6 +79,23 @@ class AgentMetrics:
             registry=self.registry,
         )
 
+        self.triggers_running = Gauge(
+            "tether_agent_triggers_running", "Triggers running now (triggerer role)", registry=self.registry
+        )
+        self.trigger_outcomes = Counter(
+            "tether_agent_trigger_outcomes",
+            "What triggers did, as the plane took it: fired (an event), failed, refused (the trigger had moved to "
+            "another triggerer)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.trigger_loop_blocked = Counter(
+            "tether_agent_trigger_loop_blocked",
+            "Warnings of the trigger runner that a trigger blocked its event loop (longer than Airflow's "
+            "[triggerer] blocked_main_thread_warning_threshold)",
+            registry=self.registry,
+        )
+
     def sdk_features(self, availability: Availability) -> None:
         for feature, reason in availability.items():
             self.sdk_feature.labels(feature.value).set(0 if reason else 1)

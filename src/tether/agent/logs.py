@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tether import protocol
 from tether.agent.client import Backoff, PlaneClient, backoff_for
@@ -42,8 +43,8 @@ READ_SIZE = 256 * 1024
 FINAL_GRACE = 60.0
 
 
-#: Sends one batch of a job's lines to the plane.
-Send = Callable[[uuid.UUID, protocol.LogBatch], Awaitable[protocol.LogBatchResponse]]
+#: Sends one batch of lines of what a follower follows (a job by its id, a trigger by its id) to the plane.
+Send = Callable[[Any, protocol.LogBatch], Awaitable[protocol.LogBatchResponse]]
 
 
 def _clamp(line: str) -> str:
@@ -54,14 +55,17 @@ def _clamp(line: str) -> str:
 
 @dataclass
 class LogFollower:
-    """Follows one task's log file and sends its lines; ``finish()`` once the task process exited."""
+    """Follows one log file (a task's, a trigger's) and sends its lines; ``finish()`` once its writer is done."""
 
-    job_id: uuid.UUID
+    #: What ``send`` is given with each batch: the job's id, the trigger's.
+    key: Any
     path: Path
     send: Send
     incarnation: uuid.UUID
     metrics: AgentMetrics
     settings: AgentSettings
+    #: Names the follower in the agent's log.
+    name: str = ""
     segment: uuid.UUID = field(default_factory=uuid.uuid4)
     offset: int = 0
     seq: int = 0
@@ -74,7 +78,8 @@ class LogFollower:
         # The file of a try that ran here before (a task resumed after deferral) holds lines already sent.
         with contextlib.suppress(OSError):
             self.offset = self.path.stat().st_size
-        self._task = asyncio.create_task(self._run(), name=f"logs-{self.job_id}")
+        self.name = self.name or f"job {self.key}"
+        self._task = asyncio.create_task(self._run(), name=f"logs-{self.key}")
 
     def finish(self) -> None:
         self._exited.set()
@@ -86,8 +91,8 @@ class LogFollower:
         _, pending = await asyncio.wait({self._task}, timeout=timeout)
         for task in pending:
             log.warning(
-                "The last log lines of job %s did not leave within %.0fs; they stay in %s",
-                self.job_id,
+                "The last log lines of %s did not leave within %.0fs; they stay in %s",
+                self.name,
                 timeout,
                 self.path,
             )
@@ -147,16 +152,14 @@ class LogFollower:
         )
         while True:
             try:
-                answer = await self.send(self.job_id, batch)
+                answer = await self.send(self.key, batch)
             except PlaneUnavailable as exc:
                 delay = backoff.next_delay()
-                log.debug("Log lines of job %s wait for the plane (%s); again in %.1fs", self.job_id, exc, delay)
+                log.debug("Log lines of %s wait for the plane (%s); again in %.1fs", self.name, exc, delay)
                 await asyncio.sleep(delay)
                 continue
             except PlaneRefused as exc:
-                log.warning(
-                    "The plane refused the log lines of job %s: %s; they stay in %s", self.job_id, exc, self.path
-                )
+                log.warning("The plane refused the log lines of %s: %s; they stay in %s", self.name, exc, self.path)
                 self.stopped_by_plane = True
                 return False
             backoff.reset()
@@ -165,8 +168,8 @@ class LogFollower:
             self.metrics.log_bytes.inc(sum(len(line) + 1 for line in lines))
             if answer.stop:
                 log.warning(
-                    "The plane takes no more log lines of job %s (%s); the rest stays in %s",
-                    self.job_id,
+                    "The plane takes no more log lines of %s (%s); the rest stays in %s",
+                    self.name,
                     answer.reason,
                     self.path,
                 )
@@ -199,7 +202,7 @@ class LogShipper:
         if not log_path:
             return None
         follower = LogFollower(
-            job_id=job_id,
+            key=job_id,
             path=self.folder / log_path,
             send=self._send,
             incarnation=self.incarnation,

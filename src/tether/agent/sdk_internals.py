@@ -24,6 +24,7 @@ import selectors
 import socket
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
@@ -277,3 +278,19 @@ def preload() -> None:
     for module in _LOGGING_MODULES:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
+
+
+# -- the trigger runner's watchdog ---------------------------------------------------------
+
+
+def trigger_runner_silence(supervisor: Any) -> float | None:
+    """Seconds since the trigger runner last spoke to its supervisor (``_last_runner_comms``).
+
+    None where Airflow's supervisor keeps no such time: the triggerer role then
+    cannot tell a stuck runner by its silence (it says so once), and its triggers
+    stay with it while its process lives.
+    """
+    last = getattr(supervisor, "_last_runner_comms", None)
+    if not isinstance(last, int | float) or isinstance(last, bool):
+        return None
+    return time.monotonic() - last

@@ -137,6 +137,12 @@ OPTIONS: tuple[Option, ...] = (
         default="false",
         parse=_bool,
     ),
+    Option(
+        "trigger_capacity",
+        "triggerer role: most triggers this agent runs at once (Airflow's [triggerer] capacity)",
+        default="1000",
+        parse=_positive_int,
+    ),
     Option("log_level", "DEBUG, INFO, WARNING or ERROR", default="INFO", parse=_log_level),
     Option(
         "max_backoff",
@@ -169,6 +175,7 @@ class AgentSettings:
     max_backoff: timedelta = timedelta(seconds=30)
     share_dag_source: bool = False
     task_logs: TaskLogs = TaskLogs.SHIP
+    trigger_capacity: int = 1000
     token_file: Path | None = None
 
     def redacted(self) -> dict[str, Any]:
@@ -291,4 +298,5 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         max_backoff=values["max_backoff"],
         share_dag_source=values["share_dag_source"],
         task_logs=values["task_logs"],
+        trigger_capacity=values["trigger_capacity"],
     )

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 #: Sweeping and purging need not run on every scheduler loop.
 _SWEEP_EVERY = timedelta(seconds=1)
 _PURGE_EVERY = timedelta(minutes=5)
+#: How often triggers no deferred task, asset or callback needs are deleted (what Airflow's triggerer does
+#: every loop; triggerer agents have no database to do it).
+_TRIGGER_CLEAN_EVERY = timedelta(seconds=5)
 _MISSING_GRACE = timedelta(seconds=60)
 #: How old the view of finished jobs may be when a full executor is asked for free slots.
 _FULL_REFRESH_EVERY = timedelta(milliseconds=100)
@@ -168,6 +171,7 @@ class TetherExecutor(BaseExecutor):
         self._missing_since: dict[str, float] = {}
         self._next_sweep = 0.0
         self._next_purge = 0.0
+        self._next_trigger_clean = 0.0
         self._reported_at = float("-inf")
 
     @property
@@ -235,6 +239,12 @@ class TetherExecutor(BaseExecutor):
             counts = self.store.sweep(judge_silence=self.watch.silence_counts())
             if any(counts.values()):
                 self.log.warning("Tether sweep: %s", counts)
+        if now >= self._next_trigger_clean:
+            self._next_trigger_clean = now + _TRIGGER_CLEAN_EVERY.total_seconds()
+            try:
+                self.store.clean_triggers()
+            except SQLAlchemyError as exc:
+                self.log.warning("Could not clean unused triggers: %s", exc)
         if now >= self._next_purge:
             self._next_purge = now + _PURGE_EVERY.total_seconds()
             self.store.purge()

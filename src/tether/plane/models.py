@@ -239,3 +239,42 @@ class TaskLogChunk(Base):
         Index("idx_tether_task_log_chunk_batch", "ti_id", "try_number", "segment", "seq", unique=True),
         Index("idx_tether_task_log_chunk_read", "ti_id", "try_number", "id"),
     )
+
+
+class Triggerer(Base):
+    """The Airflow triggerer job the plane keeps for one agent process in the triggerer role."""
+
+    __tablename__ = "tether_triggerer"
+
+    agent_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    incarnation: Mapped[str] = mapped_column(String(36), nullable=False)
+    job_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    beat_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+
+class TriggerOutcome(Base):
+    """An outcome of a trigger the plane has written, by the id the agent gave it: written once."""
+
+    __tablename__ = "tether_trigger_outcome"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    trigger_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    job_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+    __table_args__ = (Index("idx_tether_trigger_outcome_at", "at"),)
+
+
+class TriggerRun(Base):
+    """A trigger of a task, handed to a triggerer job: that job writes its lines into the log of this try."""
+
+    __tablename__ = "tether_trigger_run"
+
+    trigger_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ti_id: Mapped[str] = mapped_column(String(36), nullable=False)
+    try_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+    __table_args__ = (Index("idx_tether_trigger_run_at", "at"),)

@@ -32,6 +32,7 @@ from tether.collector import settle_garbage_collector
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
 from tether.plane.api.dag_processing import dag_processing_router, takes_large_bodies
 from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision, written
+from tether.plane.api.triggers import triggerer_router
 from tether.plane.config import PlaneSettings
 from tether.plane.store import NOTIFY_CHANNEL, Store, TokenIdentity
 
@@ -417,5 +418,6 @@ def create_app(
         return written(await ctx.db(ctx.store.append_log, identity, str(agent_id), str(job_id), body), revision)
 
     app.include_router(dag_processing_router())
+    app.include_router(triggerer_router())
     app.include_router(admin_router())
     return app

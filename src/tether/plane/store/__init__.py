@@ -9,6 +9,7 @@ own. One module per concern, each a part of ``Store``:
 - ``sweeps``: expired leases, unhealthy agents, orphans, old finished jobs;
 - ``dags``: what agents parse, written through Airflow's own DAG processor functions;
 - ``logs``: task logs agents ship, per try, read back for Airflow's log views;
+- ``triggers``: triggers of deferred tasks, run by triggerer agents under Airflow triggerer jobs;
 - ``rules``: what several of them apply (the calling agent, settling a gone agent's jobs);
 - ``base``: sessions and one-statement connections, notifications, the audit trail.
 
@@ -25,6 +26,7 @@ from tether.plane.store.logs import LogStore
 from tether.plane.store.rules import agent_status, token_live
 from tether.plane.store.sweeps import SweepStore
 from tether.plane.store.tokens import TokenStore
+from tether.plane.store.triggers import TriggerStore
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -39,5 +41,5 @@ __all__ = [
 ]
 
 
-class Store(TokenStore, AgentStore, JobStore, SweepStore, DagStore, LogStore):
+class Store(TokenStore, AgentStore, JobStore, SweepStore, DagStore, LogStore, TriggerStore):
     """Tether's tables, as the plane's processes use them."""

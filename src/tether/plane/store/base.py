@@ -109,6 +109,17 @@ class Database:
             session.close()
 
     @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session for Airflow's own functions that commit as they go; closed (and rolled back) after."""
+        session = self._session_factory()
+        try:
+            self._check_dialect(session)
+            yield session
+            session.commit()
+        finally:
+            session.close()
+
+    @contextmanager
     def statement(self) -> Iterator[Connection]:
         """A connection for one statement that commits as it runs: no BEGIN and COMMIT round trips.
 

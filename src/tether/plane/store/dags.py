@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from tether import errors, protocol
 from tether.plane.models import Bundle, DagFile, WorkClaim
 from tether.plane.store.base import Database, TokenIdentity, audit, snapshot, utcnow
-from tether.plane.store.rules import calling_agent
+from tether.plane.store.rules import calling_agent_in_role
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,7 @@ def _sources(sources: dict[str, str]) -> Iterator[None]:
 
 
 def _dag_processor(session: Session, identity: TokenIdentity, agent_id: str, incarnation: uuid.UUID) -> Any:
-    """The calling agent, refused unless it registered in the dag-processor role."""
-    agent = calling_agent(session, identity, agent_id, incarnation)
-    if protocol.AgentRole.DAG_PROCESSOR.value not in (agent.roles or []):
-        raise errors.Forbidden(
-            f"agent {agent.name} is not registered in the dag-processor role", reason="role_not_registered"
-        )
-    return agent
+    return calling_agent_in_role(session, identity, agent_id, incarnation, protocol.AgentRole.DAG_PROCESSOR)
 
 
 def _lock_file(session: Session, bundle_name: str, relative_fileloc: str) -> None:

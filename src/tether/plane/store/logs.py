@@ -56,8 +56,6 @@ class LogStore(Database):
         now: datetime | None = None,
     ) -> protocol.LogBatchResponse:
         """Keep a batch of a job's log lines, once, within the try's limit."""
-        now = now or utcnow()
-        limit = self.settings.task_log_max_bytes
         try:
             with self.transaction() as session:
                 agent = calling_agent(session, identity, agent_id, batch.incarnation)
@@ -66,58 +64,10 @@ class LogStore(Database):
                     raise errors.NotFound(f"no job {job_id}", reason="job_not_found")
                 if job.agent_id != agent.id:
                     return protocol.LogBatchResponse(stop=True, reason="the job is no longer this agent's")
-                log = session.get(TaskLog, (job.ti_id, job.try_number))
-                if log is None:
-                    log = TaskLog(
-                        ti_id=job.ti_id,
-                        try_number=job.try_number,
-                        dag_id=job.dag_id,
-                        task_id=job.task_id,
-                        run_id=job.run_id,
-                        map_index=job.map_index,
-                        agent_name=agent.name,
-                        bytes=0,
-                        lines=0,
-                        truncated=False,
-                        closed=False,
-                        first_at=now,
-                    )
-                    session.add(log)
-                elif log.truncated:
-                    return protocol.LogBatchResponse(stop=True, reason=f"the log reached its limit of {limit} bytes")
-                elif _has_batch(session, log, batch):
-                    return protocol.LogBatchResponse()  # sent again after a lost answer: kept already
-                lines, size, cut = _fit(batch.lines, limit - log.bytes)
-                if cut:
-                    lines.append(
-                        tether_line(
-                            f"Tether cut this log here: it reached [tether] task_log_max_bytes ({limit} bytes). "
-                            f"The whole log stays on agent {agent.name}.",
-                            at=now,
-                        )
-                    )
-                session.add(
-                    TaskLogChunk(
-                        ti_id=log.ti_id,
-                        try_number=log.try_number,
-                        segment=str(batch.segment),
-                        seq=batch.seq,
-                        data="\n".join(lines),
-                        lines=len(lines),
-                        received_at=now,
-                    )
-                )
-                log.agent_name = agent.name
-                log.bytes += size
-                log.lines += len(lines)
-                log.truncated = cut
-                log.closed = batch.final
-                log.last_at = now
+                try_of = TryOf(job.ti_id, job.try_number, job.dag_id, job.task_id, job.run_id, job.map_index)
+                return append_lines(session, try_of, agent.name, batch, self.settings.task_log_max_bytes, now)
         except IntegrityError:
             return protocol.LogBatchResponse()  # the same batch, kept by a call that raced this one
-        if cut:
-            return protocol.LogBatchResponse(stop=True, reason=f"the log reached its limit of {limit} bytes")
-        return protocol.LogBatchResponse()
 
     def task_log_state(self, ti_id: str, try_number: int) -> TaskLogState | None:
         """The try's log as the plane has it, where the try ran on an agent; None for a try Tether never ran."""
@@ -184,6 +134,81 @@ class LogStore(Database):
                 )
                 session.execute(delete(TaskLog).where(TaskLog.ti_id == ti_id, TaskLog.try_number == try_number))
             return len(gone)
+
+
+@dataclass(frozen=True)
+class TryOf:
+    """The try a log belongs to."""
+
+    ti_id: str
+    try_number: int
+    dag_id: str
+    task_id: str
+    run_id: str
+    map_index: int
+
+
+def append_lines(
+    session: Session,
+    try_of: TryOf,
+    agent_name: str,
+    batch: protocol.LogBatch,
+    limit: int,
+    now: datetime | None = None,
+) -> protocol.LogBatchResponse:
+    """Keep a batch of lines of a try's log, once, within ``limit`` bytes (a race raises ``IntegrityError``)."""
+    now = now or utcnow()
+    log = session.get(TaskLog, (try_of.ti_id, try_of.try_number))
+    if log is None:
+        log = TaskLog(
+            ti_id=try_of.ti_id,
+            try_number=try_of.try_number,
+            dag_id=try_of.dag_id,
+            task_id=try_of.task_id,
+            run_id=try_of.run_id,
+            map_index=try_of.map_index,
+            agent_name=agent_name,
+            bytes=0,
+            lines=0,
+            truncated=False,
+            closed=False,
+            first_at=now,
+        )
+        session.add(log)
+    elif log.truncated:
+        return protocol.LogBatchResponse(stop=True, reason=f"the log reached its limit of {limit} bytes")
+    elif _has_batch(session, log, batch):
+        return protocol.LogBatchResponse()  # sent again after a lost answer: kept already
+    lines, size, cut = _fit(batch.lines, limit - log.bytes)
+    if cut:
+        lines.append(
+            tether_line(
+                f"Tether cut this log here: it reached [tether] task_log_max_bytes ({limit} bytes). "
+                f"The whole log stays on agent {agent_name}.",
+                at=now,
+            )
+        )
+    session.add(
+        TaskLogChunk(
+            ti_id=log.ti_id,
+            try_number=log.try_number,
+            segment=str(batch.segment),
+            seq=batch.seq,
+            data="\n".join(lines),
+            lines=len(lines),
+            received_at=now,
+        )
+    )
+    log.agent_name = agent_name
+    log.bytes += size
+    log.lines += len(lines)
+    log.truncated = cut
+    log.closed = batch.final
+    log.last_at = now
+    session.flush()
+    if cut:
+        return protocol.LogBatchResponse(stop=True, reason=f"the log reached its limit of {limit} bytes")
+    return protocol.LogBatchResponse()
 
 
 def _has_batch(session: Session, log: TaskLog, batch: protocol.LogBatch) -> bool:

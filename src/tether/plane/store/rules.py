@@ -21,7 +21,7 @@ from tether import errors
 from tether.plane.config import PlaneSettings
 from tether.plane.models import Agent, AgentToken, Job
 from tether.plane.store.base import TokenIdentity, notify
-from tether.protocol import AgentStatus, JobState
+from tether.protocol import AgentRole, AgentStatus, JobState
 
 AGENT: Table = Agent.__table__  # type: ignore[assignment]
 JOB: Table = Job.__table__  # type: ignore[assignment]
@@ -74,6 +74,16 @@ def calling_agent(session: Session, identity: TokenIdentity, agent_id: str, inca
             f"agent {agent.name} has been taken over by another process; this one must stop",
             reason="superseded",
         )
+    return agent
+
+
+def calling_agent_in_role(
+    session: Session, identity: TokenIdentity, agent_id: str, incarnation: uuid.UUID, role: AgentRole
+) -> Any:
+    """The calling agent, refused unless it registered in ``role``."""
+    agent = calling_agent(session, identity, agent_id, incarnation)
+    if role.value not in (agent.roles or []):
+        raise errors.Forbidden(f"agent {agent.name} is not registered in the {role} role", reason="role_not_registered")
     return agent
 
 

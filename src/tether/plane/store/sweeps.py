@@ -13,6 +13,7 @@ from sqlalchemy import delete, func, or_, select
 from tether.plane.models import Agent, AgentToken, Job, WorkClaim
 from tether.plane.store.base import Database, utcnow
 from tether.plane.store.rules import IN_FLIGHT, requeue, settle, settle_agent
+from tether.plane.store.triggers import settle_triggerers
 from tether.protocol import JobState
 
 _TERMINAL = [state.value for state in JobState if state.terminal]
@@ -55,7 +56,8 @@ class SweepStore(Database):
                 )
             ).all()
             settle(session, orphans, reason="the agent was deleted", now=now)
-        return {"expired_leases": len(expired), "unhealthy_agents": len(silent)}
+            triggerers = settle_triggerers(session, now=now, cutoff=cutoff, judge_silence=judge_silence)
+        return {"expired_leases": len(expired), "unhealthy_agents": len(silent), "triggerers_ended": triggerers}
 
     def purge(self, *, now: datetime | None = None) -> int:
         """Delete finished jobs, and DAG-processing work claims, older than ``[tether] job_retention``."""
