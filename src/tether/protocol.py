@@ -96,6 +96,15 @@ class AgentRole(enum.StrEnum):
     TRIGGERER = "triggerer"
 
 
+class JobKind(enum.StrEnum):
+    """What an Airflow workload a job carries: ``ExecuteTask``, ``ExecuteCallback`` or ``TestConnection``."""
+
+    TASK = "task"
+    #: Given only to agents of revision 2 and later.
+    CALLBACK = "callback"
+    CONNECTION_TEST = "connection_test"
+
+
 class AgentStatus(enum.StrEnum):
     HEALTHY = "HEALTHY"
     UNHEALTHY = "UNHEALTHY"
@@ -204,7 +213,8 @@ class Lease(_Answer):
     job_id: uuid.UUID
     pool_slots: int
     lease_expires_at: datetime
-    #: The Airflow ``ExecuteTask`` workload, as the scheduler produced it.
+    #: The Airflow workload, as the scheduler produced it: ``ExecuteTask``, or from revision 2
+    #: ``ExecuteCallback`` and ``TestConnection`` (its ``type`` says which).
     workload: dict[str, Any]
 
 

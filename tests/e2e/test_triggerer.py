@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,8 +39,8 @@ class Triggers:
     env: dict[str, str]
     triggerers: dict[str, AgentProcess]
 
-    def start_triggerer(self, name: str) -> AgentProcess:
-        agent = start_agent(self.plane, name, self.token, command="triggerer", env=self.env)
+    def start_triggerer(self, name: str, **settings: str) -> AgentProcess:
+        agent = start_agent(self.plane, name, self.token, command="triggerer", env=self.env, **settings)
         wait_until(lambda: agent.health("/readyz") == 200, 120, f"triggerer {name} ready")
         self.triggerers[name] = agent
         return agent
@@ -105,6 +106,8 @@ def triggers(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Ite
         extra_env={
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": "1",
+            "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
+            "AIRFLOW__TRIGGERER__QUEUES_ENABLED": "True",
         },
     )
     dags = shutil.copytree(HERE / "dags_triggers", root / "agent-dags")
@@ -120,6 +123,8 @@ def triggers(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Ite
         "AIRFLOW_CONN_TETHER_AGENT_ONLY": AGENT_ONLY_CONN,
         "TETHER_TEST_EVIDENCE": str(evidence),
         "TETHER_HEARTBEAT_INTERVAL": "1",
+        # Deferring tasks give their triggers their queue; triggerer agents run their queues' triggers.
+        "AIRFLOW__TRIGGERER__QUEUES_ENABLED": "True",
     }
     agents: dict[str, AgentProcess] = {}
     try:
@@ -128,7 +133,7 @@ def triggers(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Ite
         token = plane.create_token("triggers")
         plane.start(("api-server", "scheduler"))
         agents["parser"] = start_agent(plane, "parser", token, command="dag-processor", env=env)
-        agents["worker"] = start_agent(plane, "worker", token, env=env, queues="default", slots="8")
+        agents["worker"] = start_agent(plane, "worker", token, env=env, queues="default,special", slots="8")
         for agent in agents.values():
             wait_until(lambda a=agent: a.health("/readyz") == 200, 120, f"agent {agent.name} ready")
         deployment = Triggers(plane, token, evidence, env, {})
@@ -201,6 +206,81 @@ def test_a_failing_trigger_fails_its_task_with_the_error(triggers: Triggers) -> 
     assert triggers.ti("trigger_broken", run_id)["state"] == "failed"
     log = triggers.log_with("trigger_broken", run_id, "the trigger broke")
     assert "RuntimeError" in log
+
+
+def test_deadline_callbacks_run_on_agents(triggers: Triggers) -> None:
+    run_id, state = triggers.run("deadline_missed")
+    assert state == "success"
+    sync = json.loads(
+        wait_until(lambda: _read(triggers.evidence / f"deadline-sync-{run_id}"), 60, "the synchronous callback")
+    )
+    # Airflow hands it to the executor: a worker agent ran it, and it could read a Variable of the plane.
+    assert sync == {"agent": "worker", "variable": "hello from the plane", "flavour": "sync"}
+    late = json.loads(
+        wait_until(lambda: _read(triggers.evidence / f"deadline-async-{run_id}"), 60, "the asynchronous callback")
+    )
+    assert late["agent"].startswith("trig-") and late["flavour"] == "async"
+    states = wait_until(
+        lambda: (
+            (rows := triggers.plane.query("SELECT type, state FROM callback"))
+            and all(r.state == "success" for r in rows)
+            and rows
+        ),
+        60,
+        "the callbacks recorded as successful",
+    )
+    assert {row.type for row in states} == {"executor", "triggerer"}
+    jobs = triggers.plane.query("SELECT kind, agent_name, state FROM tether_job WHERE kind = 'callback'")
+    assert [tuple(row) for row in jobs] == [("callback", "worker", "SUCCESS")]
+
+
+def test_the_uis_connection_test_runs_on_an_agent(triggers: Triggers) -> None:
+    there = triggers.evidence / "only-on-the-agents"
+    there.mkdir(exist_ok=True)
+    with triggers.plane.rest_client() as api:
+        queued = api.post(
+            "/connections/enqueue-test",
+            json={"connection_id": "tether_fs", "conn_type": "fs", "extra": json.dumps({"path": str(there)})},
+        )
+        assert queued.status_code == 202, queued.text
+        token = queued.json()["token"]
+
+        def result() -> dict[str, Any] | None:
+            answer = api.get("/connections/enqueue-test", headers={"Airflow-Connection-Test-Token": token}).json()
+            return answer if answer["state"] in ("success", "failed") else None
+
+        outcome = wait_until(result, 120, "the connection test's result")
+    assert outcome["state"] == "success"
+    assert outcome["result_message"] == f"Path {there} is existing."
+    jobs = triggers.plane.query("SELECT agent_name FROM tether_job WHERE kind = 'connection_test'")
+    assert [row[0] for row in jobs] == ["worker"]
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
+
+
+def test_a_trigger_waits_for_a_triggerer_of_its_queue(triggers: Triggers) -> None:
+    plane = triggers.plane
+    plane.wait_for_dag("trigger_queued")
+    run_id = plane.trigger("trigger_queued")
+
+    def trigger() -> Any:
+        rows = plane.query(
+            "SELECT t.queue, t.triggerer_id FROM trigger t JOIN task_instance ti ON ti.trigger_id = t.id "
+            "WHERE ti.dag_id = 'trigger_queued' AND ti.run_id = :r",
+            r=run_id,
+        )
+        return rows[0] if rows else None
+
+    assert wait_until(trigger, 120, "the deferred task's trigger").queue == "special"
+    # trig-a runs the default queue only: in a few of its loads it does not take the trigger ...
+    time.sleep(5)
+    assert trigger().triggerer_id is None
+    # ... which a triggerer of the queue takes at once.
+    triggers.start_triggerer("trig-special", queues="special")
+    assert plane.wait_for_run("trigger_queued", run_id) == "success"
+    assert triggers.xcom("trigger_queued", run_id) == {"host": "trig-special", "note": "agent-only class"}
 
 
 def _metric(agent: AgentProcess, name: str) -> float:

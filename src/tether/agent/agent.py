@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import tether
 from tether import protocol
@@ -74,6 +75,18 @@ class RefusalNotice:
         if self._current is not None:
             log.info("The plane accepts this agent's calls again")
             self._current = None
+
+
+def describe(workload: dict[str, Any]) -> str:
+    """A workload, for the agent's log: the task try, the callback or the connection test."""
+    kind = workload.get("type", "ExecuteTask")
+    if kind == "ExecuteCallback":
+        callback = workload.get("callback") or {}
+        return f"callback {callback.get('id')} {(callback.get('data') or {}).get('path', '')}".rstrip()
+    if kind == "TestConnection":
+        return f"connection test of {workload.get('connection_id')}"
+    ti = workload.get("ti") or {}
+    return f"{ti.get('dag_id')}.{ti.get('task_id')} run={ti.get('run_id')} try={ti.get('try_number')}"
 
 
 @dataclass
@@ -277,7 +290,8 @@ class Agent:
                 python_version=platform.python_version(),
                 hostname=socket.gethostname()[:256],
                 roles=list(self.roles),
-                queues=list(self.settings.queues) if self.worker else [],
+                # Workers lease from their queues; triggerers run their queues' triggers ([triggerer] queues_enabled).
+                queues=list(self.settings.queues) if self.worker or protocol.AgentRole.TRIGGERER in self.roles else [],
                 slots=self.settings.slots,
                 labels=dict(self.settings.labels),
                 task_logs=self.settings.task_logs if self.worker else None,
@@ -467,16 +481,7 @@ class Agent:
                 await self._report(reg.agent_id, job_id, protocol.ReportState.FAILED, None, f"start failed: {exc}")
                 return
             self._update_slot_metrics()
-            ti = held.lease.workload.get("ti", {})
-            log.info(
-                "Job %s started: %s.%s run=%s try=%s (pid %d)",
-                job_id,
-                ti.get("dag_id"),
-                ti.get("task_id"),
-                ti.get("run_id"),
-                ti.get("try_number"),
-                held.process.pid,
-            )
+            log.info("Job %s started: %s (pid %d)", job_id, describe(held.lease.workload), held.process.pid)
             exit_code = await held.process.wait()
             if follower is not None:
                 follower.finish()
@@ -496,6 +501,8 @@ class Agent:
 
     def _follow_log(self, held: HeldJob) -> LogFollower | None:
         """Follow the job's log file (lines shipped), or tell the plane where it stays (``--task-logs local``)."""
+        if held.lease.workload.get("type", "ExecuteTask") != "ExecuteTask":
+            return None  # a callback's or connection test's log: no try of a task to show it in
         log_path = held.lease.workload.get("log_path")
         if self.logs is not None:
             return self.logs.follow(held.job_id, log_path)

@@ -214,12 +214,21 @@ class ForkRunner:
         self._housekeeping: asyncio.TimerHandle | None = None
 
     def supervisor_arguments(self, workload: dict[str, Any]) -> dict[str, Any]:
-        """``supervise_task``'s arguments for a workload, as Airflow's own executors give them.
+        """``supervise_task``'s arguments for a task's workload, as Airflow's own executors give them.
 
-        Raises if the workload is malformed. Fields a newer plane's Airflow added are ignored.
+        Another workload (a callback, a connection test) is given as ``workload``, for Airflow's
+        ``BaseExecutor.run_workload``. Raises if the workload is malformed. Fields a newer plane's
+        Airflow added are ignored.
         """
-        from airflow.executors.workloads import ExecuteTask
+        from airflow.executors.workloads import ExecuteCallback, ExecuteTask, TestConnection
 
+        kind = workload.get("type", "ExecuteTask")
+        if kind == "ExecuteCallback":
+            return {"workload": ExecuteCallback.model_validate(workload), "server": self.execution_api_url}
+        if kind == "TestConnection":
+            return {"workload": TestConnection.model_validate(workload), "server": self.execution_api_url}
+        if kind != "ExecuteTask":
+            raise ValueError(f"this agent does not run {kind} workloads")
         task = ExecuteTask.model_validate(workload)
         return {
             "ti": task.ti,
@@ -236,7 +245,8 @@ class ForkRunner:
         kwargs = self.supervisor_arguments(workload)
         self._start_housekeeping()
         message = json.dumps(workload).encode()
-        if self._launcher is not None and len(message) <= MAX_WORKLOAD_BYTES:
+        # Spares are made for tasks (their head start is a task's); other workloads are rare: a fork each.
+        if self._launcher is not None and len(message) <= MAX_WORKLOAD_BYTES and "ti" in kwargs:
             spare = await self._launcher.take(SPARE_WAIT)
             if spare is not None:
                 try:
@@ -370,9 +380,17 @@ def _child_main(
         hooked = availability[sdk_internals.Feature.SUPERVISOR_PRIORITY] is None
         run_started_tasks_nicer(ActivitySubprocess if hooked else None, task_nice)
 
-        ti = kwargs["ti"]
-        set_title(f"tether-agent task: {ti.dag_id}.{ti.task_id} run={ti.run_id} try={ti.try_number}")
-        code = supervise_task(**kwargs)
+        if "workload" in kwargs:
+            from airflow.executors.base_executor import BaseExecutor
+
+            workload = kwargs["workload"]
+            title = f"tether-agent {workload.type}: {workload.display_name}"
+            set_title(title)
+            code = BaseExecutor.run_workload(workload, server=kwargs["server"], proctitle=title)
+        else:
+            ti = kwargs["ti"]
+            set_title(f"tether-agent task: {ti.dag_id}.{ti.task_id} run={ti.run_id} try={ti.try_number}")
+            code = supervise_task(**kwargs)
     except BaseException:
         traceback.print_exc(file=sys.stderr)
     finally:

@@ -98,6 +98,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "default": "",
         "example": "10.0.0.0/8,127.0.0.1",
     },
+    "callback_queue": {
+        "description": "The queue of the callbacks Airflow hands its executor (deadline alerts' synchronous "
+        "callbacks): worker agents serving it run them. Empty: Airflow's [operators] default_queue.\n",
+        "type": "string",
+        "default": "",
+        "example": "default",
+    },
 }
 
 
@@ -119,6 +126,7 @@ class PlaneSettings:
     max_parse_result_bytes: int = 16 * 1024 * 1024
     task_log_max_bytes: int = 10 * 1024 * 1024
     trusted_proxies: tuple[Network, ...] = ()
+    callback_queue: str = "default"
 
     @property
     def health_timeout(self) -> timedelta:
@@ -144,4 +152,5 @@ class PlaneSettings:
             max_parse_result_bytes=int(get("max_parse_result_bytes")),
             task_log_max_bytes=int(get("task_log_max_bytes")),
             trusted_proxies=tuple(parse_cidrs(item for item in get("trusted_proxies").split(",") if item.strip())),
+            callback_queue=get("callback_queue").strip() or conf.get("operators", "default_queue", fallback="default"),
         )

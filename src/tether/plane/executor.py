@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
-from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.state import TaskInstanceState
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -152,6 +151,8 @@ class TetherExecutor(BaseExecutor):
     """Runs task instances on Tether agents."""
 
     supports_ad_hoc_ti_run = True
+    supports_callbacks = True
+    supports_connection_test = True
     serve_logs = False
 
     def __init__(
@@ -166,8 +167,8 @@ class TetherExecutor(BaseExecutor):
         self._clock = clock
         self._store = store
         self._watch = agent_api_watch
-        # ti id -> (key, last state reported to the scheduler)
-        self._tracked: dict[str, tuple[TaskInstanceKey, JobState]] = {}
+        # ti (callback, connection test) id -> (key, try number, last state reported to the scheduler)
+        self._tracked: dict[str, tuple[Any, int, JobState]] = {}
         self._missing_since: dict[str, float] = {}
         self._next_sweep = 0.0
         self._next_purge = 0.0
@@ -196,14 +197,27 @@ class TetherExecutor(BaseExecutor):
         self.log.info("Tether executor started (parallelism %d)", self.parallelism)
 
     def queue_workload(self, workload: workloads.All, session: Session) -> None:  # type: ignore[override]
-        if not isinstance(workload, workloads.ExecuteTask):
-            raise TypeError(f"TetherExecutor cannot run {type(workload).__name__} workloads yet")
+        """Write the job agents claim: a task, a callback (deadline alerts') or a connection test (the UI's)."""
+        if isinstance(workload, workloads.ExecuteTask):
+            key: Any = workload.ti.key
+            job_id, try_number = str(workload.ti.id), workload.ti.try_number
+        elif isinstance(workload, workloads.ExecuteCallback):
+            key, job_id, try_number = workload.key, str(workload.callback.id), 1
+        elif isinstance(workload, workloads.TestConnection):
+            key, job_id, try_number = workload.key, str(workload.connection_test_id), 1
+        else:
+            raise TypeError(f"TetherExecutor cannot run {type(workload).__name__} workloads")
         self.store.enqueue(session, workload)
-        key = workload.ti.key
         # Counted as running from now on so [core] parallelism bounds jobs in flight,
         # not just jobs an agent has started.
         self.running.add(key)
-        self._tracked[str(workload.ti.id)] = (key, JobState.QUEUED)
+        self._tracked[job_id] = (key, try_number, JobState.QUEUED)
+
+    def fail_connection_test(self, key: Any) -> None:
+        """Airflow gave up on a connection test (its timeout passed): its job is taken away from agents."""
+        super().fail_connection_test(key)
+        self.store.revoke(str(key), 1)
+        self._tracked.pop(str(key), None)
 
     def _process_workloads(self, workload_items: Sequence[Any]) -> None:
         """Nothing to do: ``queue_workload`` already wrote each job for agents to claim."""
@@ -263,8 +277,8 @@ class TetherExecutor(BaseExecutor):
             tracked = self._tracked.get(view.key.ti_id)
             if tracked is None:
                 continue
-            key, last = tracked
-            if view.key.try_number != key.try_number:
+            key, try_number, last = tracked
+            if view.key.try_number != try_number:
                 continue
             seen.add(view.key.ti_id)
             if view.state is last:
@@ -272,19 +286,19 @@ class TetherExecutor(BaseExecutor):
             info = view.agent_name
             if view.state is JobState.RUNNING:
                 self.running_state(key, info)
-                self._tracked[view.key.ti_id] = (key, view.state)
+                self._tracked[view.key.ti_id] = (key, try_number, view.state)
             elif view.state is JobState.SUCCESS:
                 self.success(key, info)
                 del self._tracked[view.key.ti_id]
             elif view.state is JobState.FAILED:
-                self.log.info("Task %s failed on %s: %s", key, view.agent_name, view.reason or view.exit_code)
+                self.log.info("%s failed on %s: %s", key, view.agent_name, view.reason or view.exit_code)
                 self.fail(key, info)
                 del self._tracked[view.key.ti_id]
             elif view.state is JobState.REVOKED:
                 self.running.discard(key)
                 del self._tracked[view.key.ti_id]
             else:
-                self._tracked[view.key.ti_id] = (key, view.state)
+                self._tracked[view.key.ti_id] = (key, try_number, view.state)
         # A job row that vanished (purged, or its scheduler's transaction rolled back)
         # must not hold a slot forever; a row not yet committed is given time to appear.
         now = self._clock()
@@ -293,7 +307,7 @@ class TetherExecutor(BaseExecutor):
         for ti_id in set(self._tracked) - seen:
             first_missed = self._missing_since.setdefault(ti_id, now)
             if now - first_missed > _MISSING_GRACE.total_seconds():
-                key, _ = self._tracked.pop(ti_id)
+                key, _, _ = self._tracked.pop(ti_id)
                 del self._missing_since[ti_id]
                 self.running.discard(key)
                 self.log.warning("Tether job for %s disappeared; releasing its slot", key)
@@ -333,7 +347,7 @@ class TetherExecutor(BaseExecutor):
             if str(ti.id) in adoptable:
                 state = JobState.RUNNING if ti.state == TaskInstanceState.RUNNING else JobState.QUEUED
                 self.running.add(ti.key)
-                self._tracked[str(ti.id)] = (ti.key, state)
+                self._tracked[str(ti.id)] = (ti.key, ti.try_number, state)
             else:
                 not_adopted.append(ti)
         if adoptable:

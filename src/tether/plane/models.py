@@ -101,6 +101,8 @@ class Job(Base):
     __tablename__ = "tether_job"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: task, callback or connection_test (``protocol.JobKind``): ``ti_id`` is then the callback's, or the test's, id.
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="task", server_default="task")
     ti_id: Mapped[str] = mapped_column(String(36), nullable=False)
     dag_id: Mapped[str] = mapped_column(String(250), nullable=False)
     task_id: Mapped[str] = mapped_column(String(250), nullable=False)

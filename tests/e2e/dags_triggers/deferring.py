@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import tether_e2e_triggers as triggers
+from airflow.providers.standard.operators.python import PythonOperator
 from airflow.providers.standard.sensors.time_delta import TimeDeltaSensor
-from airflow.sdk import DAG, BaseOperator
+from airflow.sdk import DAG, AsyncCallback, BaseOperator, DeadlineAlert, DeadlineReference, SyncCallback
 
 
 class Waiter(BaseOperator):
@@ -66,3 +67,32 @@ with DAG("trigger_many", schedule=None, catchup=False):
 
 with DAG("trigger_blocking", schedule=None, catchup=False):
     Waiter(task_id="wait", make=lambda op: triggers.BlockingTrigger())
+
+
+def _slow() -> None:
+    import time
+
+    time.sleep(10)
+
+
+with DAG(
+    "deadline_missed",
+    schedule=None,
+    catchup=False,
+    deadline=[
+        DeadlineAlert(
+            reference=DeadlineReference.DAGRUN_QUEUED_AT,
+            interval=timedelta(seconds=1),
+            callback=SyncCallback("tether_e2e_triggers.on_deadline", kwargs={"flavour": "sync"}),
+        ),
+        DeadlineAlert(
+            reference=DeadlineReference.DAGRUN_QUEUED_AT,
+            interval=timedelta(seconds=1),
+            callback=AsyncCallback("tether_e2e_triggers.on_deadline_async", kwargs={"flavour": "async"}),
+        ),
+    ],
+):
+    PythonOperator(task_id="slow", python_callable=_slow)
+
+with DAG("trigger_queued", schedule=None, catchup=False):
+    Waiter(task_id="wait", queue="special", make=lambda op: triggers.ReceiptTrigger())

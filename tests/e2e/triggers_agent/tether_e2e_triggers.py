@@ -97,3 +97,25 @@ class BlockingTrigger(BaseTrigger):
 
         time.sleep(1.5)
         yield TriggerEvent({"blocked": True})
+
+
+def _evidence(name: str, content: dict[str, Any]) -> None:
+    import json
+
+    Path(os.environ["TETHER_TEST_EVIDENCE"], name).write_text(json.dumps(content))
+
+
+def on_deadline(context: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """A deadline alert's synchronous callback: the executor's, so a worker agent's."""
+    from airflow.sdk import Variable
+
+    run_id = ((context or {}).get("dag_run") or {}).get("dag_run_id", "?")
+    # A Variable only the plane has: the callback's token must let it ask.
+    greeting = Variable.get("tether_e2e_greeting")
+    _evidence(f"deadline-sync-{run_id}", {"agent": os.environ.get("TETHER_NAME"), "variable": greeting, **kwargs})
+
+
+async def on_deadline_async(context: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """A deadline alert's asynchronous callback: the triggerer's, so a triggerer agent's."""
+    run_id = ((context or {}).get("dag_run") or {}).get("dag_run_id", "?")
+    _evidence(f"deadline-async-{run_id}", {"agent": os.environ.get("TETHER_NAME"), **kwargs})

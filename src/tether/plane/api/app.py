@@ -32,6 +32,7 @@ from tether.collector import settle_garbage_collector
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
 from tether.plane.api.dag_processing import dag_processing_router, takes_large_bodies
 from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision, written
+from tether.plane.api.tokens import with_execution_tokens
 from tether.plane.api.triggers import triggerer_router
 from tether.plane.config import PlaneSettings
 from tether.plane.store import NOTIFY_CHANNEL, Store, TokenIdentity
@@ -276,7 +277,7 @@ async def _lease(
             look_now = True
             remaining = deadline - time.monotonic()
             if leases or remaining <= 0:
-                return protocol.LeaseResponse(leases=leases or [])
+                return protocol.LeaseResponse(leases=with_execution_tokens(leases or []))
             # With LISTEN in place a new job wakes us; without it, look again on a timer.
             listening = ctx.wakeup.listening
             pause = remaining if listening else min(poll, remaining)

@@ -10,7 +10,6 @@ uses in its process.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from typing import Annotated, Any
 
@@ -18,27 +17,7 @@ from fastapi import APIRouter, Path, Response, status
 
 from tether import protocol
 from tether.plane.api.deps import Ctx, Identity, Revision, written
-
-
-@functools.cache
-def _token_generator() -> Any:
-    """Airflow's generator of Execution API tokens, as its executors make it; signed with the API server's key."""
-    from airflow.api_fastapi.auth.tokens import JWTGenerator, get_signing_args
-    from airflow.configuration import conf
-
-    return JWTGenerator(
-        valid_for=conf.getint("execution_api", "jwt_expiration_time"),
-        audience=conf.get_mandatory_list_value("execution_api", "jwt_audience")[0],
-        issuer=conf.get("api_auth", "jwt_issuer", fallback=None),
-        **get_signing_args(make_secret_key_if_needed=False),
-    )
-
-
-def execution_token(subject: uuid.UUID) -> tuple[str, int]:
-    """An ``execution``-scoped token for one triggerer agent process, and how many seconds it is valid for."""
-    generator = _token_generator()
-    token = generator.generate(extras={"sub": str(subject), "scope": "execution"})
-    return str(token), int(generator.valid_for)
+from tether.plane.api.tokens import execution_token
 
 
 def _triggerer_settings() -> tuple[bool, float]:

@@ -35,7 +35,7 @@ from tether.plane.store.rules import (
     calling_agent,
     requeue,
 )
-from tether.protocol import AgentStatus, JobState
+from tether.protocol import AgentStatus, JobKind, JobState
 
 _CLAIMABLE = (
     select(JOB.c.id, JOB.c.pool_slots, JOB.c.workload)
@@ -43,6 +43,7 @@ _CLAIMABLE = (
         JOB.c.state == JobState.QUEUED.value,
         JOB.c.queue.in_(bindparam("queues", expanding=True)),
         JOB.c.pool_slots <= bindparam("free"),
+        JOB.c.kind.in_(bindparam("kinds", expanding=True)),
     )
     .order_by(JOB.c.priority_weight.desc(), JOB.c.queued_at, JOB.c.id)
     .limit(bindparam("limit"))
@@ -139,6 +140,57 @@ _REPORTED = {
 }
 
 
+#: Callbacks go before tasks, as Airflow's executors take them: they finish work already done.
+CALLBACK_PRIORITY = 2**31 - 1
+
+
+def _identity(workload: Any, callback_queue: str) -> dict[str, Any]:
+    """The columns that say what a workload is, where it goes, and before what."""
+    kind = {"ExecuteCallback": JobKind.CALLBACK, "TestConnection": JobKind.CONNECTION_TEST}.get(
+        getattr(workload, "type", "ExecuteTask"), JobKind.TASK
+    )
+    if kind is JobKind.CALLBACK:
+        data = workload.callback.data
+        return {
+            "kind": kind.value,
+            "ti_id": str(workload.callback.id),
+            "try_number": 1,
+            "dag_id": str(data.get("dag_id") or ""),
+            "task_id": str(workload.display_name)[:250],
+            "run_id": str(data.get("dag_run_id") or ""),
+            "map_index": -1,
+            "queue": callback_queue,
+            "pool_slots": 1,
+            "priority_weight": CALLBACK_PRIORITY,
+        }
+    if kind is JobKind.CONNECTION_TEST:
+        return {
+            "kind": kind.value,
+            "ti_id": str(workload.connection_test_id),
+            "try_number": 1,
+            "dag_id": "",
+            "task_id": str(workload.connection_id)[:250],
+            "run_id": "",
+            "map_index": -1,
+            "queue": workload.queue or callback_queue,
+            "pool_slots": 1,
+            "priority_weight": CALLBACK_PRIORITY,
+        }
+    ti = workload.ti
+    return {
+        "kind": kind.value,
+        "ti_id": str(ti.id),
+        "try_number": ti.try_number,
+        "dag_id": ti.dag_id,
+        "task_id": ti.task_id,
+        "run_id": ti.run_id,
+        "map_index": ti.map_index,
+        "queue": ti.queue,
+        "pool_slots": ti.pool_slots,
+        "priority_weight": ti.priority_weight,
+    }
+
+
 @dataclass(frozen=True)
 class JobKey:
     ti_id: str
@@ -164,23 +216,15 @@ class JobStore(Database):
     # -- the executor's side -----------------------------------------------------------
 
     def enqueue(self, session: Session, workload: Any, *, now: datetime | None = None) -> None:
-        """Write the job for an ``ExecuteTask`` workload in the caller's transaction.
+        """Write the job for an Airflow workload in the caller's transaction.
 
-        A try queued again (the scheduler reset it) replaces the row it had.
+        A try queued again (the scheduler reset it) replaces the row it had; so
+        does a callback or connection test queued again.
         """
         now = now or utcnow()
-        ti = workload.ti
         values = {
             "id": str(uuid.uuid4()),
-            "ti_id": str(ti.id),
-            "try_number": ti.try_number,
-            "dag_id": ti.dag_id,
-            "task_id": ti.task_id,
-            "run_id": ti.run_id,
-            "map_index": ti.map_index,
-            "queue": ti.queue,
-            "pool_slots": ti.pool_slots,
-            "priority_weight": ti.priority_weight,
+            **_identity(workload, self.settings.callback_queue),
             "state": JobState.QUEUED.value,
             "workload": workload.model_dump_json(),
             "agent_id": None,
@@ -262,7 +306,10 @@ class JobStore(Database):
                 return None
             free = request.free_slots
             conn = session.connection()
-            candidates = conn.execute(_CLAIMABLE, {"queues": list(request.queues), "free": free, "limit": free}).all()
+            # Agents of revision 1 run tasks only.
+            kinds = [k.value for k in JobKind] if agent.protocol >= 2 else [JobKind.TASK.value]
+            params = {"queues": list(request.queues), "free": free, "limit": free, "kinds": kinds}
+            candidates = conn.execute(_CLAIMABLE, params).all()
             picked = []
             for candidate in candidates:
                 if candidate.pool_slots <= free:

@@ -49,6 +49,7 @@ _CALLER = select(
     AGENT.c.deleted_at,
     AGENT.c.deleted_by,
     AGENT.c.roles,
+    AGENT.c.protocol,
 ).where(AGENT.c.id == bindparam("agent_id"))
 
 

@@ -57,8 +57,11 @@ class TriggerStore(Database):
         """Keep the agent process's triggerer job alive, assign it triggers; its job id and the triggers it holds.
 
         With Airflow's ``[triggerer] queues_enabled`` the agent runs the triggers of its queues, as
-        ``airflow triggerer --queues`` would; without, every trigger (Airflow keeps them queue-less then).
+        ``airflow triggerer --queues`` would, and, if it serves ``[operators] default_queue``, the
+        triggers of no queue (deadline callbacks', asset watchers'); without, every trigger
+        (Airflow keeps them queue-less then).
         """
+        from airflow.configuration import conf
         from airflow.models.trigger import Trigger
 
         from tether.plane.models import Agent
@@ -67,16 +70,21 @@ class TriggerStore(Database):
         with self.transaction() as session:
             agent = _triggerer_agent(session, identity, agent_id, request.incarnation)
             job_id = self._triggerer_job(session, agent, now, beat=request.healthy)
-            queues = None
+            passes: list[set[str] | None] = [None]
             if queues_enabled:
                 queues = set(session.scalar(select(Agent.queues).where(Agent.id == agent.id)) or ())
-        # Airflow's own assignment, which commits itself. A cordoned agent keeps what it runs and takes no more.
+                default = conf.get("operators", "default_queue", fallback="default")
+                passes = [queues, *([None] if default in queues else [])] if queues else [None]
+        # Airflow's own assignment, which commits itself; its capacity counts what the job holds of every queue.
+        # A cordoned agent keeps what it runs and takes no more.
+        ids: set[int] = set()
         with self.session() as session:
-            if not agent.cordoned and request.healthy:
-                Trigger.assign_unassigned(
-                    job_id, request.capacity, health_check_threshold, queues=queues, session=session
-                )
-            ids = Trigger.ids_for_triggerer(job_id, queues=queues, session=session)
+            for queues_of_pass in passes:
+                if not agent.cordoned and request.healthy:
+                    Trigger.assign_unassigned(
+                        job_id, request.capacity, health_check_threshold, queues=queues_of_pass, session=session
+                    )
+                ids.update(Trigger.ids_for_triggerer(job_id, queues=queues_of_pass, session=session))
         return job_id, sorted(ids)
 
     def _triggerer_job(self, session: Session, agent: Any, now: datetime, *, beat: bool) -> int:
