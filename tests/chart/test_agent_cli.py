@@ -15,6 +15,7 @@ import pytest
 
 from tests.chart.rendering import (
     ROOT,
+    SCHEMA,
     TOKEN,
     by_kind,
     env_of,
@@ -72,6 +73,7 @@ CASES = [
     "minimal",
     "three-workers",
     "dag-processor",
+    "triggerer",
     "token-file",
     "proxy-and-ca-configmap",
     "ca-secret-and-client-cert",
@@ -98,6 +100,10 @@ def test_the_agent_accepts_the_rendered_command_and_environment(case: str, tmp_p
         assert settings["name"] == POD_NAME
         if agent["args"] == ["dag-processor"]:
             assert settings["share_dag_source"] is (rendered["TETHER_SHARE_DAG_SOURCE"] == "true")
+        elif agent["args"] == ["triggerer"]:
+            assert settings["trigger_capacity"] == int(rendered["TETHER_TRIGGER_CAPACITY"])
+            assert settings["queues"] == rendered["TETHER_QUEUES"].split(",")
+            assert settings["task_logs"] == rendered["TETHER_TASK_LOGS"]
         else:
             assert agent["args"] == ["run"]
             assert settings["queues"] == rendered["TETHER_QUEUES"].split(",")
@@ -122,6 +128,45 @@ def test_the_agent_refuses_what_the_chart_would_never_render(tmp_path: Path) -> 
     )
     assert result.returncode == 2
     assert "--slots / TETHER_SLOTS" in result.stderr
+
+
+def _triggerer_environment(vals: dict[str, Any], root: Path) -> dict[str, str]:
+    """The environment of the rendered triggerer container, its files in place under `root`."""
+    objects = render(vals)
+    [deployment] = [d for d in by_kind(objects, "Deployment") if d["metadata"]["name"].endswith("-triggerer")]
+    spec = deployment["spec"]["template"]["spec"]
+    [agent] = spec["containers"]
+    assert agent["args"] == ["triggerer"]
+    return _container_environment(objects, spec, agent, root)
+
+
+def _triggerer_settings(environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    argv = [str(AGENT), "triggerer", "--print-settings"]
+    return subprocess.run(argv, env=environment, capture_output=True, text=True, timeout=30)
+
+
+def test_the_triggerer_takes_the_least_capacity_the_schema_allows_and_its_default(tmp_path: Path) -> None:
+    capacity = SCHEMA["properties"]["triggerer"]["properties"]["capacity"]
+    least = _triggerer_environment(values(triggerer={"enabled": True, "capacity": capacity["minimum"]}), tmp_path)
+    result = _triggerer_settings(least)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["trigger_capacity"] == capacity["minimum"]
+    # Without the variable the agent runs the chart's default capacity.
+    del least["TETHER_TRIGGER_CAPACITY"]
+    result = _triggerer_settings(least)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["trigger_capacity"] == capacity["default"]
+
+
+def test_the_agent_refuses_a_capacity_the_schema_refuses(tmp_path: Path) -> None:
+    """The triggerer check has teeth: a capacity below the schema's least exits 2 naming the option."""
+    environment = _triggerer_environment(values(triggerer={"enabled": True}), tmp_path)
+    least = SCHEMA["properties"]["triggerer"]["properties"]["capacity"]["minimum"]
+    for bad in (str(least - 1), "-5", "many"):
+        environment["TETHER_TRIGGER_CAPACITY"] = bad
+        result = _triggerer_settings(environment)
+        assert result.returncode == 2, bad
+        assert f"--trigger-capacity / TETHER_TRIGGER_CAPACITY: {bad!r} is invalid" in result.stderr
 
 
 def test_the_preflight_container_runs_the_check_command() -> None:

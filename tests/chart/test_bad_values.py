@@ -92,6 +92,16 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
         "dagProcessor.env sets AIRFLOW__CORE__SQL_ALCHEMY_CONN, but agents never connect to the metadata database: "
         "remove it.",
     ),
+    "a worker with the triggerer's name": (
+        values(triggerer={"enabled": True}, workers=[_worker(name="triggerer")]),
+        'workers[0].name "triggerer" is the name of the triggerer\'s Deployment while triggerer.enabled is true: '
+        "give the worker another name.",
+    ),
+    "metadata database in the triggerer's env": (
+        values(triggerer={"enabled": True, "env": [{"name": "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "value": "x"}]}),
+        "triggerer.env sets AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, but agents never connect to the metadata database: "
+        "remove it.",
+    ),
     "two pull secret sources": (
         values(imagePullSecretName="registry", imagePullSecretData="{}"),
         "imagePullSecretName and imagePullSecretData are both set: keep the name of an existing Secret "
@@ -202,6 +212,42 @@ SCHEMA_ERRORS: dict[str, tuple[dict[str, Any], str]] = {
         "additional properties 'shareSource' not allowed",
     ),
     "shareDagSource as text": (values(dagProcessor={"shareDagSource": "yes"}), "/dagProcessor/shareDagSource"),
+    "zero trigger capacity": (
+        values(triggerer={"enabled": True, "capacity": 0}),
+        "at '/triggerer/capacity': minimum: got 0, want 1",
+    ),
+    "negative trigger capacity": (
+        values(triggerer={"enabled": True, "capacity": -5}),
+        "at '/triggerer/capacity': minimum: got -5, want 1",
+    ),
+    "trigger capacity as text": (
+        values(triggerer={"enabled": True, "capacity": "1000"}),
+        "at '/triggerer/capacity': got string, want integer",
+    ),
+    "fractional trigger capacity": (
+        values(triggerer={"enabled": True, "capacity": 2.5}),
+        "at '/triggerer/capacity': got number, want integer",
+    ),
+    "a bad capacity while the triggerer is off": (
+        values(triggerer={"capacity": 0}),
+        "at '/triggerer/capacity': minimum: got 0, want 1",
+    ),
+    "negative triggerer replicas": (
+        values(triggerer={"enabled": True, "replicas": -1}),
+        "at '/triggerer/replicas': minimum: got -1, want 0",
+    ),
+    "triggerer without queues": (
+        values(triggerer={"enabled": True, "queues": []}),
+        "at '/triggerer/queues': minItems: got 0, want 1",
+    ),
+    "unknown trigger log mode": (
+        values(triggerer={"enabled": True, "taskLogs": "s3"}),
+        "at '/triggerer/taskLogs': value must be one of 'ship', 'local'",
+    ),
+    "misspelt triggerer value": (
+        values(triggerer={"enabled": True, "triggerCapacity": 10}),
+        "additional properties 'triggerCapacity' not allowed",
+    ),
 }
 
 

@@ -75,6 +75,37 @@ DAG_PROCESSOR = {
     "containerSecurityContext": {"seLinuxOptions": {"level": "s0:c123,c456"}},
 }
 
+TRIGGERER = {
+    "enabled": True,
+    "replicas": 3,
+    "capacity": 250,
+    "queues": ["default", "sensors"],
+    "taskLogs": "local",
+    "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+    "terminationGracePeriodSeconds": 45,
+    "env": [{"name": "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC", "value": "10"}],
+    "probes": {"liveness": {"failureThreshold": 6}},
+    "volumes": [{"name": "plugins", "configMap": {"name": "trigger-plugins"}}],
+    "volumeMounts": [{"name": "plugins", "mountPath": "/opt/plugins", "readOnly": True}],
+    "nodeSelector": {"pool": "triggers"},
+    "tolerations": [{"key": "triggers", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": {"tether-agent/role": "triggerer"}},
+                    },
+                }
+            ]
+        }
+    },
+    "podSecurityContext": {"supplementalGroups": [50020]},
+    "containerSecurityContext": {"seLinuxOptions": {"level": "s0:c7,c8"}},
+}
+
 MATRIX: dict[str, dict[str, Any]] = {
     "minimal": values(),
     "three-workers": values(workers=THREE_WORKERS),
@@ -111,6 +142,19 @@ MATRIX: dict[str, dict[str, Any]] = {
         preflight={"enabled": True},
         proxy={"httpsProxy": "http://proxy:3128"},
         caBundle={"secretName": "corp-ca"},
+        commonEnv=[{"name": "AIRFLOW__CORE__DEFAULT_TIMEZONE", "value": "Europe/Paris"}],
+    ),
+    "triggerer": values(
+        triggerer=TRIGGERER,
+        dagProcessor={"enabled": True},
+        dagBundleConfigList=BUNDLES,
+        workers=THREE_WORKERS,
+        preflight={"enabled": True},
+        proxy={"httpsProxy": "http://proxy:3128"},
+        caBundle={"secretName": "corp-ca"},
+        clientCertSecretName="agent-client-tls",
+        secretBackendKwargs={"url": "https://vault:8200"},
+        xcomBackendSettings={"common.io": {"xcom_objectstorage_path": "s3://bucket/xcom"}},
         commonEnv=[{"name": "AIRFLOW__CORE__DEFAULT_TIMEZONE", "value": "Europe/Paris"}],
     ),
     "create-namespace": values(createNamespace=True, namespace="data-eu"),
@@ -391,6 +435,142 @@ def test_the_dag_processor_is_selected_apart_from_workers_and_by_the_metrics_ser
         assert service["spec"]["selector"].items() <= labels.items()
     notes = render_files(MATRIX["dag-processor"])["tether-agent/templates/NOTES.txt"]
     assert "DAG processor: 2 agent(s) parsing the DAG bundles dags" in notes
+
+
+TRIGGERER_NAME = f"{RELEASE}-triggerer"
+TRIGGERER_ENV = {"TETHER_QUEUES", "TETHER_TRIGGER_CAPACITY", "TETHER_TASK_LOGS"}
+
+
+def test_the_triggerer_is_absent_unless_enabled() -> None:
+    for vals in (values(), values(triggerer={"enabled": False, "capacity": 10})):
+        objects = render(vals)
+        assert all("triggerer" not in o["metadata"]["name"] for o in objects)
+        assert "triggerer" not in render_files(vals)["tether-agent/templates/NOTES.txt"]
+        for spec in pod_specs(objects):
+            assert spec["containers"][0]["args"] != ["triggerer"]
+            assert "TETHER_TRIGGER_CAPACITY" not in env_of(spec["containers"][0])
+    # Its name is free for a worker while it is off.
+    worker = render(values(workers=[{"name": "triggerer", "queues": ["sensors"]}]))
+    [deployment] = by_kind(worker, "Deployment")
+    assert deployment["metadata"]["name"] == TRIGGERER_NAME
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["args"] == ["run"]
+
+
+def test_the_triggerer_runs_its_command_with_the_agents_settings() -> None:
+    objects = render(MATRIX["triggerer"])
+    deployments = _deployments(objects)
+    triggerer = deployments.pop(TRIGGERER_NAME)
+    spec = triggerer["spec"]["template"]["spec"]
+    [agent] = spec["containers"]
+    assert (agent["command"], agent["args"]) == (["tether-agent"], ["triggerer"])
+    assert triggerer["spec"]["replicas"] == 3
+    assert spec["terminationGracePeriodSeconds"] == 45
+    env = env_of(agent)
+    assert env["TETHER_TRIGGER_CAPACITY"] == "250"
+    assert env["TETHER_QUEUES"] == "default,sensors"
+    assert env["TETHER_TASK_LOGS"] == "local"
+    assert env["AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC"] == "10"
+    # Slots and the drain are a worker's, sharing DAG source the DAG processor's.
+    assert {"TETHER_SLOTS", "TETHER_DRAIN_TIMEOUT", "TETHER_SHARE_DAG_SOURCE"}.isdisjoint(env)
+
+    # Trigger code lives with the DAG code: everything else is what a worker gets, the token, plane,
+    # both backends and their kwargs Secret, the DAG bundles, proxy, CA, client certificate, common env.
+    worker = deployments[f"{RELEASE}-default"]["spec"]["template"]["spec"]
+    [worker_agent] = worker["containers"]
+    shared = {k: v for k, v in env_of(worker_agent).items() if k not in WORKER_ONLY_ENV}
+    own_env = TRIGGERER_ENV | {"AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC"}
+    assert {k: v for k, v in env.items() if k not in own_env} == shared
+    assert json.loads(env["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"]) == BUNDLES
+    assert env["AIRFLOW__SECRETS__BACKEND"] == MATRIX["triggerer"]["secretBackend"]
+    assert env["AIRFLOW__SECRETS__BACKEND_KWARGS"] == {
+        "secretKeyRef": {"name": f"{RELEASE}-backends", "key": "secretBackendKwargs"}
+    }
+    assert env["AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_PATH"] == "s3://bucket/xcom"
+    assert env["AIRFLOW__CORE__DEFAULT_TIMEZONE"] == "Europe/Paris"
+    assert env["HTTPS_PROXY"] == "http://proxy:3128"
+    assert env["TETHER_CA_BUNDLE"] == "/etc/tether/ca/ca.crt"
+    assert env["TETHER_CLIENT_CERT"].endswith("/tls.crt")
+    assert worker["volumes"] == [v for v in spec["volumes"] if v["name"] != "plugins"]
+    assert {"name": "plugins", "mountPath": "/opt/plugins", "readOnly": True} in agent["volumeMounts"]
+    assert agent["readinessProbe"] == worker_agent["readinessProbe"]
+    assert agent["livenessProbe"]["failureThreshold"] == 6
+    assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert agent["resources"] == TRIGGERER["resources"]
+    assert agent["image"] == worker_agent["image"]
+    assert spec["nodeSelector"] == {"pool": "triggers"}
+    assert spec["tolerations"] == TRIGGERER["tolerations"]
+    assert spec["affinity"] == TRIGGERER["affinity"]
+    assert spec["serviceAccountName"] == worker["serviceAccountName"]
+
+    # The same security contexts, with the triggerer's own additions merged over them.
+    assert spec["securityContext"] == {**worker["securityContext"], "supplementalGroups": [50020]}
+    assert agent["securityContext"] == {**worker_agent["securityContext"], "seLinuxOptions": {"level": "s0:c7,c8"}}
+    assert agent["securityContext"]["readOnlyRootFilesystem"] is True
+
+    [preflight] = spec["initContainers"]
+    assert preflight["args"] == ["check"]
+    assert preflight["env"] == agent["env"]
+    assert preflight["resources"] == agent["resources"]
+
+
+def test_the_triggerer_gets_the_schema_defaults() -> None:
+    defaults = SCHEMA["properties"]["triggerer"]["default"]
+    assert defaults["enabled"] is False
+    # Two by default, so one can take the other's triggers; each runs Airflow's default capacity.
+    assert (defaults["replicas"], defaults["capacity"]) == (2, 1000)
+    triggerer = _deployments(render(values(triggerer={"enabled": True})))[TRIGGERER_NAME]
+    spec = triggerer["spec"]["template"]["spec"]
+    [agent] = spec["containers"]
+    env = env_of(agent)
+    assert triggerer["spec"]["replicas"] == defaults["replicas"]
+    assert spec["terminationGracePeriodSeconds"] == defaults["terminationGracePeriodSeconds"] == 60
+    assert env["TETHER_TRIGGER_CAPACITY"] == str(defaults["capacity"])
+    assert env["TETHER_QUEUES"] == ",".join(defaults["queues"]) == "default"
+    assert env["TETHER_TASK_LOGS"] == defaults["taskLogs"] == "ship"
+    assert "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST" not in env
+    for probe in ("liveness", "readiness"):
+        rendered = {k: v for k, v in agent[f"{probe}Probe"].items() if k != "httpGet"}
+        assert rendered == defaults["probes"][probe]
+    assert "resources" not in agent and "nodeSelector" not in spec and "affinity" not in spec
+    assert "initContainers" not in spec
+
+
+def test_the_triggerer_capacity_is_rendered_as_a_whole_number() -> None:
+    for capacity in (1, 1000, 2_000_000):
+        triggerer = _deployments(render(values(triggerer={"enabled": True, "capacity": capacity})))[TRIGGERER_NAME]
+        env = env_of(triggerer["spec"]["template"]["spec"]["containers"][0])
+        assert env["TETHER_TRIGGER_CAPACITY"] == str(capacity)
+
+
+def test_each_role_is_selected_apart_and_has_its_disruption_budget() -> None:
+    objects = render(MATRIX["triggerer"])
+    deployments = _deployments(objects)
+    assert {TRIGGERER_NAME, DAG_PROCESSOR_NAME} <= set(deployments)
+    [service] = by_kind(objects, "Service")
+    pods = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
+    assert pods[TRIGGERER_NAME]["tether-agent/role"] == "triggerer"
+    pdbs = {
+        p["metadata"]["name"]: p["spec"]["selector"]["matchLabels"] for p in by_kind(objects, "PodDisruptionBudget")
+    }
+    assert sorted(pdbs) == sorted(deployments)
+    for name, selector in pdbs.items():
+        assert selector == deployments[name]["spec"]["selector"]["matchLabels"]
+        # Each Deployment's selector matches its own pods and no other Deployment's.
+        assert [pod for pod, labels in pods.items() if selector.items() <= labels.items()] == [name]
+    # The metrics Service scrapes the triggerers with the other agents.
+    for labels in pods.values():
+        assert service["spec"]["selector"].items() <= labels.items()
+    # With podDisruptionBudget off, the triggerer has none either.
+    off = render({**MATRIX["triggerer"], "podDisruptionBudget": {"enabled": False}})
+    assert not by_kind(off, "PodDisruptionBudget")
+    assert TRIGGERER_NAME in _deployments(off)
+
+
+def test_notes_list_the_triggerer() -> None:
+    notes = render_files(MATRIX["triggerer"])["tether-agent/templates/NOTES.txt"]
+    assert "triggerer: 3 agent(s) running up to 250 triggers each" in notes
+    defaults = render_files(values(triggerer={"enabled": True}))["tether-agent/templates/NOTES.txt"]
+    assert "triggerer: 2 agent(s) running up to 1000 triggers each" in defaults
 
 
 def test_token_sources_end_up_as_a_token_file() -> None:

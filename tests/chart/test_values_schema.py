@@ -75,13 +75,22 @@ def _documented_paths(schema: dict[str, Any], path: tuple[str, ...] = ()) -> set
 
 # Their keys are Kubernetes probe fields, commented once at the probe.
 KUBERNETES_FIELDS = {
-    (group, "probes", probe) for group in ("workers", "dagProcessor") for probe in ("liveness", "readiness")
+    (group, "probes", probe)
+    for group in ("workers", "dagProcessor", "triggerer")
+    for probe in ("liveness", "readiness")
 }
 
 
 def test_every_value_has_a_comment_above_it() -> None:
     documented = _documented_paths(SCHEMA) - KUBERNETES_FIELDS
-    assert {("workers",), ("image",), ("dagProcessor",), ("workers", "probes")} <= documented
+    assert {
+        ("workers",),
+        ("image",),
+        ("dagProcessor",),
+        ("triggerer",),
+        ("workers", "probes"),
+        ("triggerer", "probes"),
+    } <= documented
     stack: list[tuple[int, str]] = []
     previous = ""
     uncommented = []

@@ -1,8 +1,8 @@
 {{/*
 The Deployment of one kind of agent, the same pod for every role. Takes:
   root        the chart's context
-  agent       the values of the pods: a workers[] item, or dagProcessor
-  role        worker or dag-processor: the agent command and the settings that go with it
+  agent       the values of the pods: a workers[] item, dagProcessor or triggerer
+  role        worker, dag-processor or triggerer: the agent command and the settings that go with it
   name        the Deployment's name
   roleLabels  the labels that tell these pods from the release's other agents
   replicas    the number of pods

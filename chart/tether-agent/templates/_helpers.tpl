@@ -130,6 +130,7 @@ several values still to fill in needs one round, not one per value.
 {{- $envLists = append $envLists (list (printf "workers[%d].env" $i) $w.env) -}}
 {{- end -}}
 {{- $envLists = append $envLists (list "dagProcessor.env" $v.dagProcessor.env) -}}
+{{- $envLists = append $envLists (list "triggerer.env" $v.triggerer.env) -}}
 {{- range $pair := $envLists -}}
 {{- range $e := index $pair 1 -}}
 {{- if has $e.name $forbidden -}}
@@ -159,6 +160,9 @@ several values still to fill in needs one round, not one per value.
 {{- end -}}
 {{- if and $v.dagProcessor.enabled (eq $w.name "dag-processor") -}}
 {{- $problems = append $problems (printf "workers[%d].name \"dag-processor\" is the name of the DAG processor's Deployment while dagProcessor.enabled is true: give the worker another name." $i) -}}
+{{- end -}}
+{{- if and $v.triggerer.enabled (eq $w.name "triggerer") -}}
+{{- $problems = append $problems (printf "workers[%d].name \"triggerer\" is the name of the triggerer's Deployment while triggerer.enabled is true: give the worker another name." $i) -}}
 {{- end -}}
 {{- end -}}
 {{- if $problems -}}

@@ -1,6 +1,7 @@
 {{/*
 Environment of the agent and preflight containers of one Deployment. Takes root (the chart's
-context), agent (a workers[] item or dagProcessor) and role (worker or dag-processor).
+context), agent (a workers[] item, dagProcessor or triggerer) and role (worker, dag-processor or
+triggerer).
 */}}
 {{- define "tether-agent.env" -}}
 {{- $v := .root.Values -}}
@@ -25,6 +26,13 @@ context), agent (a workers[] item or dagProcessor) and role (worker or dag-proce
 {{- else if eq .role "dag-processor" }}
 - name: TETHER_SHARE_DAG_SOURCE
   value: {{ eq $a.shareDagSource true | quote }}
+{{- else if eq .role "triggerer" }}
+- name: TETHER_QUEUES
+  value: {{ join "," ($a.queues | default (list "default")) | quote }}
+- name: TETHER_TRIGGER_CAPACITY
+  value: {{ hasKey $a "capacity" | ternary $a.capacity 1000 | int | quote }}
+- name: TETHER_TASK_LOGS
+  value: {{ $a.taskLogs | default "ship" | quote }}
 {{- end }}
 - name: TETHER_HEALTH_PORT
   value: {{ $v.healthPort | quote }}
