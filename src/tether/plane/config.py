@@ -126,7 +126,8 @@ class PlaneSettings:
     max_parse_result_bytes: int = 16 * 1024 * 1024
     task_log_max_bytes: int = 10 * 1024 * 1024
     trusted_proxies: tuple[Network, ...] = ()
-    callback_queue: str = "default"
+    #: Empty: Airflow's ``[operators] default_queue`` (``from_airflow`` reads it), else "default".
+    callback_queue: str = ""
 
     @property
     def health_timeout(self) -> timedelta:

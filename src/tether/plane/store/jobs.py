@@ -224,7 +224,7 @@ class JobStore(Database):
         now = now or utcnow()
         values = {
             "id": str(uuid.uuid4()),
-            **_identity(workload, self.settings.callback_queue),
+            **_identity(workload, self.settings.callback_queue or "default"),
             "state": JobState.QUEUED.value,
             "workload": workload.model_dump_json(),
             "agent_id": None,
