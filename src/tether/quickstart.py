@@ -1,8 +1,9 @@
-"""The quick start: an embedded SQLite plane with no DAG files, two agents, the example DAG run to success.
+"""The quick start: an embedded SQLite plane with no DAG files, three agents, the example DAG run to success.
 
 The plane runs Airflow's API server and scheduler only: no DAG folder, no DAG
-processor. One agent parses the example DAG where the file is (the dag-processor
-role), another runs its tasks (a worker).
+processor, no triggerer. One agent parses the example DAG where the file is (the
+dag-processor role), another runs its tasks (a worker), a third runs the trigger
+of its deferred wait (a triggerer).
 
 python -m tether.quickstart [--keep]
 """
@@ -38,12 +39,13 @@ def run(home: Path) -> int:
         _step(f"creating the plane's database in {plane.home}", started)
         plane.migrate()
         token = plane.create_token("quickstart")
-        _step("starting the API server and the scheduler (no DAG files, no DAG processor)", started)
+        _step("starting the API server and the scheduler (no DAG files, no DAG processor, no triggerer)", started)
         plane.start(("api-server", "scheduler"))
-        _step(f"plane up at {plane.url}; starting agents 'quickstart-parser' and 'quickstart-worker'", started)
+        _step(f"plane up at {plane.url}; starting agents 'quickstart-parser', '-worker' and '-triggerer'", started)
         agents = [
             start_agent(plane, "quickstart-parser", token, command="dag-processor", env=agent_dags),
             start_agent(plane, "quickstart-worker", token, env=agent_dags, queues="default", slots="4"),
+            start_agent(plane, "quickstart-triggerer", token, command="triggerer", env=agent_dags),
         ]
         for agent in agents:
             wait_until(
@@ -60,6 +62,13 @@ def run(home: Path) -> int:
         state = plane.wait_for_run(DAG_ID, run_id, timeout=300)
         tasks = plane.task_states(DAG_ID, run_id)
         ran_on = {row[0] for row in plane.query("SELECT DISTINCT agent_name FROM tether_job")}
+        ran_on |= {
+            row[0]
+            for row in plane.query(
+                "SELECT DISTINCT a.name FROM tether_trigger_outcome o JOIN tether_triggerer r ON r.job_id = o.job_id "
+                "JOIN tether_agent a ON a.id = r.agent_id"
+            )
+        }
         _step(f"DAG run finished: {state}", started)
         for task_id, task_state in sorted(tasks.items()):
             print(f"    {task_id:<12} {task_state}")
@@ -68,7 +77,7 @@ def run(home: Path) -> int:
             print(f"FAILED: the example DAG ended {state}; logs are in {plane.home / 'logs'}", file=sys.stderr)
             return 1
         print(
-            f"SUCCESS: {DAG_ID}, parsed and run on Tether agents, with no DAG file on the plane, "
+            f"SUCCESS: {DAG_ID}, parsed, run and its wait triggered on Tether agents, with no DAG file on the plane, "
             f"in {time.monotonic() - started:.1f}s"
         )
         return 0

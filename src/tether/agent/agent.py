@@ -308,7 +308,11 @@ class Agent:
         self.metrics.connected.set(1)
         self._refusals.accepted()
         self.registered.set()
-        serves = f"queues {','.join(self.settings.queues)}, {self.settings.slots} slots" if self.worker else "no queues"
+        serves = "no queues"
+        if self.worker:
+            serves = f"queues {','.join(self.settings.queues)}, {self.settings.slots} slots"
+        elif protocol.AgentRole.TRIGGERER in self.roles:
+            serves = f"queues {','.join(self.settings.queues)}, {self.settings.trigger_capacity} triggers"
         log.info(
             "Registered as %s (agent id %s, %s, %s%s)",
             self.settings.name,
