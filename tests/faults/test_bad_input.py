@@ -24,7 +24,16 @@ from tether.embedded import Plane, wait_until
 
 pytestmark = pytest.mark.timeout(420)
 
-TABLES = ("tether_agent", "tether_agent_token", "tether_job", "tether_allowed_ip_range", "tether_audit_log")
+TABLES = (
+    "tether_agent",
+    "tether_agent_token",
+    "tether_job",
+    "tether_allowed_ip_range",
+    "tether_audit_log",
+    "tether_triggerer",
+    "tether_trigger_outcome",
+    "tether_trigger_run",
+)
 EXAMPLES = 12
 
 
@@ -181,3 +190,55 @@ def test_hostile_requests_get_a_clear_4xx_with_a_reason(plane: Plane, admin: Adm
         )
         _problem(again, 409, "job_final")
     assert plane.wait_for_run("faults_bad_input", run_id, timeout=60) == "failed"
+
+
+def test_triggerer_calls_out_of_role_or_out_of_turn_are_refused_and_change_nothing(plane: Plane, token: str) -> None:
+    tables = ("tether_triggerer", "tether_trigger_outcome", "tether_trigger_run", "trigger", "task_instance")
+
+    def state() -> dict[str, list[tuple[Any, ...]]]:
+        return {t: sorted(map(tuple, plane.query(f"SELECT * FROM {t}")), key=repr) for t in tables}
+
+    with agent_api(plane, token) as api:
+        worker = _register_body("bad-trig-worker")
+        worker_id = api.post("/agents/register", json=worker).json()["agent_id"]
+        trig = _register_body("bad-trig", roles=["triggerer"], queues=["default"])
+        registered = api.post("/agents/register", json=trig)
+        assert registered.is_success, registered.text
+        trig_id = registered.json()["agent_id"]
+        base = f"/agents/{trig_id}/triggerer"
+        me = {"incarnation": trig["incarnation"]}
+        # The positive control: the triggerer's own load is served, and makes its Airflow triggerer job.
+        loaded = api.post(f"{base}/load", json={**me, "capacity": 10})
+        assert loaded.is_success, loaded.text
+        assert loaded.json()["trigger_ids"] == []
+        before = state()
+        refused = api.post(
+            f"/agents/{worker_id}/triggerer/load", json={"incarnation": worker["incarnation"], "capacity": 10}
+        )
+        _problem(refused, 403, "role_not_registered")
+        impostor = api.post(f"{base}/load", json={"incarnation": str(uuid.uuid4()), "capacity": 10})
+        _problem(impostor, 409, "superseded")
+        _problem(api.post(f"{base}/load", json={**me, "capacity": 0}), 422, "invalid_request")
+        _problem(api.post(f"{base}/workloads", json={**me, "trigger_ids": []}), 422, "invalid_request")
+        assert api.post(f"{base}/workloads", json={**me, "trigger_ids": [2**31 - 1]}).json() == {"workloads": []}
+        outcome = {"outcome_id": str(uuid.uuid4()), "trigger_id": 1}
+        bad_kind = api.post(f"{base}/outcomes", json={**me, "events": [{**outcome, "kind": "boom"}]})
+        _problem(bad_kind, 422, "invalid_request")
+        _problem(
+            api.post(f"{base}/outcomes", json={**me, "failures": [{**outcome, "error": ["x" * 20_000]}]}),
+            422,
+            "invalid_request",
+        )
+        logged = api.post(
+            f"{base}/triggers/1/logs", json={**me, "segment": str(uuid.uuid4()), "seq": 0, "lines": ["x"]}
+        )
+        assert logged.json() == {"stop": True, "reason": "the trigger is not this agent process's"}
+        assert state() == before
+        # Stopping ends its Airflow job and forgets it.
+        assert api.post(f"{base}/release", json=me).status_code == 204
+    assert (
+        plane.query(
+            "SELECT count(*) FROM tether_triggerer r JOIN tether_agent a ON a.id = r.agent_id WHERE a.name = 'bad-trig'"
+        )[0][0]
+        == 0
+    )
