@@ -527,6 +527,9 @@ class Health(_Answer):
     version: str
     #: The oldest revision the plane serves.
     oldest_protocol: int = Field(default=OLDEST_PROTOCOL, json_schema_extra=since(2))
+    #: How this API server learns of new jobs: ``listening`` (PostgreSQL notifications), ``polling`` (its
+    #: listener is reconnecting: lease requests look on a timer), ``not_used`` (SQLite, or no lease yet).
+    listener: str | None = Field(default=None, json_schema_extra=since(2))
 
 
 def parse_revision(text: str | None) -> int | None:

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -98,6 +98,15 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "default": "",
         "example": "10.0.0.0/8,127.0.0.1",
     },
+    "listen_database_url": {
+        "description": "Where the API server LISTENs for new jobs, when not through the metadata database's own "
+        "URL: a direct, session-mode connection to PostgreSQL. Set it when the metadata database is reached "
+        "through a pooler in transaction mode (PgBouncer's pool_mode = transaction), where LISTEN does not work.\n",
+        "type": "string",
+        "sensitive": True,
+        "default": "",
+        "example": "postgresql://airflow:secret@postgres-direct:5432/airflow",
+    },
     "callback_queue": {
         "description": "The queue of the callbacks Airflow hands its executor (deadline alerts' synchronous "
         "callbacks): worker agents serving it run them. Empty: Airflow's [operators] default_queue.\n",
@@ -126,6 +135,8 @@ class PlaneSettings:
     max_parse_result_bytes: int = 16 * 1024 * 1024
     task_log_max_bytes: int = 10 * 1024 * 1024
     trusted_proxies: tuple[Network, ...] = ()
+    #: Empty: the metadata database's own URL.
+    listen_database_url: str = field(default="", repr=False)
     #: Empty: Airflow's ``[operators] default_queue`` (``from_airflow`` reads it), else "default".
     callback_queue: str = ""
 
@@ -153,5 +164,6 @@ class PlaneSettings:
             max_parse_result_bytes=int(get("max_parse_result_bytes")),
             task_log_max_bytes=int(get("task_log_max_bytes")),
             trusted_proxies=tuple(parse_cidrs(item for item in get("trusted_proxies").split(",") if item.strip())),
+            listen_database_url=get("listen_database_url").strip(),
             callback_queue=get("callback_queue").strip() or conf.get("operators", "default_queue", fallback="default"),
         )

@@ -79,3 +79,5 @@ faults_many()
 
 
 _sleeper("faults_bad_input", "badq", 1)
+
+_sleeper("faults_listener", "listenq", 0.5)

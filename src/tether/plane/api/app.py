@@ -34,6 +34,7 @@ from tether.plane.api.dag_processing import dag_processing_router, takes_large_b
 from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision, written
 from tether.plane.api.tokens import with_execution_tokens
 from tether.plane.api.triggers import triggerer_router
+from tether.plane.api.wakeup import ListenerState
 from tether.plane.config import PlaneSettings
 from tether.plane.store import NOTIFY_CHANNEL, Store, TokenIdentity
 
@@ -115,7 +116,7 @@ def _context_from_airflow() -> PlaneContext:
     if conn.startswith("postgresql"):
         from sqlalchemy.engine import make_url
 
-        url = make_url(conn)
+        url = make_url(plane_settings.listen_database_url or conn)
         dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
         store = Store(agent_api_session_factory(conn), settings=plane_settings)
     else:
@@ -338,11 +339,15 @@ def create_app(
         return _problem(422, "invalid request: " + "; ".join(problems), "invalid_request")
 
     @app.get("/v1/health", response_model=protocol.Health, tags=["agent"])
-    async def health(x_tether_protocol: Annotated[str | None, Header()] = None) -> Any:
+    async def health(request: Request, x_tether_protocol: Annotated[str | None, Header()] = None) -> Any:
         revision = protocol.parse_revision(x_tether_protocol)
         if revision is None or not protocol.OLDEST_PROTOCOL <= revision <= protocol.PROTOCOL_VERSION:
             revision = protocol.PROTOCOL_VERSION
-        return written(protocol.Health(version=tether.__version__, protocol=revision), revision)
+        # Read without making the plane's context: probes come before any agent call, and cost nothing.
+        ctx: PlaneContext | None = getattr(request.app.state, "tether", None)
+        listener = ctx.wakeup.state if ctx is not None else ListenerState.NOT_USED
+        answer = protocol.Health(version=tether.__version__, protocol=revision, listener=listener)
+        return written(answer, revision)
 
     @app.get("/v1/preflight", response_model=protocol.PreflightResponse, tags=["agent"])
     async def preflight(ctx: Ctx, identity: Identity, address: Address, revision: Revision) -> Any:

@@ -133,7 +133,7 @@ class PlaneContext:
         ttl = store.settings.token_cache_ttl.total_seconds()
         return cls(
             store=store,
-            wakeup=Wakeup(),
+            wakeup=Wakeup(probe=store.send_notification),
             tokens=TokenCache(ttl),
             ranges=RangeCache(ttl),
             listen_dsn=listen_dsn,

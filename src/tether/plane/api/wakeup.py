@@ -6,6 +6,14 @@ comes back, waiters fall back to looking on a timer, so a lost notification
 costs at most one poll interval. SQLite has no notifications: waiters rely on
 the timer alone.
 
+A LISTEN connection can stop delivering without being closed (a NAT or
+firewall idle timeout, a failover behind a virtual address, a pooler in
+transaction mode). The listener watches for that: TCP keepalives on its
+connection, and, after ``PROBE_IDLE`` seconds with nothing heard, a
+notification to itself sent over another connection, which must come back
+within ``PROBE_TIMEOUT``. When it does not, the listener says so, waiters look
+on the timer, and it connects again; once it hears again, everyone looks.
+
 While listening it also remembers which queues a claim has just found empty:
 a lease request for those needs no trip to the database, only the wait. A
 notification for a queue, a new LISTEN connection or ``EMPTY_FOR`` seconds end
@@ -16,12 +24,13 @@ that saw a job locked by another claim whose transaction then rolled back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import select
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +39,33 @@ log = logging.getLogger(__name__)
 
 #: Seconds a queue found empty is trusted to stay empty without a notification.
 EMPTY_FOR = 2.0
+#: Seconds without a notification after which the listener checks that notifications still reach it.
+PROBE_IDLE = 3.0
+#: Seconds its own notification has to come back before the LISTEN connection counts as dead.
+PROBE_TIMEOUT = 2.0
+#: The payload of a probe: no queue is named so.
+PROBE_PAYLOAD = "tether:probe"
+#: libpq options of the LISTEN connection: connect within 5 s, notice a dead peer within about 10 s.
+LISTEN_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+
+
+class ListenerSilent(Exception):
+    """The LISTEN connection stopped delivering notifications without being closed."""
+
+
+class ListenerState:
+    LISTENING = "listening"
+    #: Not listening (connecting, or reconnecting after a failure): waiters look on a timer.
+    POLLING = "polling"
+    #: No LISTEN (SQLite): waiters look on a timer.
+    NOT_USED = "not_used"
 
 
 @dataclass(frozen=True)
@@ -42,7 +78,11 @@ class Look:
 
 
 class Wakeup:
-    def __init__(self) -> None:
+    def __init__(self, probe: Callable[[str, str], None] | None = None) -> None:
+        """``probe(channel, payload)`` sends a notification over a connection other than the listener's."""
+        self._probe = probe
+        #: When the listener stopped hearing (None: it hears, or never listened).
+        self.silent_since: float | None = None
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -55,6 +95,12 @@ class Wakeup:
         self._notified: dict[str, int] = defaultdict(int)
         #: Queues a claim found empty: (Look.connection, notifications then, free slots it had, when).
         self._empty: dict[str, tuple[int, int, int, float]] = {}
+
+    @property
+    def state(self) -> str:
+        if self._thread is None:
+            return ListenerState.NOT_USED
+        return ListenerState.LISTENING if self.listening else ListenerState.POLLING
 
     def start_listening(self, dsn: str, channel: str) -> None:
         if self._thread is not None:
@@ -135,30 +181,70 @@ class Wakeup:
         import psycopg2
 
         while not self._stop.is_set():
+            conn: Any = None
             try:
-                conn: Any = psycopg2.connect(dsn)
+                conn = psycopg2.connect(dsn, **LISTEN_OPTIONS)
                 conn.set_isolation_level(0)  # autocommit: LISTEN must not sit in a transaction
                 with conn.cursor() as cursor:
                     cursor.execute(f"LISTEN {channel}")
-                log.info("Listening for new Tether jobs on %s", channel)
                 self._connection += 1
                 self.listening = True
+                if self.silent_since is not None:
+                    log.warning(
+                        "Tether's job listener hears notifications again, after %.1fs; lease requests are woken "
+                        "at once again",
+                        time.monotonic() - self.silent_since,
+                    )
+                    self.silent_since = None
+                else:
+                    log.info("Listening for new Tether jobs on %s", channel)
                 # Notifications sent while we were not listening are lost: everyone looks again.
                 self._wake_all_threadsafe()
-                while not self._stop.is_set():
-                    if select.select([conn], [], [], 5.0) == ([], [], []):
-                        continue
-                    conn.poll()
-                    queues = {notify.payload for notify in conn.notifies}
-                    conn.notifies.clear()
-                    if self._loop is not None:
-                        for queue in queues:
-                            self._loop.call_soon_threadsafe(self.wake, queue)
-            except Exception:
+                self._hear(conn, channel)
+            except Exception as exc:
+                if self.listening or self.silent_since is None:
+                    self.silent_since = time.monotonic()
+                    log.warning(
+                        "Tether's job listener lost its connection (%s); lease requests look for work on a timer "
+                        "until it is back. Connecting again.",
+                        exc if isinstance(exc, ListenerSilent) else repr(exc),
+                    )
                 self.listening = False
-                log.exception("Tether job listener lost its connection; retrying in 1s")
                 self._stop.wait(1.0)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
         self.listening = False
+
+    def _hear(self, conn: Any, channel: str) -> None:
+        """Wake the waiters of each queue notified, until the connection fails or falls silent."""
+        heard = time.monotonic()
+        probe_sent: float | None = None
+        probe = ""
+        while not self._stop.is_set():
+            if select.select([conn], [], [], 0.5) != ([], [], []):
+                conn.poll()
+                payloads = {notify.payload for notify in conn.notifies}
+                conn.notifies.clear()
+                if payloads:
+                    heard = time.monotonic()
+                    if probe in payloads:
+                        probe_sent = None
+                queues = {p for p in payloads if not p.startswith(PROBE_PAYLOAD)}
+                if self._loop is not None:
+                    for queue in queues:
+                        self._loop.call_soon_threadsafe(self.wake, queue)
+            now = time.monotonic()
+            if probe_sent is not None and now - probe_sent > PROBE_TIMEOUT:
+                raise ListenerSilent(
+                    f"its own notification did not come back within {PROBE_TIMEOUT:.0f}s, "
+                    f"nothing heard for {now - heard:.0f}s"
+                )
+            if probe_sent is None and self._probe is not None and now - heard >= PROBE_IDLE:
+                probe = f"{PROBE_PAYLOAD}:{self._connection}:{now:.3f}"
+                self._probe(channel, probe)
+                probe_sent = time.monotonic()
 
     def _wake_all_threadsafe(self) -> None:
         if self._loop is not None:

@@ -119,6 +119,11 @@ class Database:
         finally:
             session.close()
 
+    def send_notification(self, channel: str, payload: str) -> None:
+        """One notification, sent now (the job listener's probe of its own connection)."""
+        with self.statement() as conn:
+            conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload})
+
     @contextmanager
     def statement(self) -> Iterator[Connection]:
         """A connection for one statement that commits as it runs: no BEGIN and COMMIT round trips.
