@@ -45,3 +45,17 @@ def test_audit_reads_back_what_the_cli_did(pg_plane: Plane) -> None:
     newest = entries[0]
     assert newest["action"] == "token.create" and newest["actor"].startswith("cli:")
     assert newest["after"]["name"] == "audited-cli" and newest["before"] is None
+
+
+def test_token_expiry_is_set_and_changed_from_the_cli(pg_plane: Plane) -> None:
+    created = _json(pg_plane, "tokens", "create", "--name", "cli-expiring", "--expires", "12h")
+    assert created["expires_at"] and created["state"] == "active"
+    extended = _json(pg_plane, "tokens", "update", created["id"], "--expires", "2030-01-31T18:00Z")
+    assert extended["expires_at"].startswith("2030-01-31T18:00:00")
+    forever = _json(pg_plane, "tokens", "update", created["id"], "--expires", "never", "--description", "rotated")
+    assert forever["expires_at"] is None and forever["description"] == "rotated"
+    entries = _json(pg_plane, "audit", "--target-id", created["id"], "--limit", "5")
+    assert [entry["action"] for entry in entries][:2] == ["token.update", "token.update"]
+    bad = pg_plane.airflow("tether", "tokens", "update", created["id"], "--expires", "soon", check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --expires: expiry 'soon' is not a duration")

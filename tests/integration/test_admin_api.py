@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -205,3 +205,58 @@ def test_every_change_is_audited_with_actor_and_before_after(client: TestClient,
     assert entries[1]["after"] == {"ranges": ["10.0.0.0/8"]}
     only_agent = client.get(f"/v1/audit?target_id={agent_id}", headers=VIEWER).json()
     assert len(only_agent) == 3
+
+
+def test_token_expiry_is_a_duration_or_a_time_and_can_be_changed_audited(client: TestClient, store: Store) -> None:
+    before = utcnow()
+    created = client.post("/v1/tokens", json={"name": "rotating", "expires": "12h"}, headers=ADMIN).json()
+    expires = datetime.fromisoformat(created["expires_at"])
+    assert before + timedelta(hours=12) <= expires <= utcnow() + timedelta(hours=12)
+    shortened = client.patch(f"/v1/tokens/{created['id']}", json={"expires": "30m"}, headers=ADMIN)
+    assert shortened.status_code == 200, shortened.text
+    assert datetime.fromisoformat(shortened.json()["expires_at"]) <= utcnow() + timedelta(minutes=30)
+    fixed = client.patch(f"/v1/tokens/{created['id']}", json={"expires": "2030-01-01T00:00Z"}, headers=ADMIN).json()
+    assert fixed["expires_at"].startswith("2030-01-01T00:00:00")
+    forever = client.patch(f"/v1/tokens/{created['id']}", json={"expires": "never"}, headers=ADMIN).json()
+    assert forever["expires_at"] is None and forever["state"] == "active"
+    audit = client.get("/v1/audit", params={"target_id": created["id"]}, headers=ADMIN).json()
+    updates = [entry for entry in audit if entry["action"] == "token.update"]
+    assert len(updates) == 3 and {entry["actor"] for entry in updates} == {"admin"}
+    assert updates[0]["after"]["expires_at"] is None  # newest first: the last change
+
+
+def test_an_expired_token_given_time_again_works_again(client: TestClient, store: Store) -> None:
+    created = client.post("/v1/tokens", json={"name": "lapsed", "expires": "1h"}, headers=ADMIN).json()
+    with store.transaction() as session:
+        session.get(AgentToken, created["id"]).expires_at = utcnow() - timedelta(seconds=1)
+    assert _register(client, created["secret"]).json()["reason"] == "token_expired"
+    client.patch(f"/v1/tokens/{created['id']}", json={"expires": "1d"}, headers=ADMIN)
+    assert _register(client, created["secret"]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        ({"expires": "yesterday"}, 422, "invalid_expiry"),
+        ({"expires": "2020-01-01"}, 422, "invalid_expiry"),
+        ({}, 422, "invalid_request"),
+        ({"expires": "1h", "colour": "red"}, 422, "invalid_request"),
+    ],
+)
+def test_bad_token_changes_are_refused_with_a_reason(
+    client: TestClient, body: dict[str, Any], status: int, reason: str
+) -> None:
+    created = client.post("/v1/tokens", json={"name": "target"}, headers=ADMIN).json()
+    refused = client.patch(f"/v1/tokens/{created['id']}", json=body, headers=ADMIN)
+    assert refused.status_code == status and refused.json()["reason"] == reason, refused.text
+    assert client.get(f"/v1/tokens/{created['id']}", headers=ADMIN).json()["expires_at"] is None
+
+
+def test_a_revoked_token_cannot_be_changed_and_viewers_cannot_change_tokens(client: TestClient) -> None:
+    created = client.post("/v1/tokens", json={"name": "gone"}, headers=ADMIN).json()
+    assert client.patch(f"/v1/tokens/{created['id']}", json={"expires": "1h"}, headers=VIEWER).status_code == 403
+    client.post(f"/v1/tokens/{created['id']}/revoke", headers=ADMIN)
+    refused = client.patch(f"/v1/tokens/{created['id']}", json={"expires": "1h"}, headers=ADMIN)
+    assert refused.status_code == 409 and refused.json()["reason"] == "token_revoked"
+    both = client.post("/v1/tokens", json={"name": "both", "expires": "1h", "expires_in_days": 1}, headers=ADMIN)
+    assert both.status_code == 422

@@ -15,7 +15,20 @@ ARG_OUTPUT = Arg(
 )
 ARG_NAME = Arg(("--name",), help="Name of the token (unique among active tokens)", required=True)
 ARG_DESCRIPTION = Arg(("--description",), help="What the token is for", default=None)
-ARG_EXPIRES = Arg(("--expires-in-days",), help="Days until the token expires (default: never)", type=int, default=None)
+ARG_EXPIRES_IN_DAYS = Arg(
+    ("--expires-in-days",), help="Days until the token expires (older form of --expires)", type=int, default=None
+)
+ARG_EXPIRES = Arg(
+    ("--expires",),
+    help="When the token expires: a duration (30m, 12h, 90d, 2w, 1d12h), a time (2027-01-31, 2027-01-31T18:00Z) "
+    "or never (default: never)",
+    default=None,
+)
+ARG_NEW_EXPIRY = Arg(
+    ("--expires",),
+    help="When the token expires from now on: a duration (30m, 12h, 90d), a time (2027-01-31T18:00Z) or never",
+    default=None,
+)
 ARG_TOKEN_ID = Arg(("token_id",), help="Id of the token (the part after tether_)")
 ARG_AGENT = Arg(("agent",), help="Name or id of the agent")
 ARG_REASON = Arg(("--reason",), help="Why, for the people who look later", default=None)
@@ -46,10 +59,20 @@ TOKEN_COMMANDS = (
         ARG_NAME,
         ARG_DESCRIPTION,
         ARG_EXPIRES,
+        ARG_EXPIRES_IN_DAYS,
         ARG_OUTPUT,
     ),
     _command("list", "List agent tokens (never their secrets)", "tokens_list", ARG_OUTPUT),
     _command("show", "Show one agent token", "tokens_show", ARG_TOKEN_ID, ARG_OUTPUT),
+    _command(
+        "update",
+        "Change when an agent token expires (sooner, later, never) or its description",
+        "tokens_update",
+        ARG_TOKEN_ID,
+        ARG_NEW_EXPIRY,
+        ARG_DESCRIPTION,
+        ARG_OUTPUT,
+    ),
     _command(
         "revoke",
         "Revoke an agent token; agents using it are refused and their tasks failed",

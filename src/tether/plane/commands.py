@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from tether import errors
 from tether.plane.config import PlaneSettings
+from tether.plane.expiry import parse_expiry
 from tether.plane.store import Store, airflow_session_factory, utcnow
 from tether.plane.store.agents import RangeChange
 from tether.plane.values import agent_values, configured_plane_url
@@ -105,15 +106,25 @@ def _call(action: Callable[[], T]) -> T:
 # -- tokens ---------------------------------------------------------------------
 
 
+def _expiry(text: str, now: datetime) -> datetime | None:
+    try:
+        return parse_expiry(text, now)
+    except ValueError as exc:
+        _fail(f"--expires: {exc}")
+
+
 def tokens_create(args: argparse.Namespace) -> None:
     if args.expires_in_days is not None and args.expires_in_days < 1:
         _fail("--expires-in-days must be 1 or more (leave it out for a token that never expires)")
+    if args.expires is not None and args.expires_in_days is not None:
+        _fail("give --expires or --expires-in-days, not both")
+    now = utcnow()
+    expires_at = _expiry(args.expires, now) if args.expires is not None else None
+    if args.expires_in_days:
+        expires_at = now + timedelta(days=args.expires_in_days)
     issued, row = _call(
         lambda: _store().create_token(
-            name=args.name,
-            description=args.description,
-            expires_in=timedelta(days=args.expires_in_days) if args.expires_in_days else None,
-            created_by=_actor(),
+            name=args.name, description=args.description, expires_at=expires_at, created_by=_actor(), now=now
         )
     )
     out = TokenOut.from_row(row, utcnow())
@@ -136,6 +147,19 @@ def tokens_list(args: argparse.Namespace) -> None:
 
 def tokens_show(args: argparse.Namespace) -> None:
     _emit_one(TokenOut.from_row(_call(lambda: _store().get_token(args.token_id)), utcnow()), args.output)
+
+
+def tokens_update(args: argparse.Namespace) -> None:
+    if args.expires is None and args.description is None:
+        _fail("give --expires, --description or both")
+    now = utcnow()
+    changes: dict[str, Any] = {}
+    if args.expires is not None:
+        changes["expires_at"] = _expiry(args.expires, now)
+    if args.description is not None:
+        changes["description"] = args.description
+    row = _call(lambda: _store().update_token(args.token_id, changed_by=_actor(), now=now, **changes))
+    _emit_one(TokenOut.from_row(row, utcnow()), args.output)
 
 
 def tokens_revoke(args: argparse.Namespace) -> None:

@@ -10,10 +10,11 @@ import enum
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from tether import protocol
 from tether.plane import tokens
+from tether.plane.expiry import HELP
 from tether.plane.models import AgentToken, AllowedIpRange, AuditEntry, Bundle
 from tether.protocol import AgentStatus
 
@@ -75,7 +76,31 @@ class TokenCreated(TokenOut):
 class TokenCreate(_In):
     name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     description: Annotated[str, StringConstraints(max_length=1024)] | None = None
-    expires_in_days: int | None = Field(default=None, ge=1, le=3650, description="None: the token never expires")
+    expires_in_days: int | None = Field(
+        default=None, ge=1, le=3650, description="Days until it expires (older form of `expires`)"
+    )
+    expires: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        default=None, description=f"When it expires: {HELP}. Neither this nor expires_in_days: never"
+    )
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> TokenCreate:
+        if self.expires is not None and self.expires_in_days is not None:
+            raise ValueError("give expires or expires_in_days, not both")
+        return self
+
+
+class TokenUpdate(_In):
+    expires: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        default=None, description=f"When it expires from now on: {HELP}"
+    )
+    description: Annotated[str, StringConstraints(max_length=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> TokenUpdate:
+        if self.expires is None and self.description is None:
+            raise ValueError("give expires, description or both")
+        return self
 
 
 class VersionSupport(enum.StrEnum):

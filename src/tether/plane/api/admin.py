@@ -8,14 +8,15 @@ change is written to the audit log with the user's name.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
-from typing import Annotated, Literal
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 
 from tether import errors
 from tether.plane.api.deps import Ctx, PlaneContext
+from tether.plane.expiry import parse_expiry
 from tether.plane.store import utcnow
 from tether.plane.store.agents import RangeChange
 from tether.plane.views import (
@@ -28,6 +29,7 @@ from tether.plane.views import (
     TokenCreate,
     TokenCreated,
     TokenOut,
+    TokenUpdate,
 )
 
 Method = Literal["GET", "POST", "PUT", "DELETE"]
@@ -72,6 +74,13 @@ Changer = Annotated[str, Depends(_actor("PUT"))]
 Deleter = Annotated[str, Depends(_actor("DELETE"))]
 
 
+def _expiry(text: str, now: datetime) -> datetime | None:
+    try:
+        return parse_expiry(text, now)
+    except ValueError as exc:
+        raise errors.Invalid(str(exc), reason="invalid_expiry") from None
+
+
 def admin_router() -> APIRouter:
     router = APIRouter(tags=["admin"])
 
@@ -84,14 +93,30 @@ def admin_router() -> APIRouter:
 
     @router.post("/v1/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
     async def create_token(body: TokenCreate, ctx: Ctx, user: Creator) -> TokenCreated:
-        expires = timedelta(days=body.expires_in_days) if body.expires_in_days else None
+        now = utcnow()
+        expires_at = _expiry(body.expires, now) if body.expires is not None else None
+        if body.expires_in_days:
+            expires_at = now + timedelta(days=body.expires_in_days)
         issued, row = await run_in_threadpool(
             lambda: ctx.store.create_token(
-                name=body.name, description=body.description, expires_in=expires, created_by=user
+                name=body.name, description=body.description, expires_at=expires_at, created_by=user, now=now
             )
         )
         out = TokenOut.from_row(row, utcnow())
         return TokenCreated(**out.model_dump(), secret=issued.text)
+
+    @router.patch("/v1/tokens/{token_id}", response_model=TokenOut)
+    async def update_token(token_id: str, body: TokenUpdate, ctx: Ctx, user: Changer) -> TokenOut:
+        """Change when a token expires (sooner, later, never) or its description; audited."""
+        now = utcnow()
+        changes: dict[str, Any] = {}
+        if body.expires is not None:
+            changes["expires_at"] = _expiry(body.expires, now)
+        if body.description is not None:
+            changes["description"] = body.description
+        row = await run_in_threadpool(lambda: ctx.store.update_token(token_id, changed_by=user, now=now, **changes))
+        ctx.tokens.clear()
+        return TokenOut.from_row(row, utcnow())
 
     @router.get("/v1/tokens/{token_id}", response_model=TokenOut)
     async def show_token(token_id: str, ctx: Ctx, _user: Reader) -> TokenOut:

@@ -13,6 +13,13 @@ from tether.plane.models import Agent, AgentToken, AuditEntry
 from tether.plane.store.base import Database, TokenIdentity, audit, snapshot, utcnow
 from tether.plane.store.rules import settle_agent
 
+
+class Unchanged:
+    """An argument not given: the field keeps its value."""
+
+
+UNCHANGED = Unchanged()
+
 _TOKEN_AUDIT_FIELDS = ("id", "name", "description", "expires_at", "revoked_at", "revoked_by")
 #: ``last_used_at`` is for people: written at most this often, not on every request.
 _LAST_USED_EVERY = timedelta(minutes=1)
@@ -25,10 +32,14 @@ class TokenStore(Database):
         name: str,
         description: str | None = None,
         expires_in: timedelta | None = None,
+        expires_at: datetime | None = None,
         created_by: str | None = None,
         now: datetime | None = None,
     ) -> tuple[tokens.IssuedToken, AgentToken]:
+        """A new token, expiring at ``expires_at`` (or ``expires_in`` from now; neither: never)."""
         now = now or utcnow()
+        if expires_in is not None:
+            expires_at = now + expires_in
         with self.transaction() as session:
             live = _live_tokens(session, now)
             if any(t.name == name for t in live):
@@ -50,7 +61,7 @@ class TokenStore(Database):
                 secret_hash=issued.secret_hash,
                 created_at=now,
                 created_by=created_by,
-                expires_at=now + expires_in if expires_in is not None else None,
+                expires_at=expires_at,
             )
             session.add(row)
             session.flush()
@@ -76,6 +87,47 @@ class TokenStore(Database):
     def get_token(self, token_id: str) -> AgentToken:
         with self.transaction() as session:
             row = _token(session, token_id)
+            session.expunge(row)
+        return row
+
+    def update_token(
+        self,
+        token_id: str,
+        *,
+        expires_at: datetime | Unchanged | None = UNCHANGED,
+        description: str | Unchanged | None = UNCHANGED,
+        changed_by: str | None = None,
+        now: datetime | None = None,
+    ) -> AgentToken:
+        """Change when a token expires (sooner, later, never; an expired one may be given time again) or what it is for.
+
+        A revoked token stays revoked: it cannot be changed.
+        """
+        now = now or utcnow()
+        with self.transaction() as session:
+            row = _token(session, token_id)
+            if row.revoked_at is not None:
+                raise errors.Conflict(
+                    f"agent token {row.name} was revoked; create another instead", reason="token_revoked"
+                )
+            before = snapshot(row, _TOKEN_AUDIT_FIELDS)
+            if not isinstance(expires_at, Unchanged):
+                row.expires_at = expires_at
+            if not isinstance(description, Unchanged):
+                row.description = description
+            session.flush()
+            after = snapshot(row, _TOKEN_AUDIT_FIELDS)
+            if after != before:
+                audit(
+                    session,
+                    actor=changed_by or "unknown",
+                    action="token.update",
+                    target_type="token",
+                    target_id=row.id,
+                    before=before,
+                    after=after,
+                    now=now,
+                )
             session.expunge(row)
         return row
 
