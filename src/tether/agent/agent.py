@@ -35,6 +35,8 @@ log = logging.getLogger("tether.agent")
 
 #: Time a terminated task gets between SIGTERM and SIGKILL.
 KILL_GRACE = timedelta(seconds=10)
+#: Time a task of a fenced agent (its token refused) gets between SIGTERM and SIGKILL: its work is no longer its own.
+FENCE_GRACE = timedelta(seconds=3)
 #: Refusals of a start that concern the agent, not the job: no other job of the call may start either.
 _AGENT_REFUSALS = frozenset({"agent_not_found", "agent_deleted", "token_mismatch", "superseded"})
 #: Refusals that name the plane's and the agent's versions (ADR 5): only an upgrade ends them, so the
@@ -95,6 +97,8 @@ class HeldJob:
     process: TaskProcess | None = None
     task: asyncio.Task[None] | None = None
     kill_reason: str | None = None
+    #: The plane refused this agent's token while the job ran: it was stopped here, and is not reported.
+    fenced: bool = False
 
     @property
     def job_id(self) -> uuid.UUID:
@@ -326,11 +330,37 @@ class Agent:
         """Act on a 4xx the plane gave to a heartbeat or lease."""
         if exc.reason == "superseded":
             raise AgentStopped(f"another process took over this agent's name: {exc.detail}")
+        if exc.status == 401:
+            self._fence(exc)
         if exc.status == 404:
             log.warning("The plane no longer knows this agent (%s); registering again", exc.detail)
             await self._register()
             return
         self._refusals.refused(call, exc, retry_in)
+
+    def _fence(self, exc: PlaneRefused) -> None:
+        """The plane refuses this agent's token: its running tasks stop now, and are not reported.
+
+        The plane failed their jobs when the token was revoked or expired, and Airflow may
+        already run them elsewhere: what they do from here on is no longer theirs to do.
+        """
+        running = [held for held in self.state.jobs.values() if held.process is not None and not held.fenced]
+        if not running:
+            return
+        log.error(
+            "Fenced: the plane refused this agent's token (%s); stopping its %d running task(s) now (SIGTERM, SIGKILL "
+            "after %.0fs); they are not reported",
+            exc.reason,
+            len(running),
+            FENCE_GRACE.total_seconds(),
+        )
+        for held in running:
+            held.fenced = True
+            held.kill_reason = f"stopped: the plane refused the agent's token ({exc.reason})"
+            assert held.process is not None
+            held.process.terminate()
+            asyncio.get_running_loop().call_later(FENCE_GRACE.total_seconds(), held.process.kill)
+        self.metrics.fenced_jobs.inc(len(running))
 
     # -- heartbeat --------------------------------------------------------------
 
@@ -489,6 +519,10 @@ class Agent:
             exit_code = await held.process.wait()
             if follower is not None:
                 follower.finish()
+            if held.fenced:
+                self.metrics.jobs.labels("fenced").inc()
+                log.warning("Job %s stopped (exit code %d): %s", job_id, exit_code, held.kill_reason)
+                return
             outcome = protocol.ReportState.SUCCESS if exit_code == 0 else protocol.ReportState.FAILED
             self.metrics.jobs.labels(outcome.value).inc()
             log.info("Job %s finished with exit code %d", job_id, exit_code)

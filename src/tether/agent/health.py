@@ -30,7 +30,17 @@ class AgentMetrics:
         self.slots = Gauge("tether_agent_slots", "Task slots of this agent", registry=self.registry)
         self.free_slots = Gauge("tether_agent_free_slots", "Free task slots", registry=self.registry)
         self.running = Gauge("tether_agent_running_tasks", "Tasks running now", registry=self.registry)
-        self.jobs = Counter("tether_agent_jobs", "Jobs finished, by outcome", ["outcome"], registry=self.registry)
+        self.jobs = Counter(
+            "tether_agent_jobs",
+            "Jobs finished, by outcome: success, failed, fenced (stopped here: the plane refused the agent's token)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.fenced_jobs = Counter(
+            "tether_agent_fenced_jobs",
+            "Running tasks the agent stopped because the plane refused its token (revoked or expired)",
+            registry=self.registry,
+        )
         self.plane_errors = Counter(
             "tether_agent_plane_errors",
             "Failed calls to the plane, by kind",

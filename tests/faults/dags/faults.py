@@ -81,3 +81,5 @@ faults_many()
 _sleeper("faults_bad_input", "badq", 1)
 
 _sleeper("faults_listener", "listenq", 0.5)
+
+_sleeper("faults_fenced", "fenceq", 120)
