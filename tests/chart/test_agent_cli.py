@@ -64,6 +64,9 @@ def _container_environment(
             file = root / value.lstrip("/")
             file.parent.mkdir(parents=True, exist_ok=True)
             file.write_text(TOKEN if name == "TETHER_TOKEN_FILE" else "-----BEGIN CERTIFICATE-----\n")
+            # As the kubelet writes it: the volume's mode, or Kubernetes' own default (0644); a secrets-store
+            # driver writes the mode its provider is given, which docs/chart.md asks to be 0440.
+            file.chmod(source.get("defaultMode", 0o440 if "csi" in volume else 0o644))
             value = str(file)
         environment[name] = value
     return environment

@@ -60,6 +60,15 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
         'planeURL "airflow.example.com" is not an http(s) URL: set it to the URL of the Airflow API server, '
         "starting with https://.",
     ),
+    "planeURL over plain HTTP": (
+        values(planeURL="http://airflow.internal.test"),
+        'planeURL "http://airflow.internal.test" is plain HTTP, which would send the agent token across the network '
+        "in the clear: serve the Airflow API server over HTTPS and set planeURL to its https:// URL.",
+    ),
+    "insecure HTTP turned on through env": (
+        values(commonEnv=[{"name": "TETHER_ALLOW_INSECURE_HTTP", "value": "true"}]),
+        "commonEnv sets TETHER_ALLOW_INSECURE_HTTP, but the chart's agents reach the plane over HTTPS only: remove it.",
+    ),
     "duplicate worker names": (
         values(workers=[_worker(), {"name": "default", "queues": ["default"]}, _worker(queues=["other"])]),
         'workers[2].name "etl" is already the name of workers[0]: give every worker a unique name.',
@@ -159,7 +168,7 @@ def test_every_problem_is_refused_at_once_one_line_each() -> None:
 @pytest.mark.parametrize(
     ("value", "refused"),
     [
-        ("http://AIRFLOW.Example:8080/", True),
+        ("https://AIRFLOW.Example:8080/", True),
         ("https://user@example.org/airflow", True),
         ("https://example.net.", True),
         ("https://myexample.com", False),

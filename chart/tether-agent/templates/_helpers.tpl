@@ -89,6 +89,8 @@ several values still to fill in needs one round, not one per value.
 {{- $problems = append $problems "planeURL is required: set it to the URL of the Airflow API server the agents connect to, e.g. https://airflow.example.com." -}}
 {{- else if not (regexMatch "^https?://[^/]+" $v.planeURL) -}}
 {{- $problems = append $problems (printf "planeURL %q is not an http(s) URL: set it to the URL of the Airflow API server, starting with https://." $v.planeURL) -}}
+{{- else if hasPrefix "http://" (lower $v.planeURL) -}}
+{{- $problems = append $problems (printf "planeURL %q is plain HTTP, which would send the agent token across the network in the clear: serve the Airflow API server over HTTPS and set planeURL to its https:// URL." $v.planeURL) -}}
 {{- else -}}
 {{- $host := regexReplaceAll "^https?://([^/?#]*@)?([^/:?#]+).*$" $v.planeURL "${2}" | lower | trimSuffix "." -}}
 {{- /* The reserved example domains (RFC 2606): a file that still has one was never finished. */ -}}
@@ -135,6 +137,9 @@ several values still to fill in needs one round, not one per value.
 {{- range $e := index $pair 1 -}}
 {{- if has $e.name $forbidden -}}
 {{- $problems = append $problems (printf "%s sets %s, but agents never connect to the metadata database: remove it." (index $pair 0) $e.name) -}}
+{{- end -}}
+{{- if eq $e.name "TETHER_ALLOW_INSECURE_HTTP" -}}
+{{- $problems = append $problems (printf "%s sets TETHER_ALLOW_INSECURE_HTTP, but the chart's agents reach the plane over HTTPS only: remove it." (index $pair 0)) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

@@ -83,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(settings.redacted(), indent=2))
         return 0
     _configure_logging(settings.log_level)
+    if agent_settings.insecure_plane_url(settings):
+        logging.getLogger("tether.agent").warning(
+            "The plane URL %s is plain HTTP (--allow-insecure-http): the agent token and every call cross the "
+            "network in the clear",
+            settings.plane_url,
+        )
     if args.command == "dag-processor":
         from tether.agent import dag_processor
 

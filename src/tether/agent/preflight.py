@@ -18,7 +18,7 @@ import tether
 from tether import protocol
 from tether.agent import sdk_internals
 from tether.agent.client import PlaneClient, make_http_client
-from tether.agent.settings import AgentSettings
+from tether.agent.settings import AgentSettings, insecure_plane_url
 from tether.errors import PlaneRefused, PlaneUnavailable
 
 
@@ -199,11 +199,23 @@ def _quiet_airflow_logs() -> Iterator[None]:
         logging.root.setLevel(previous)
 
 
+def _transport_check(settings: AgentSettings) -> CheckResult | None:
+    if not insecure_plane_url(settings):
+        return None
+    return CheckResult(
+        "plane URL",
+        True,
+        f"{settings.plane_url} is plain HTTP (--allow-insecure-http): the token crosses the network in the clear",
+        notice=True,
+    )
+
+
 async def run_checks(settings: AgentSettings, client: PlaneClient | None = None) -> list[CheckResult]:
     own_client = client is None
     client = client or PlaneClient(make_http_client(settings))
+    transport = _transport_check(settings)
     try:
-        results = await _plane_checks(settings, client)
+        results = ([transport] if transport else []) + await _plane_checks(settings, client)
     finally:
         if own_client:
             await client.aclose()

@@ -8,8 +8,10 @@ value raises ``ConfigError`` with one sentence naming the option.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -143,6 +145,13 @@ OPTIONS: tuple[Option, ...] = (
         default="1000",
         parse=_positive_int,
     ),
+    Option(
+        "allow_insecure_http",
+        "Allow an http:// plane URL that is not a loopback address: the agent token then crosses the network "
+        "in the clear (logged as a warning at start and in tether-agent check)",
+        default="false",
+        parse=_bool,
+    ),
     Option("log_level", "DEBUG, INFO, WARNING or ERROR", default="INFO", parse=_log_level),
     Option(
         "max_backoff",
@@ -176,6 +185,7 @@ class AgentSettings:
     share_dag_source: bool = False
     task_logs: TaskLogs = TaskLogs.SHIP
     trigger_capacity: int = 1000
+    allow_insecure_http: bool = False
     token_file: Path | None = None
 
     def redacted(self) -> dict[str, Any]:
@@ -220,6 +230,38 @@ def _read_file(path: str) -> dict[str, Any]:
     return {k: "" if v is None else (",".join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in data.items()}
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` names this machine only: ``localhost`` or a loopback address."""
+    if not host:
+        return False
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_plane_url(settings: AgentSettings) -> bool:
+    """Whether the agent calls the plane over plain HTTP across a network (allowed by --allow-insecure-http)."""
+    parsed = urlparse(settings.plane_url)
+    return parsed.scheme == "http" and not is_loopback(parsed.hostname)
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a token file others may read or anyone but its owner may change.
+
+    Group read is allowed: Kubernetes mounts a Secret group-readable by the pod's
+    ``fsGroup`` (the chart sets ``defaultMode: 0440``).
+    """
+    mode = path.stat().st_mode
+    if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+        raise ConfigError(
+            f"the agent token file {path} may be read or changed by other users (mode {stat.S_IMODE(mode):04o}): "
+            f"run chmod 600 {path}"
+        )
+
+
 def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> AgentSettings:
     environ = os.environ if environ is None else environ
     flags = vars(args) if args is not None else {}
@@ -256,6 +298,12 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ConfigError(f"--plane-url / TETHER_PLANE_URL: {plane_url!r} must be an http(s) URL with a host")
     plane_url = plane_url.rstrip("/")
+    if parsed.scheme == "http" and not is_loopback(parsed.hostname) and not values["allow_insecure_http"]:
+        raise ConfigError(
+            f"--plane-url / TETHER_PLANE_URL: {plane_url!r} is plain HTTP, so the agent token would cross the "
+            "network in the clear. Use https://, or, if the network is yours to trust, --allow-insecure-http / "
+            "TETHER_ALLOW_INSECURE_HTTP=true"
+        )
 
     token, token_file = values["token"], values["token_file"]
     if bool(token) == bool(token_file):
@@ -269,6 +317,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
             raise ConfigError(f"cannot read the agent token file {token_file}: {exc.strerror}") from None
         if not token:
             raise ConfigError(f"the agent token file {token_file} is empty")
+        _check_private(Path(token_file))
 
     for name in ("ca_bundle", "client_cert", "client_key"):
         if values[name] and not Path(values[name]).is_file():
@@ -299,4 +348,5 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         share_dag_source=values["share_dag_source"],
         task_logs=values["task_logs"],
         trigger_capacity=values["trigger_capacity"],
+        allow_insecure_http=values["allow_insecure_http"],
     )
