@@ -9,6 +9,8 @@ uses it, and so do the end-to-end tests.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import json
 import os
 import secrets
@@ -29,6 +31,19 @@ from sqlalchemy.engine import Engine
 
 BIN = Path(sys.executable).parent
 EXECUTOR = "tether.plane.executor.TetherExecutor"
+#: Airflow's logging configuration that reads the task logs agents ship.
+LOG_CONFIG = "tether.plane.log_config.LOGGING_CONFIG"
+
+
+@functools.cache
+def _has_module(bin_dir: Path, module: str) -> bool:
+    """Whether the Python of ``bin_dir`` can import ``module`` (an older release may not have it)."""
+    if bin_dir == BIN:
+        return importlib.util.find_spec(module) is not None
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    return subprocess.run([str(bin_dir / "python"), "-c", probe], stdin=subprocess.DEVNULL).returncode == 0
+
+
 #: Answers 200 once the API server serves Tether's agent API.
 AGENT_API_HEALTH = "/tether/v1/health"
 
@@ -135,13 +150,14 @@ class Plane:
                 "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                 "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "task-logs"),
-                # Task logs agents ship are read through Tether (see tether.plane.log_config).
-                "AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS": "tether.plane.log_config.LOGGING_CONFIG",
                 "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": "2",
                 "AIRFLOW__TETHER__LEASE_WAIT": "10",
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if _has_module(self.bin_dir, LOG_CONFIG.rpartition(".")[0]):
+            # Task logs agents ship are read through Tether (see tether.plane.log_config).
+            env["AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS"] = LOG_CONFIG
         if self.tls is not None:
             cert, key, ca = self.tls
             env["AIRFLOW__API__SSL_CERT"] = str(cert)
@@ -167,8 +183,10 @@ class Plane:
         self.home.mkdir(parents=True, exist_ok=True)
         self.airflow("db", "migrate")
 
-    def create_token(self, name: str) -> str:
-        return self.airflow("tether", "tokens", "create", "--name", name).stdout.strip().splitlines()[-1]
+    def create_token(self, name: str, scopes: Sequence[str] = ()) -> str:
+        """A new agent token for ``scopes`` (none given: the plane's default, a worker token)."""
+        flags = [arg for scope in scopes for arg in ("--scope", scope)]
+        return self.airflow("tether", "tokens", "create", "--name", name, *flags).stdout.strip().splitlines()[-1]
 
     def start(
         self,
