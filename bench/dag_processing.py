@@ -248,7 +248,7 @@ def measure_processor(
     plane.extra_env.update(workload.settings())
     try:
         plane.home.mkdir(parents=True, exist_ok=True)
-        token = plane.create_token("bench-dagproc") if processor == "tether" else ""
+        token = plane.create_token("bench-dagproc", scopes=("dag-processor",)) if processor == "tether" else ""
         plane.start(("api-server",))
         started = time.time()
         agent = _start(processor, plane, token, dags, workload)

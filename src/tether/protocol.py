@@ -96,6 +96,16 @@ class AgentRole(enum.StrEnum):
     TRIGGERER = "triggerer"
 
 
+class TokenScope(enum.StrEnum):
+    """What an agent token may be used for: the roles its agents may serve."""
+
+    WORKER = "worker"
+    DAG_PROCESSOR = "dag-processor"
+    TRIGGERER = "triggerer"
+    #: Reports on the agents' pods; leases nothing, writes nothing but its reports.
+    SENTINEL = "sentinel"
+
+
 class JobKind(enum.StrEnum):
     """What an Airflow workload a job carries: ``ExecuteTask``, ``ExecuteCallback`` or ``TestConnection``."""
 

@@ -38,7 +38,8 @@ def run(home: Path) -> int:
     try:
         _step(f"creating the plane's database in {plane.home}", started)
         plane.migrate()
-        token = plane.create_token("quickstart")
+        # One token for the three roles here; in production, give each role a token of its own (--scope).
+        token = plane.create_token("quickstart", scopes=("dag-processor", "worker", "triggerer"))
         _step("starting the API server and the scheduler (no DAG files, no DAG processor, no triggerer)", started)
         plane.start(("api-server", "scheduler"))
         _step(f"plane up at {plane.url}; starting agents 'quickstart-parser', '-worker' and '-triggerer'", started)

@@ -151,7 +151,7 @@ def remote(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     env = bundles_env(local, other, repo)
     try:
         plane.migrate()
-        token = plane.create_token("remote")
+        token = plane.create_token("remote", scopes=("worker", "dag-processor"))
         plane.start(("api-server", "scheduler"))
         worker = start_agent(plane, "worker", token, env=env, queues="default", slots="4")
         processor = start_agent(
@@ -263,7 +263,7 @@ class FakeProcessor:
     """The test speaking the dag-processor protocol with a token of its own, as a hostile agent might."""
 
     def __init__(self, remote: Remote, name: str, roles: list[str]) -> None:
-        self.token = remote.plane.create_token(name)
+        self.token = remote.plane.create_token(name, scopes=roles)
         self.http = httpx.Client(
             base_url=f"{remote.plane.url}/tether/v1",
             headers={"Authorization": f"Bearer {self.token}", "X-Tether-Protocol": "2"},
@@ -321,7 +321,8 @@ def test_bad_parse_results_get_a_4xx_and_change_nothing(remote: Remote) -> None:
 
     worker = FakeProcessor(remote, "fake-worker", ["worker"])
     refused = worker.post("bundles", {"bundles": [{"name": "fake-bundle"}]})
-    assert (refused.status_code, refused.json()["reason"]) == (403, "role_not_registered")
+    assert (refused.status_code, refused.json()["reason"]) == (403, "scope_missing")
+    assert "not dag-processor: use a token created with --scope dag-processor" in refused.json()["detail"]
 
     fake = FakeProcessor(remote, "fake-parser", ["dag-processor"])
     taken = fake.post("bundles", {"bundles": [{"name": "dags-folder"}]})

@@ -47,7 +47,7 @@ def test_unchanged_files_are_written_once_and_not_sent_again(tmp_path: Path, pg_
     plane = Plane(home=tmp_path / "plane", dags_folder=tmp_path / "nothing", sql_alchemy_conn=url)
     try:
         plane.migrate()
-        token = plane.create_token("many")
+        token = plane.create_token("many", scopes=("dag-processor",))
         plane.start(("api-server", "scheduler"))
         parser = start_agent(
             plane,

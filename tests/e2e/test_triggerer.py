@@ -130,7 +130,7 @@ def triggers(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Ite
     try:
         plane.migrate()
         plane.airflow("variables", "set", "tether_e2e_greeting", "hello from the plane")
-        token = plane.create_token("triggers")
+        token = plane.create_token("triggers", scopes=("worker", "dag-processor", "triggerer"))
         plane.start(("api-server", "scheduler"))
         agents["parser"] = start_agent(plane, "parser", token, command="dag-processor", env=env)
         agents["worker"] = start_agent(plane, "worker", token, env=env, queues="default,special", slots="8")

@@ -198,7 +198,12 @@ def test_triggerer_calls_out_of_role_or_out_of_turn_are_refused_and_change_nothi
     def state() -> dict[str, list[tuple[Any, ...]]]:
         return {t: sorted(map(tuple, plane.query(f"SELECT * FROM {t}")), key=repr) for t in tables}
 
+    both = plane.create_token("bad-trig-both", scopes=("worker", "triggerer"))
     with agent_api(plane, token) as api:
+        # A worker token may not run triggers.
+        refused_scope = api.post("/agents/register", json=_register_body("bad-trig-scope", roles=["triggerer"]))
+        _problem(refused_scope, 403, "scope_missing")
+    with agent_api(plane, both) as api:
         worker = _register_body("bad-trig-worker")
         worker_id = api.post("/agents/register", json=worker).json()["agent_id"]
         trig = _register_body("bad-trig", roles=["triggerer"], queues=["default"])

@@ -260,3 +260,51 @@ def test_a_revoked_token_cannot_be_changed_and_viewers_cannot_change_tokens(clie
     assert refused.status_code == 409 and refused.json()["reason"] == "token_revoked"
     both = client.post("/v1/tokens", json={"name": "both", "expires": "1h", "expires_in_days": 1}, headers=ADMIN)
     assert both.status_code == 422
+
+
+def test_a_token_serves_only_the_roles_it_was_created_for(client: TestClient, store: Store) -> None:
+    created = client.post("/v1/tokens", json={"name": "triggers", "scopes": ["triggerer"]}, headers=ADMIN)
+    assert created.status_code == 201 and created.json()["scopes"] == ["triggerer"]
+    secret = created.json()["secret"]
+    as_worker = _register(client, secret, name="wants-to-work")
+    assert as_worker.status_code == 403 and as_worker.json()["reason"] == "scope_missing"
+    assert "may serve triggerer, not worker: use a token created with --scope worker" in as_worker.json()["detail"]
+    incarnation = str(uuid.uuid4())
+    body = {
+        "name": "trig",
+        "incarnation": incarnation,
+        "tether_version": "0.2.0",
+        "airflow_version": "1.3.2",
+        "python_version": "3.11",
+        "hostname": "h",
+        "roles": ["triggerer"],
+        "queues": ["default"],
+        "slots": 1,
+    }
+    auth = {"Authorization": f"Bearer {secret}", **SPEAKS}
+    registered = client.post("/v1/agents/register", json=body, headers=auth)
+    assert registered.status_code == 200, registered.text
+    agent_id = registered.json()["agent_id"]
+    lease = client.post(
+        f"/v1/agents/{agent_id}/lease",
+        json={"incarnation": incarnation, "free_slots": 1, "queues": ["default"], "wait": 0},
+        headers=auth,
+    )
+    assert lease.status_code == 403 and lease.json()["reason"] == "scope_missing"
+    beat = client.post(
+        f"/v1/agents/{agent_id}/heartbeat", json={"incarnation": incarnation, "free_slots": 0}, headers=auth
+    )
+    assert beat.status_code == 200, beat.text
+
+
+def test_tokens_are_worker_tokens_unless_told_and_bundles_need_the_dag_processor_scope(client: TestClient) -> None:
+    plain = client.post("/v1/tokens", json={"name": "plain"}, headers=ADMIN).json()
+    assert plain["scopes"] == ["worker"] and plain["bundles"] is None
+    parsers = client.post(
+        "/v1/tokens", json={"name": "parsers", "scopes": ["dag-processor"], "bundles": ["finance"]}, headers=ADMIN
+    ).json()
+    assert (parsers["scopes"], parsers["bundles"]) == (["dag-processor"], ["finance"])
+    refused = client.post("/v1/tokens", json={"name": "odd", "bundles": ["finance"]}, headers=ADMIN)
+    assert refused.status_code == 422 and refused.json()["reason"] == "bundles_without_dag_processor"
+    assert client.post("/v1/tokens", json={"name": "none", "scopes": []}, headers=ADMIN).status_code == 422
+    assert client.post("/v1/tokens", json={"name": "bad", "scopes": ["admin"]}, headers=ADMIN).status_code == 422

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from alembic import command
@@ -103,10 +104,14 @@ def test_upgrading_from_the_first_release_keeps_tokens_cordons_and_queued_jobs(d
         )
     command.upgrade(config, "head")
     with engine.connect() as conn:
-        token = conn.execute(text("SELECT name, secret_hash, revoked_at FROM tether_agent_token")).one()
+        token = conn.execute(
+            text("SELECT name, secret_hash, revoked_at, scopes, bundles FROM tether_agent_token")
+        ).one()
         agent = conn.execute(text("SELECT cordoned, cordon_reason, cordoned_by, protocol FROM tether_agent")).one()
-        job = conn.execute(text("SELECT id, state FROM tether_job")).one()
+        job = conn.execute(text("SELECT id, state, kind FROM tether_job")).one()
     engine.dispose()
-    assert tuple(token) == ("fleet", "h", None)
+    scopes = json.loads(token[3]) if isinstance(token[3], str) else token[3]
+    # A token of the first release keeps working, as a worker token; a job of it is a task.
+    assert (*token[:3], scopes, token[4]) == ("fleet", "h", None, ["worker"], None)
     assert (bool(agent[0]), *agent[1:]) == (True, "disk", "cli:ops", 1)
-    assert tuple(job) == ("j1", "QUEUED")
+    assert tuple(job) == ("j1", "QUEUED", "task")

@@ -29,6 +29,19 @@ ARG_NEW_EXPIRY = Arg(
     help="When the token expires from now on: a duration (30m, 12h, 90d), a time (2027-01-31T18:00Z) or never",
     default=None,
 )
+ARG_SCOPE = Arg(
+    ("--scope",),
+    help="A role the token's agents may serve: worker, dag-processor, triggerer or sentinel; give it once per role "
+    "(default: worker)",
+    action="append",
+    choices=("worker", "dag-processor", "triggerer", "sentinel"),
+    default=None,
+)
+ARG_BUNDLES = Arg(
+    ("--bundles",),
+    help="Comma-separated DAG bundles the token's dag-processor agents may write (default: any)",
+    default=None,
+)
 ARG_TOKEN_ID = Arg(("token_id",), help="Id of the token (the part after tether_)")
 ARG_AGENT = Arg(("agent",), help="Name or id of the agent")
 ARG_REASON = Arg(("--reason",), help="Why, for the people who look later", default=None)
@@ -58,6 +71,8 @@ TOKEN_COMMANDS = (
         "tokens_create",
         ARG_NAME,
         ARG_DESCRIPTION,
+        ARG_SCOPE,
+        ARG_BUNDLES,
         ARG_EXPIRES,
         ARG_EXPIRES_IN_DAYS,
         ARG_OUTPUT,

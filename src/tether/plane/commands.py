@@ -26,7 +26,7 @@ from tether.plane.views import AuditOut, BundleOut, IpRangeOut, TokenOut
 
 T = TypeVar("T")
 
-TOKEN_COLUMNS = ("id", "name", "token", "state", "created_at", "created_by", "expires_at", "last_used_at")
+TOKEN_COLUMNS = ("id", "name", "token", "state", "scopes", "created_at", "created_by", "expires_at", "last_used_at")
 AGENT_COLUMNS = (
     "name",
     "roles",
@@ -124,7 +124,13 @@ def tokens_create(args: argparse.Namespace) -> None:
         expires_at = now + timedelta(days=args.expires_in_days)
     issued, row = _call(
         lambda: _store().create_token(
-            name=args.name, description=args.description, expires_at=expires_at, created_by=_actor(), now=now
+            name=args.name,
+            description=args.description,
+            expires_at=expires_at,
+            scopes=args.scope or ["worker"],
+            bundles=[b.strip() for b in args.bundles.split(",") if b.strip()] if args.bundles is not None else None,
+            created_by=_actor(),
+            now=now,
         )
     )
     out = TokenOut.from_row(row, utcnow())
@@ -134,7 +140,8 @@ def tokens_create(args: argparse.Namespace) -> None:
     print(issued.text)
     expiry = f"expires {out.expires_at:%Y-%m-%d %H:%M} UTC" if out.expires_at else "never expires"
     print(
-        f"Agent token {row.name!r} created (id {row.id}, {expiry}). This is the only time it is shown: "
+        f"Agent token {row.name!r} created (id {row.id}, for {', '.join(row.scopes)}, {expiry}). "
+        "This is the only time it is shown: "
         "store it now, for example in a Kubernetes Secret.",
         file=sys.stderr,
     )

@@ -58,6 +58,10 @@ class AgentToken(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     revoked_by: Mapped[str | None] = mapped_column(String(256))
+    #: The roles its agents may serve (``protocol.TokenScope``); tokens older than scopes are worker tokens.
+    scopes: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=lambda: ["worker"])
+    #: The DAG bundles its dag-processor agents may write; None: any bundle.
+    bundles: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class Agent(Base):

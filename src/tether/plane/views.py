@@ -45,6 +45,10 @@ class TokenOut(_Out):
     revoked_at: datetime | None
     revoked_by: str | None
     state: TokenState
+    #: The roles its agents may serve.
+    scopes: list[protocol.TokenScope]
+    #: The DAG bundles its dag-processor agents may write; None: any.
+    bundles: list[str] | None
 
     @classmethod
     def from_row(cls, row: AgentToken, now: datetime) -> TokenOut:
@@ -66,6 +70,8 @@ class TokenOut(_Out):
             revoked_at=row.revoked_at,
             revoked_by=row.revoked_by,
             state=state,
+            scopes=[protocol.TokenScope(scope) for scope in row.scopes or ("worker",)],
+            bundles=list(row.bundles) if row.bundles is not None else None,
         )
 
 
@@ -76,6 +82,15 @@ class TokenCreated(TokenOut):
 class TokenCreate(_In):
     name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     description: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    scopes: list[protocol.TokenScope] = Field(
+        default_factory=lambda: [protocol.TokenScope.WORKER],
+        min_length=1,
+        max_length=4,
+        description="The roles its agents may serve (default: worker)",
+    )
+    bundles: (
+        list[Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")]] | None
+    ) = Field(default=None, max_length=100, description="DAG bundles its dag-processor agents may write (default: any)")
     expires_in_days: int | None = Field(
         default=None, ge=1, le=3650, description="Days until it expires (older form of `expires`)"
     )

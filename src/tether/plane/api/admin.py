@@ -99,7 +99,13 @@ def admin_router() -> APIRouter:
             expires_at = now + timedelta(days=body.expires_in_days)
         issued, row = await run_in_threadpool(
             lambda: ctx.store.create_token(
-                name=body.name, description=body.description, expires_at=expires_at, created_by=user, now=now
+                name=body.name,
+                description=body.description,
+                expires_at=expires_at,
+                scopes=body.scopes,
+                bundles=body.bundles,
+                created_by=user,
+                now=now,
             )
         )
         out = TokenOut.from_row(row, utcnow())

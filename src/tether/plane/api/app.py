@@ -31,7 +31,7 @@ from tether import errors, protocol
 from tether.collector import settle_garbage_collector
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
 from tether.plane.api.dag_processing import dag_processing_router, takes_large_bodies
-from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision, written
+from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision, WorkerIdentity, written
 from tether.plane.api.tokens import with_execution_tokens
 from tether.plane.api.triggers import triggerer_router
 from tether.plane.api.wakeup import ListenerState
@@ -380,7 +380,7 @@ def create_app(
 
     @app.post("/v1/agents/{agent_id}/lease", response_model=protocol.LeaseResponse, tags=["agent"])
     async def lease(
-        agent_id: uuid.UUID, body: protocol.LeaseRequest, ctx: Ctx, identity: Identity, revision: Revision
+        agent_id: uuid.UUID, body: protocol.LeaseRequest, ctx: Ctx, identity: WorkerIdentity, revision: Revision
     ) -> Any:
         return written(await _lease(ctx, identity, agent_id, body), revision)
 
@@ -390,14 +390,14 @@ def create_app(
         job_id: uuid.UUID,
         body: protocol.StartRequest,
         ctx: Ctx,
-        identity: Identity,
+        identity: WorkerIdentity,
         revision: Revision,
     ) -> Any:
         return written(await ctx.db(ctx.store.start, identity, str(agent_id), str(job_id), body), revision)
 
     @app.post("/v1/agents/{agent_id}/jobs/start", response_model=protocol.StartManyResponse, tags=["agent"])
     async def start_many(
-        agent_id: uuid.UUID, body: protocol.StartManyRequest, ctx: Ctx, identity: Identity, revision: Revision
+        agent_id: uuid.UUID, body: protocol.StartManyRequest, ctx: Ctx, identity: WorkerIdentity, revision: Revision
     ) -> Any:
         return written(await ctx.db(ctx.store.start_many, identity, str(agent_id), body), revision)
 
@@ -407,7 +407,7 @@ def create_app(
         job_id: uuid.UUID,
         body: protocol.ReportRequest,
         ctx: Ctx,
-        identity: Identity,
+        identity: WorkerIdentity,
         revision: Revision,
     ) -> Any:
         return written(await ctx.db(ctx.store.report, identity, str(agent_id), str(job_id), body), revision)
@@ -418,7 +418,7 @@ def create_app(
         job_id: uuid.UUID,
         body: protocol.LogBatch,
         ctx: Ctx,
-        identity: Identity,
+        identity: WorkerIdentity,
         revision: Revision,
     ) -> Any:
         return written(await ctx.db(ctx.store.append_log, identity, str(agent_id), str(job_id), body), revision)

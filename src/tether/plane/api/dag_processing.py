@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Response, status
 
 from tether import protocol
-from tether.plane.api.deps import Ctx, Identity, Revision, written
+from tether.plane.api.deps import Ctx, DagProcessorIdentity, Revision, written
 
 
 def takes_large_bodies(path: str) -> bool:
@@ -30,7 +30,11 @@ def dag_processing_router() -> APIRouter:
 
     @router.post("/bundles", response_model=protocol.BundleSyncResponse)
     async def sync_bundles(
-        agent_id: uuid.UUID, body: protocol.BundleSyncRequest, ctx: Ctx, identity: Identity, revision: Revision
+        agent_id: uuid.UUID,
+        body: protocol.BundleSyncRequest,
+        ctx: Ctx,
+        identity: DagProcessorIdentity,
+        revision: Revision,
     ) -> Any:
         return written(await ctx.db(ctx.store.sync_bundles, identity, str(agent_id), body), revision)
 
@@ -40,7 +44,7 @@ def dag_processing_router() -> APIRouter:
         bundle_name: BundlePath,
         body: protocol.BundleStateUpdate,
         ctx: Ctx,
-        identity: Identity,
+        identity: DagProcessorIdentity,
     ) -> Response:
         await ctx.db(ctx.store.update_bundle_state, identity, str(agent_id), bundle_name, body)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -51,7 +55,7 @@ def dag_processing_router() -> APIRouter:
         bundle_name: BundlePath,
         body: protocol.BundleFiles,
         ctx: Ctx,
-        identity: Identity,
+        identity: DagProcessorIdentity,
         revision: Revision,
     ) -> Any:
         answer = await ctx.db(ctx.store.reconcile_bundle_files, identity, str(agent_id), bundle_name, body)
@@ -59,13 +63,13 @@ def dag_processing_router() -> APIRouter:
 
     @router.post("/results", response_model=protocol.ParseResultResponse)
     async def parse_result(
-        agent_id: uuid.UUID, body: protocol.ParseResult, ctx: Ctx, identity: Identity, revision: Revision
+        agent_id: uuid.UUID, body: protocol.ParseResult, ctx: Ctx, identity: DagProcessorIdentity, revision: Revision
     ) -> Any:
         return written(await ctx.db(ctx.store.write_parse_result, identity, str(agent_id), body), revision)
 
     @router.post("/work", response_model=protocol.WorkResponse)
     async def claim_work(
-        agent_id: uuid.UUID, body: protocol.WorkRequest, ctx: Ctx, identity: Identity, revision: Revision
+        agent_id: uuid.UUID, body: protocol.WorkRequest, ctx: Ctx, identity: DagProcessorIdentity, revision: Revision
     ) -> Any:
         return written(await ctx.db(ctx.store.claim_work, identity, str(agent_id), body), revision)
 

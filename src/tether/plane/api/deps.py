@@ -224,8 +224,22 @@ def written(answer: BaseModel, revision: int) -> Any:
     return JSONResponse(protocol.written_for(answer, revision))
 
 
+def scoped(scope: protocol.TokenScope) -> Callable[[TokenIdentity], Awaitable[TokenIdentity]]:
+    """A dependency: the caller's token, refused (403 ``scope_missing``) unless it has ``scope``."""
+
+    async def check(identity: Annotated[TokenIdentity, Depends(authenticated)]) -> TokenIdentity:
+        identity.require(scope.value)
+        return identity
+
+    return check
+
+
 Ctx = Annotated[PlaneContext, Depends(context)]
 Identity = Annotated[TokenIdentity, Depends(authenticated)]
+#: The caller's token, which may serve the role of the route.
+WorkerIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.WORKER))]
+DagProcessorIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.DAG_PROCESSOR))]
+TriggererIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.TRIGGERER))]
 #: The caller's protocol revision, checked: answers are written in it.
 Revision = Annotated[int, Depends(speaks)]
 Address = Annotated[str, Depends(address_allowed)]

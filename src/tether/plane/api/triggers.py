@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Response, status
 
 from tether import protocol
-from tether.plane.api.deps import Ctx, Identity, Revision, written
+from tether.plane.api.deps import Ctx, Revision, TriggererIdentity, written
 from tether.plane.api.tokens import execution_token
 
 
@@ -34,7 +34,7 @@ def triggerer_router() -> APIRouter:
 
     @router.post("/load", response_model=protocol.TriggererLoadResponse)
     async def load(
-        agent_id: uuid.UUID, body: protocol.TriggererLoad, ctx: Ctx, identity: Identity, revision: Revision
+        agent_id: uuid.UUID, body: protocol.TriggererLoad, ctx: Ctx, identity: TriggererIdentity, revision: Revision
     ) -> Any:
         queues_enabled, threshold = _triggerer_settings()
         job_id, ids = await ctx.db(
@@ -50,14 +50,18 @@ def triggerer_router() -> APIRouter:
 
     @router.post("/workloads", response_model=protocol.TriggerWorkloadsResponse)
     async def workloads(
-        agent_id: uuid.UUID, body: protocol.TriggerWorkloadsRequest, ctx: Ctx, identity: Identity, revision: Revision
+        agent_id: uuid.UUID,
+        body: protocol.TriggerWorkloadsRequest,
+        ctx: Ctx,
+        identity: TriggererIdentity,
+        revision: Revision,
     ) -> Any:
         found = await ctx.db(ctx.store.trigger_workloads, identity, str(agent_id), body)
         return written(protocol.TriggerWorkloadsResponse(workloads=found), revision)
 
     @router.post("/outcomes", response_model=protocol.TriggerOutcomesResponse)
     async def outcomes(
-        agent_id: uuid.UUID, body: protocol.TriggerOutcomes, ctx: Ctx, identity: Identity, revision: Revision
+        agent_id: uuid.UUID, body: protocol.TriggerOutcomes, ctx: Ctx, identity: TriggererIdentity, revision: Revision
     ) -> Any:
         return written(await ctx.db(ctx.store.trigger_outcomes, identity, str(agent_id), body), revision)
 
@@ -67,14 +71,16 @@ def triggerer_router() -> APIRouter:
         trigger_id: Annotated[int, Path(ge=1)],
         body: protocol.LogBatch,
         ctx: Ctx,
-        identity: Identity,
+        identity: TriggererIdentity,
         revision: Revision,
     ) -> Any:
         answer = await ctx.db(ctx.store.append_trigger_log, identity, str(agent_id), trigger_id, body)
         return written(answer, revision)
 
     @router.post("/release", status_code=status.HTTP_204_NO_CONTENT)
-    async def release(agent_id: uuid.UUID, body: protocol.TriggererRelease, ctx: Ctx, identity: Identity) -> Response:
+    async def release(
+        agent_id: uuid.UUID, body: protocol.TriggererRelease, ctx: Ctx, identity: TriggererIdentity
+    ) -> Response:
         await ctx.db(ctx.store.release_triggerer, identity, str(agent_id), body)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -60,7 +60,12 @@ class AgentStore(Database):
         protocol: int = protocol.PROTOCOL_VERSION,
         now: datetime | None = None,
     ) -> Agent:
-        """Record the agent process ``request`` describes, speaking protocol revision ``protocol``."""
+        """Record the agent process ``request`` describes, speaking protocol revision ``protocol``.
+
+        Its token must have the scope of every role it registers in.
+        """
+        for role in request.roles:
+            identity.require(role.value)
         try:
             return self._register(identity, request, revision=protocol, now=now or utcnow())
         except IntegrityError:

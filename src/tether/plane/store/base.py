@@ -32,6 +32,27 @@ class TokenIdentity:
 
     id: str
     name: str
+    #: The roles its agents may serve (``protocol.TokenScope`` values).
+    scopes: frozenset[str] = frozenset({"worker"})
+    #: The DAG bundles its dag-processor agents may write; None: any.
+    bundles: frozenset[str] | None = None
+
+    def require(self, scope: str) -> None:
+        """Refuse a call this token may not make, naming the scope it lacks."""
+        if scope not in self.scopes:
+            raise errors.Forbidden(
+                f"agent token {self.name} may serve {', '.join(sorted(self.scopes)) or 'nothing'}, not {scope}: "
+                f"use a token created with --scope {scope}",
+                reason="scope_missing",
+            )
+
+    def may_write_bundle(self, bundle: str) -> None:
+        if self.bundles is not None and bundle not in self.bundles:
+            raise errors.Forbidden(
+                f"agent token {self.name} may write DAG bundles {', '.join(sorted(self.bundles)) or '(none)'}, "
+                f"not {bundle}: use a token created with --bundles {bundle}",
+                reason="bundle_not_allowed",
+            )
 
 
 def airflow_session_factory() -> Callable[[], Session]:

@@ -124,6 +124,8 @@ class DagStore(Database):
 
         now = now or utcnow()
         names = [bundle.name for bundle in request.bundles]
+        for name in names:
+            identity.may_write_bundle(name)
         with self.transaction() as session:
             agent = _dag_processor(session, identity, agent_id, request.incarnation)
             owners = {row.name: row for row in session.scalars(select(Bundle).where(Bundle.name.in_(names)))}
@@ -204,6 +206,8 @@ class DagStore(Database):
 
     @staticmethod
     def _owned(session: Session, identity: TokenIdentity, names: Sequence[str]) -> None:
+        for name in names:
+            identity.may_write_bundle(name)
         owned = set(
             session.scalars(select(Bundle.name).where(Bundle.name.in_(list(names)), Bundle.token_id == identity.id))
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
@@ -12,6 +13,7 @@ from tether.plane import tokens
 from tether.plane.models import Agent, AgentToken, AuditEntry
 from tether.plane.store.base import Database, TokenIdentity, audit, snapshot, utcnow
 from tether.plane.store.rules import settle_agent
+from tether.protocol import TokenScope
 
 
 class Unchanged:
@@ -20,7 +22,7 @@ class Unchanged:
 
 UNCHANGED = Unchanged()
 
-_TOKEN_AUDIT_FIELDS = ("id", "name", "description", "expires_at", "revoked_at", "revoked_by")
+_TOKEN_AUDIT_FIELDS = ("id", "name", "description", "scopes", "bundles", "expires_at", "revoked_at", "revoked_by")
 #: ``last_used_at`` is for people: written at most this often, not on every request.
 _LAST_USED_EVERY = timedelta(minutes=1)
 
@@ -33,10 +35,21 @@ class TokenStore(Database):
         description: str | None = None,
         expires_in: timedelta | None = None,
         expires_at: datetime | None = None,
+        scopes: Sequence[str] = (TokenScope.WORKER,),
+        bundles: Sequence[str] | None = None,
         created_by: str | None = None,
         now: datetime | None = None,
     ) -> tuple[tokens.IssuedToken, AgentToken]:
-        """A new token, expiring at ``expires_at`` (or ``expires_in`` from now; neither: never)."""
+        """A new token for ``scopes`` (and, for dag-processors, ``bundles``; None: any), expiring at ``expires_at``
+        (or ``expires_in`` from now; neither: never)."""
+        scopes = sorted({TokenScope(scope).value for scope in scopes})
+        if not scopes:
+            raise errors.Invalid("a token needs at least one scope", reason="no_scope")
+        if bundles is not None and TokenScope.DAG_PROCESSOR.value not in scopes:
+            raise errors.Invalid(
+                "bundles limit what a dag-processor token may write: give the token the dag-processor scope too",
+                reason="bundles_without_dag_processor",
+            )
         now = now or utcnow()
         if expires_in is not None:
             expires_at = now + expires_in
@@ -62,6 +75,8 @@ class TokenStore(Database):
                 created_at=now,
                 created_by=created_by,
                 expires_at=expires_at,
+                scopes=scopes,
+                bundles=sorted(set(bundles)) if bundles is not None else None,
             )
             session.add(row)
             session.flush()
@@ -179,7 +194,12 @@ class TokenStore(Database):
                 )
             if row.last_used_at is None or now - row.last_used_at > _LAST_USED_EVERY:
                 row.last_used_at = now
-            return TokenIdentity(id=row.id, name=row.name)
+            return TokenIdentity(
+                id=row.id,
+                name=row.name,
+                scopes=frozenset(row.scopes or (TokenScope.WORKER.value,)),
+                bundles=frozenset(row.bundles) if row.bundles is not None else None,
+            )
 
     def audit_log(
         self, *, limit: int = 100, target_type: str | None = None, target_id: str | None = None
