@@ -99,6 +99,8 @@ def test_podman_stop_drains_the_running_task(plane: Plane, container: Container)
     state = container.state()
     logs = container.logs()
     assert state["ExitCode"] == 0, logs
+    assert f"Draining: waiting up to {DRAIN_TIMEOUT}s for 1 task(s) to finish" in logs
+    assert "Drained: every task finished" in logs
     # SIGKILL would have come at STOP_TIMEOUT: the agent ended by itself, after the task.
     assert stopped_after < STOP_TIMEOUT, logs
     assert plane.wait_for_run("image_drain", run_id, timeout=60) == "success", logs

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import tether
-from tests.image.conftest import FACTS, REPO, agent_flags, chart_flags, podman
+from tests.image.conftest import FACTS, REPO, TAG, agent_flags, chart_flags, podman
 from tether.embedded import Plane, free_port
 
 #: Tools that have no place in the agent image.
@@ -37,7 +37,7 @@ def test_the_image_runs_the_agent_as_user_50000(image: str, tmp_path: Path) -> N
     assert "8790/tcp" in config.get("ExposedPorts", {})
     layers = len(info["RootFS"]["Layers"])
     size = int(info["Size"])
-    FACTS["image"] = f"{image}: {size / 1e6:.0f} MB, {layers} layers"
+    FACTS["image"] = f"{TAG} ({image.removeprefix('sha256:')[:12]}): {size / 1e6:.0f} MB, {layers} layers"
     assert layers >= 2
     assert _inside(image, tmp_path, "--version").strip() == f"tether-agent {tether.__version__}"
 
