@@ -171,7 +171,8 @@ def start_container(image: str, plane: Plane, tmp: Path, token: str, **settings:
     port = free_port()
     flags = agent_flags(plane, name, tmp, token, port, **settings)
     started = time.time()
-    podman("run", "--detach", f"--name={name}", *flags, image)
+    # --timeout: should this session die without removing it, conmon ends it all the same.
+    podman("run", "--detach", f"--name={name}", "--timeout=1800", *flags, image)
     return Container(name=name, health_port=port, started=started, flags=flags)
 
 
