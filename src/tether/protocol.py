@@ -36,6 +36,8 @@ API_PREFIX = "/tether/v1"
 
 #: Upper bound on any agent request body; the API refuses larger ones with 413.
 MAX_BODY_BYTES = 64 * 1024
+#: The most the headers of one request to the plane may add up to (a browser's cookies included).
+MAX_HEADER_BYTES = 32 * 1024
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 QueueName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\s,]+$")]

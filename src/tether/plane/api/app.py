@@ -168,10 +168,12 @@ class RequestLog:
 
 
 class BodyLimit:
-    """Refuse bodies over the route's limit with 413 before anything parses them.
+    """Refuse bodies over the route's limit with 413, and header blocks over ``MAX_HEADER_BYTES`` with 431.
 
     ``limit_for`` gives the limit of a path. A body sent with ``Content-Encoding:
     gzip`` is decompressed here, and its limit holds for what it decompresses to.
+    Both are refused before anything reads the request: no token is parsed, no
+    body read, nothing logged but the refusal.
     """
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
@@ -181,6 +183,11 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(name) + len(value) + 4 for name, value in scope.get("headers", []))
+        if header_bytes > protocol.MAX_HEADER_BYTES:
+            refused = f"the request's headers are over {protocol.MAX_HEADER_BYTES} bytes"
+            await _problem(431, refused, "headers_too_large")(scope, receive, send)
             return
         limit = self.limit_for(scope.get("path", ""))
         too_large = _problem(413, f"the request body is over {limit} bytes", "body_too_large")
