@@ -21,6 +21,9 @@ from types import FrameType
 from bench.dag_processing import PROCESSORS, ProcessingRun, Workload, measure_processor, summary
 from bench.deploy import BENCH, EXECUTORS, Postgres, deployed, ensure_edge_venv, log, prepare_template
 from bench.measure import DeploymentResult, measure
+from bench.task_logs import MODES as LOG_MODES
+from bench.task_logs import LogRun, LogWorkload, measure_logs
+from bench.task_logs import summary as log_summary
 
 PG_ADMIN_URL = os.environ.get("TETHER_BENCH_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
@@ -47,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dag-processing-runs", type=int, default=3, help="runs of each DAG processor, alternating (default 3)"
     )
+    parser.add_argument(
+        "--task-logs",
+        choices=("on", "off"),
+        default="on",
+        help="measure shipping task logs to the plane against keeping them on the agent (default on)",
+    )
+    parser.add_argument("--task-log-runs", type=int, default=2, help="runs of each log mode, alternating (default 2)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default bench/results/<date>)")
     parser.add_argument("--pg-url", default=PG_ADMIN_URL, help="PostgreSQL admin URL (env TETHER_BENCH_PG_URL)")
     args = parser.parse_args(argv)
@@ -56,15 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--only: unknown executor(s) {', '.join(sorted(unknown))}; choose from {', '.join(EXECUTORS)}")
     args.scale_counts = [] if args.scale == "none" else [int(n) for n in args.scale.split(",") if n.strip()]
     args.workload = Workload()
+    args.log_workload = LogWorkload()
     if args.quick:
         args.workload = Workload(files=100, changes=5)
+        args.log_workload = LogWorkload(lines=2_000, ticks=20)
+        args.task_log_runs = 1
         args.dag_processing_runs = 1
         args.runs = 1
         args.idle_window = min(args.idle_window, 5.0)
         args.scale_duration = min(args.scale_duration, 10.0)
         args.scale_counts = [min(n, 20) for n in args.scale_counts[:1]]
-    if args.runs < 1 or args.dag_processing_runs < 1:
-        parser.error("--runs and --dag-processing-runs must be at least 1")
+    if args.runs < 1 or args.dag_processing_runs < 1 or args.task_log_runs < 1:
+        parser.error("--runs, --dag-processing-runs and --task-log-runs must be at least 1")
     return args
 
 
@@ -90,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     pg = Postgres(args.pg_url)
     results: list[DeploymentResult] = []
     processing: list[ProcessingRun] = []
+    task_logs: list[LogRun] = []
     scale: list[dict[str, object]] = []
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     log(f"writing to {out}; work folder {work}")
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(
                         measure(deployment, pg, run=run, idle_window=args.idle_window, timeout=args.dag_timeout)
                     )
-                _save(out, args, results, processing, scale)
+                _save(out, args, results, processing, scale, task_logs)
         if args.dag_processing == "on":
             template = tether_template("DAG processing")
             for run in range(1, args.dag_processing_runs + 1):
@@ -122,13 +136,21 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"DAG processing, run {run}/{args.dag_processing_runs}: {processor}")
                     processing.append(measure_processor(processor, pg, template, work, run, args.workload))
                     log(f"  {summary(processing[-1])}")
-                    _save(out, args, results, processing, scale)
+                    _save(out, args, results, processing, scale, task_logs)
+        if args.task_logs == "on":
+            template = tether_template("task logs")
+            for run in range(1, args.task_log_runs + 1):
+                for mode in LOG_MODES:
+                    log(f"task logs, run {run}/{args.task_log_runs}: {mode}")
+                    task_logs.append(measure_logs(mode, pg, template, work, run, args.log_workload))
+                    log(f"  {log_summary(task_logs[-1])}")
+                    _save(out, args, results, processing, scale, task_logs)
         if args.scale_counts:
             from bench.scale import scale_test
 
             template = tether_template("the scale test")
             scale.extend(scale_test(pg, template, work, args.scale_counts, duration=args.scale_duration))
-            _save(out, args, results, processing, scale)
+            _save(out, args, results, processing, scale, task_logs)
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
@@ -142,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         pg.cleanup()
     from bench.report import write_report
 
-    report = write_report(out, args, results, scale, time.monotonic() - started, processing=processing)
+    report = write_report(
+        out, args, results, scale, time.monotonic() - started, processing=processing, task_logs=task_logs
+    )
     log(f"done in {(time.monotonic() - started) / 60:.1f} min: {report}")
     return status
 
@@ -153,11 +177,13 @@ def _save(
     results: list[DeploymentResult],
     processing: list[ProcessingRun],
     scale: list[dict[str, object]],
+    task_logs: list[LogRun],
 ) -> None:
     data = {
         "options": {k: _plain(v) for k, v in vars(args).items()},
         "results": [r.as_dict() for r in results],
         "dag_processing": [r.as_dict() for r in processing],
+        "task_logs": [r.as_dict() for r in task_logs],
         "scale": scale,
     }
     (out / "results.json").write_text(json.dumps(data, indent=1, default=str))

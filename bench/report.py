@@ -25,6 +25,7 @@ from bench.dag_processing import NAMES as PROCESSOR_NAMES
 from bench.dag_processing import PROCESSORS
 from bench.deploy import DAG_IDS, EXECUTORS
 from bench.stats import percentile
+from bench.task_logs import log_section
 
 MB = 1.048576  # MiB -> MB: the targets are in MB.
 NAMES = {"local": "LocalExecutor", "tether": "Tether", "edge": "Edge Executor"}
@@ -232,6 +233,7 @@ def render(
     options: dict[str, Any],
     elapsed: float | None,
     processing: list[dict[str, Any]] | None = None,
+    task_logs: list[dict[str, Any]] | None = None,
 ) -> str:
     lines: list[str] = []
     add = lines.append
@@ -356,6 +358,7 @@ def render(
         )
         add("")
     lines.extend(processing_section(processing))
+    lines.extend(log_section(task_logs))
     if scale:
         add("## Scale test: simulated agents against one API server")
         add("")
@@ -559,11 +562,19 @@ def write_report(
     elapsed: float | None = None,
     *,
     processing: Sequence[Any] = (),
+    task_logs: Sequence[Any] = (),
 ) -> Path:
     runs = [r.as_dict() if hasattr(r, "as_dict") else r for r in results]
     opts = vars(options) if isinstance(options, argparse.Namespace) else dict(options or {})
     res = Results(runs)
-    text = render(res, scale, opts, elapsed, [r.as_dict() if hasattr(r, "as_dict") else r for r in processing])
+    text = render(
+        res,
+        scale,
+        opts,
+        elapsed,
+        [r.as_dict() if hasattr(r, "as_dict") else r for r in processing],
+        [r.as_dict() if hasattr(r, "as_dict") else r for r in task_logs],
+    )
     made = charts(out, res, scale)
     if made:
         text += "\n## Charts\n\n" + "\n".join(f"![{name}]({name})" for name in made) + "\n"
@@ -585,6 +596,7 @@ def main() -> None:
             data.get("scale", []),
             data.get("elapsed"),
             processing=data.get("dag_processing", []),
+            task_logs=data.get("task_logs", []),
         )
     )
 
