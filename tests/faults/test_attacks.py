@@ -84,10 +84,10 @@ def test_another_tokens_agent_and_replayed_calls_change_nothing(plane: Plane, to
         assert again.json()["leases"] == []
 
         report = {**me, "state": "failed", "exit_code": 1, "reason": "attack test"}
-        assert api.post(f"/agents/{owner_id}/jobs/{job}/report", json=report).json()["state"] == "failed"
+        assert api.post(f"/agents/{owner_id}/jobs/{job}/report", json=report).json()["state"] == "FAILED"
         finished = _job_row(plane, job)
         # The same report replayed is the same answer and changes nothing; another outcome is refused.
-        assert api.post(f"/agents/{owner_id}/jobs/{job}/report", json=report).json()["state"] == "failed"
+        assert api.post(f"/agents/{owner_id}/jobs/{job}/report", json=report).json()["state"] == "FAILED"
         _problem(api.post(f"/agents/{owner_id}/jobs/{job}/report", json={**me, "state": "success"}), 409, "job_final")
         # A start replayed after the end does not run it again.
         _problem(api.post(f"/agents/{owner_id}/jobs/{job}/start", json=me), 409, "not_leased")
