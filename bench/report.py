@@ -521,14 +521,14 @@ def triggers_section(data: dict[str, list[dict[str, Any]]] | None) -> list[str]:
         f"| tree holding {held} waiting triggers, RSS / PSS (MiB) | processes |"
     )
     lines.append("|---" * 8 + "|")
-    pooled: dict[str, list[float]] = {}
+    pooled: dict[str, dict[str, list[float]]] = {}
     memory: dict[str, dict[str, Any]] = {}
     for side in TRIGGERER_SIDES:
         mine = [r for r in latency if r["side"] == side]
         held_by = next((w for w in waiting if w["side"] == side), None)
         if not mine and held_by is None:
             continue
-        pooled[side] = [x for r in mine for x in r["latencies"]]
+        pooled[side] = {key: [x for r in mine for x in r[key]] for key in ("latencies", "to_event", "event_to_start")}
         timed = sum(len(r["latencies"]) for r in mine)
         asked = sum(r["tasks"] for r in mine)
         idle = [r["idle"] for r in mine]
@@ -543,20 +543,25 @@ def triggers_section(data: dict[str, list[dict[str, Any]]] | None) -> list[str]:
             held_cell = f"{held_by['memory']['rss']:.0f} / {held_by['memory']['pss']:.0f}"
             processes = str(held_by["memory"]["processes"])
         lines.append(
-            f"| {TRIGGERER_NAMES[side]} | {timed} of {asked} | {_pair(pooled[side])} "
-            f"| {_pair([x for r in mine for x in r['to_event']])} "
-            f"| {_pair([x for r in mine for x in r['event_to_start']])} | {idle_cell} | {held_cell} | {processes} |"
+            f"| {TRIGGERER_NAMES[side]} | {timed} of {asked} | {_pair(pooled[side]['latencies'])} "
+            f"| {_pair(pooled[side]['to_event'])} | {_pair(pooled[side]['event_to_start'])} "
+            f"| {idle_cell} | {held_cell} | {processes} |"
         )
     if "tether" in pooled and "airflow" in pooled:
-        p50 = _ratio(percentile(pooled["tether"], 0.5), percentile(pooled["airflow"], 0.5))
-        p90 = _ratio(percentile(pooled["tether"], 0.9), percentile(pooled["airflow"], 0.9))
+        cells = []
+        for key in ("latencies", "to_event", "event_to_start"):
+            ours, base = pooled["tether"][key], pooled["airflow"][key]
+            cells.append(
+                f"{_ratio(percentile(ours, 0.5), percentile(base, 0.5))} / "
+                f"{_ratio(percentile(ours, 0.9), percentile(base, 0.9))}"
+            )
         mem = "-"
         if "tether" in memory and "airflow" in memory:
             mem = (
                 f"{_ratio(memory['tether']['rss'], memory['airflow']['rss'])} / "
                 f"{_ratio(memory['tether']['pss'], memory['airflow']['pss'])}"
             )
-        lines.append(f"| Tether ÷ Airflow | | {p50} / {p90} | | | | {mem} | |")
+        lines.append(f"| Tether ÷ Airflow | | {' | '.join(cells)} | | {mem} | |")
     lines.append("")
     notes = []
     first = (latency or [{}])[0]

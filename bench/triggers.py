@@ -61,7 +61,7 @@ class TriggerWorkload:
     #: Deferred tasks whose trigger-to-start latency is measured.
     tasks: int = 100
     #: Seconds between two tasks' trigger moments.
-    spacing: float = 1.0
+    spacing: float = 1.5
     #: Triggers that wait (an hour) while the triggerer's memory is measured.
     waiting: int = 1000
     #: Seconds from the triggerer holding every waiting trigger to the first memory sample.
@@ -72,7 +72,7 @@ class TriggerWorkload:
     @property
     def lead(self) -> float:
         """Seconds from the run's start to its first trigger's moment: time for every task to defer first."""
-        return 45.0 + 1.0 * self.tasks
+        return 45.0 + 1.5 * self.tasks
 
     @property
     def defer_timeout(self) -> float:
