@@ -36,7 +36,7 @@ QUEUE = "fuzzq"
 SCENARIOS = 200
 STEPS = 8
 #: Runs of the state machine at most, each going on from the scenarios done before it.
-ATTEMPTS = 40
+ATTEMPTS = 200
 
 
 def test_every_operation_with_a_real_budget(
