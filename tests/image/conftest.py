@@ -92,7 +92,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            timeout=3600,
+            timeout=1700,
         )
     output = log.read_text(errors="replace")
     if result.returncode != 0:

@@ -12,6 +12,10 @@ import pytest
 from tests.image.conftest import AGENT_UID, FACTS, Container, first_heartbeat, podman, start_container
 from tether.embedded import Plane, wait_until
 
+#: The first test builds the image (the session's fixture): on a new machine that installs the
+#: tools, makes the stand-in base and installs Airflow, several minutes on two busy cores.
+pytestmark = pytest.mark.timeout(1800)
+
 DRAIN_TIMEOUT = 60
 #: podman stop's grace period, as the chart's terminationGracePeriodSeconds: SIGKILL after it.
 STOP_TIMEOUT = 90

@@ -6,9 +6,15 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 import tether
 from tests.image.conftest import FACTS, REPO, TAG, agent_flags, chart_flags, podman
 from tether.embedded import Plane, free_port
+
+#: The first test builds the image (the session's fixture): on a new machine that installs the
+#: tools, makes the stand-in base and installs Airflow, several minutes on two busy cores.
+pytestmark = pytest.mark.timeout(1800)
 
 #: Tools that have no place in the agent image.
 BUILD_AND_TEST_TOOLS = ("gcc", "cc", "c++", "make", "ld", "pytest", "mypy", "ruff", "hypothesis")
