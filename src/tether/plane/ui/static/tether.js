@@ -200,9 +200,20 @@
     return { body: body };
   }
 
+  // Refresh on a timer, but not while a dialog is open: the rows under it stay what the user acts on.
   function every(ms, load) {
     load();
-    setInterval(function () { if (!document.hidden) load(); }, ms);
+    setInterval(function () { if (!document.hidden && !document.querySelector("dialog[open]")) load(); }, ms);
+  }
+
+  // Whether ``data`` differs from what was last shown under ``key``: unchanged rows are not rebuilt,
+  // so a refresh never swaps a button out from under the pointer.
+  var shown = {};
+  function changed(key, data) {
+    var text = JSON.stringify(data);
+    if (shown[key] === text) return false;
+    shown[key] = text;
+    return true;
   }
 
   // -- Agents -------------------------------------------------------------------------------
@@ -266,7 +277,15 @@
       return Promise.all([api("GET", "/agents"), api("GET", "/tries-in-flight")]).then(function (answers) {
         agents = answers[0];
         tries = answers[1];
-        render();
+        var beats = agents.map(function (agent) { return Object.assign({}, agent, { last_heartbeat: null }); });
+        if (changed("agents", [beats, tries])) {
+          render();
+        } else {
+          agents.forEach(function (agent) {
+            var node = document.querySelector("tr[data-agent='" + CSS.escape(agent.name) + "'] [data-heartbeat]");
+            if (node) node.setAttribute("data-heartbeat", agent.last_heartbeat);
+          });
+        }
         $("refreshed").textContent = "Refreshed " + new Date().toLocaleTimeString();
       }, failed);
     }
@@ -319,6 +338,7 @@
   function tokensPage() {
     function load() {
       return api("GET", "/tokens").then(function (tokens) {
+        if (!changed("tokens", tokens)) return;
         fill(tokens.map(function (token) {
           var row = el("tr", { "data-token": token.name, "data-token-id": token.id },
             cell(el("b", { text: token.name })),
@@ -442,6 +462,7 @@
   function rangesPage() {
     function load() {
       return api("GET", "/allowed-ip-ranges").then(function (answer) {
+        if (!changed("ranges", answer)) return;
         $("enforced").textContent = answer.enforced
           ? "Agents may call only from the ranges below; calls from anywhere else are refused."
           : "The list is empty: agents may call from any address.";
@@ -602,6 +623,7 @@
 
     function load() {
       return api("GET", "/task-tries?" + query).then(function (tries) {
+        if (!changed("tries", tries)) return;
         fill(tries.map(function (job) {
           return el("tr", { "data-try": String(job.try_number) },
             cell(String(job.try_number), { class: "num" }),
