@@ -241,7 +241,7 @@
           running.appendChild(el("div", {}, el("a", { href: taskInstanceUrl(job), target: "_top", text: label }),
             job.state === "LEASED" ? el("span", { class: "muted small", text: " leased" }) : null));
         });
-        var cordon = agent.cordoned
+        var cordonCell = agent.cordoned
           ? el("div", { class: "cordon" }, badge("cordoned", "warn"),
             el("div", { text: agent.cordon_reason || "no reason given" }),
             el("div", { class: "muted small", text: "by " + (agent.cordoned_by || "?") + ", " + when(agent.cordoned_at) }))
@@ -258,7 +258,7 @@
           cell(chips(agent.queues)),
           cell((agent.slots - agent.free_slots) + " / " + agent.slots, { class: "num", "data-slots": "" }),
           cell(running.childNodes.length ? running : null),
-          cell(cordon, { "data-cordon": "" }));
+          cell(cordonCell, { "data-cordon": "" }));
         if (MAY_CHANGE) {
           var actions = el("td", { class: "actions" });
           if (agent.status !== "TERMINATED") {
