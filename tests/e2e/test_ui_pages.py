@@ -370,8 +370,11 @@ def test_register_page_writes_the_cli_values_file_which_the_chart_installs(admin
         "--resource-name-prefix", "eu", "--secret-backend", secret_backend, "--xcom-backend", xcom_backend,
     )  # fmt: skip
     assert cli.stdout == text
-    # And the chart installs it as downloaded.
-    objects = render(yaml.safe_load(text), namespace="data-eu")
+    # This plane's base_url is a loopback address: the page says so, and the user sets the URL agents reach.
+    expect(frame.locator("#value-notes")).to_contain_text("a loopback address agents in another network cannot reach")
+    values = yaml.safe_load(text)
+    values["planeURL"] = "https://airflow.corp.internal"
+    objects = render(values, namespace="data-eu")
     for obj in objects:
         validate(obj)
     [spec] = pod_specs(objects)
