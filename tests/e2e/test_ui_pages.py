@@ -161,6 +161,22 @@ def _agent_status(plane: Plane) -> str:
     return str(http.get(f"/agents/{AGENT}").json()["status"])
 
 
+# -- Navigation --------------------------------------------------------------------------------------
+
+
+def test_the_remote_agents_menu_leads_to_each_page(admin: Page, plane: Plane) -> None:
+    admin.goto(f"{plane.url}/")
+    for title in ("Agents", "Agent Tokens", "Allowed IP Ranges", "Register a Remote Agent"):
+        admin.get_by_role("button", name="Plugins").click()
+        admin.get_by_role("menuitem", name="Remote Agents").click()
+        entry = admin.get_by_role("menuitem", name=title, exact=True)
+        if title == "Agents":
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            admin.screenshot(path=str(SCREENSHOTS / "menu-light.png"))
+        entry.click()
+        expect(admin.frame_locator(f"iframe[title='{title}']").get_by_role("heading", level=1)).to_have_text(title)
+
+
 # -- Agents -------------------------------------------------------------------------------------
 
 
@@ -316,7 +332,11 @@ def test_the_agent_tab_of_a_task_instance_shows_each_try(admin: Page, plane: Pla
     run_id = plane.trigger("ui_quick")
     assert plane.wait_for_run("ui_quick", run_id, timeout=60) == "success"
     wait_until(lambda: _job_state(plane, "ui_quick", run_id) == "SUCCESS", 15, "the job settled")
-    frame = _open(admin, plane, f"/dags/ui_quick/runs/{run_id}/tasks/nap/plugin/tether-agent", "Agent")
+    # The tab is one of the task instance's own tabs.
+    admin.goto(f"{plane.url}/dags/ui_quick/runs/{run_id}/tasks/nap")
+    admin.get_by_role("link", name="Agent", exact=True).click()
+    expect(admin).to_have_url(re.compile(rf"/dags/ui_quick/runs/{run_id}/tasks/nap/plugin/tether-agent"))
+    frame = admin.frame_locator("iframe[title='Agent']")
     row = frame.locator("tr[data-try='1']")
     expect(row).to_contain_text(AGENT)
     expect(row).to_contain_text("success")

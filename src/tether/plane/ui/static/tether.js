@@ -251,7 +251,7 @@
           cell(chips(agent.roles)),
           cell(statusCell),
           cell(el("div", {}, el("div", { text: "Tether " + agent.tether_version }),
-            el("div", { class: "muted small", text: "Airflow " + agent.airflow_version }),
+            el("div", { class: "muted small", text: "Airflow Task SDK " + agent.airflow_version }),
             agent.version_support !== "current"
               ? badge(agent.version_support === "supported" ? "upgrade soon" : "unsupported", agent.version_support === "supported" ? "warn" : "bad")
               : null)),
