@@ -402,9 +402,16 @@ def test_register_page_writes_the_cli_values_file_which_the_chart_installs(admin
     assert env["TETHER_QUEUES"] == "etl,gpu" and env["TETHER_SLOTS"] == "3"
     _shoot(admin, frame, "register")
 
-    # A token made here is shown once, in the Secret's command.
+    # A file the chart would refuse is refused with the plane's sentence, and no token is made for it.
     form.locator("input[name=token_mode][value=new]").check()
     form.locator("#new-token-fields").get_by_label("Name").fill("data-eu")
+    form.get_by_label("Namespace").fill("Data_EU")
+    form.get_by_role("button", name="Make values.yaml").click()
+    expect(frame.locator("#register-error")).to_contain_text("'Data_EU' is not a Kubernetes namespace name")
+    http = plane.rest_client("admin", path="/tether/v1", timeout=10)
+    assert "data-eu" not in [t["name"] for t in http.get("/tokens").json()]
+    # A token made here is shown once, in the Secret's command.
+    form.get_by_label("Namespace").fill("data-eu")
     form.get_by_role("button", name="Make values.yaml").click()
     expect(frame.get_by_test_id("secret")).to_have_value(_token_pattern())
     secret = frame.get_by_test_id("secret").input_value()

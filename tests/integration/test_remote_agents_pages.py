@@ -62,6 +62,21 @@ def test_a_cookie_only_change_from_elsewhere_is_refused_and_changes_nothing(
     assert done.status_code == 201, done.text
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "same-origin", "Origin": "https://airflow.behind-a-proxy.example"},
+        {"Origin": PLANE_URL},
+        {"Origin": "https://public.example", "X-Forwarded-Host": "public.example"},
+        {},
+    ],
+    ids=["fetch-metadata", "base-url", "forwarded-host", "no-browser-headers"],
+)
+def test_a_page_of_this_server_may_change_behind_a_proxy_too(pages: TestClient, headers: dict[str, str]) -> None:
+    sent = {**BROWSER, "Content-Type": "application/json", **headers}
+    assert pages.post("/v1/tokens", content=b'{"name": "mine"}', headers=sent).status_code == 201
+
+
 def test_a_cross_origin_delete_and_revoke_are_refused_too(pages: TestClient) -> None:
     created = pages.post("/v1/tokens", json={"name": "keep"}, headers=ADMIN).json()
     evil = {**BROWSER, "Origin": "https://evil.example", "Content-Type": "application/json"}

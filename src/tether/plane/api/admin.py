@@ -75,13 +75,16 @@ async def airflow_authorizer(request: Request, method: Method) -> str:
 SESSION_COOKIE = "_token"
 
 
-def refuse_cross_origin(request: Request) -> None:
+def refuse_cross_origin(request: Request, plane_url: str | None = None) -> None:
     """Refuse a change that only the browser's session cookie authenticates, unless a page of this server sent it.
 
     A call with an ``Authorization`` header (the CLI, scripts, the REST API's users) carries
     its own credential and is not a browser's ambient one. A call with the cookie alone must
-    say it comes from this origin (``Sec-Fetch-Site``, ``Origin``) and be JSON: a form or a
-    plain ``fetch`` from another site can be neither without the server's consent (CORS).
+    be JSON and come from this origin: ``Sec-Fetch-Site: same-origin`` where the browser
+    sends it (no page can forge it), else an ``Origin`` naming this server - as the request
+    reached it (``Host``, ``X-Forwarded-Host``) or as Airflow knows it (``plane_url``, its
+    ``[api] base_url``). A form or a plain ``fetch`` from another site can be neither
+    without the server's consent (CORS).
     """
     if request.headers.get("authorization") or SESSION_COOKIE not in request.cookies:
         return
@@ -93,9 +96,11 @@ def refuse_cross_origin(request: Request) -> None:
             reason="cross_origin",
         )
     origin = request.headers.get("origin")
-    if origin is not None:
-        hosts = {request.headers.get("host"), request.headers.get("x-forwarded-host")} - {None}
-        if urlsplit(origin).netloc not in hosts:
+    if site is None and origin is not None:
+        hosts = {request.headers.get("host"), request.headers.get("x-forwarded-host")}
+        if plane_url:
+            hosts.add(urlsplit(plane_url).netloc)
+        if urlsplit(origin).netloc not in hosts - {None, ""}:
             raise errors.Forbidden(
                 f"refused a change sent from another origin ({origin}): use the Remote Agents pages of this "
                 "Airflow, or call the API with a bearer token",
@@ -113,7 +118,7 @@ def refuse_cross_origin(request: Request) -> None:
 def _actor(method: Method) -> Callable[[Request], Awaitable[str]]:
     async def dependency(request: Request) -> str:
         if method != "GET":
-            refuse_cross_origin(request)
+            refuse_cross_origin(request, request.app.state.tether_plane_url())
         authorize: Authorizer = request.app.state.tether_authorizer
         return await authorize(request, method)
 

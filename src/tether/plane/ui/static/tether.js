@@ -555,19 +555,14 @@
       event.preventDefault();
       problem("");
       var creating = form.querySelector("input[name=token_mode]:checked").value === "new";
-      var token;
-      if (creating) {
-        var fields = tokenFields($("new-token-fields"));
-        if (fields.error) { problem(fields.error); return; }
-        token = api("POST", "/tokens", fields.body);
-      } else {
-        if (!select.value) { problem("Choose a token, or create one."); return; }
-        token = Promise.resolve(null);
-      }
+      var fields = creating ? tokenFields($("new-token-fields")) : null;
+      if (fields && fields.error) { problem(fields.error); return; }
+      if (!creating && !select.value) { problem("Choose a token, or create one."); return; }
       var namespace = form.elements.namespace.value.trim();
       var secretName = form.elements.agent_token_secret_name.value.trim();
       // The values first: a new token is made only for a file the chart takes.
       api("GET", "/agent-values?" + query()).then(function (values) {
+        var token = creating ? api("POST", "/tokens", fields.body) : Promise.resolve(null);
         return token.then(function (created) {
           answer = values;
           $("new-secret").hidden = !created;
