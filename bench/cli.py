@@ -13,14 +13,19 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from bench.dag_processing import PROCESSORS, ProcessingRun, Workload, measure_processor, summary
 from bench.deploy import BENCH, EXECUTORS, Postgres, deployed, ensure_edge_venv, log, prepare_template
 from bench.measure import DeploymentResult, measure
+from bench.task_logs import MODES as LOG_MODES
+from bench.task_logs import LogRun, LogWorkload, measure_logs
+from bench.task_logs import summary as log_summary
+from bench.triggers import SIDES, LatencyRun, TriggerWorkload, WaitingMemory, measure_latency, measure_waiting
 
 PG_ADMIN_URL = os.environ.get("TETHER_BENCH_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
@@ -32,39 +37,82 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5, help="runs per executor, alternating (default 5)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke: 1 run, short windows, scale 20 agents")
     parser.add_argument(
-        "--only", default=",".join(EXECUTORS), help="executors to measure (default local,tether,edge; 'none': none)"
+        "--only",
+        default=",".join((*EXECUTORS, "triggers")),
+        help="executors to measure, and 'triggers' for the triggerer comparison (default local,tether,edge,triggers; "
+        "'none': none). '--only triggers' alone also turns DAG processing and the scale test off unless they are "
+        "asked for",
     )
-    parser.add_argument("--scale", default="100,500,1000", help="simulated agent counts; 'none' skips the scale test")
+    parser.add_argument(
+        "--scale", default=None, help="simulated agent counts (default 100,500,1000); 'none' skips the scale test"
+    )
     parser.add_argument("--scale-duration", type=float, default=60.0, help="seconds of load per agent count")
     parser.add_argument("--idle-window", type=float, default=30.0, help="seconds of each idle measurement window")
     parser.add_argument("--dag-timeout", type=float, default=600.0, help="longest wait for one DAG run")
     parser.add_argument(
         "--dag-processing",
         choices=("on", "off"),
-        default="on",
+        default=None,
         help="compare Tether's dag-processor agent with Airflow's dag-processor on 500 DAG files (default on)",
     )
     parser.add_argument(
         "--dag-processing-runs", type=int, default=3, help="runs of each DAG processor, alternating (default 3)"
     )
+    parser.add_argument(
+        "--trigger-tasks", type=int, default=100, help="deferred tasks timed per triggerer (default 100)"
+    )
+    parser.add_argument(
+        "--waiting-triggers", type=int, default=1000, help="waiting triggers held while memory is read (default 1000)"
+    )
+    parser.add_argument(
+        "--trigger-runs", type=int, default=1, help="latency runs of each triggerer, alternating (default 1)"
+    )
+    parser.add_argument(
+        "--task-logs",
+        choices=("on", "off"),
+        default=None,
+        help="measure shipping task logs to the plane against keeping them on the agent (default on)",
+    )
+    parser.add_argument("--task-log-runs", type=int, default=2, help="runs of each log mode, alternating (default 2)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default bench/results/<date>)")
     parser.add_argument("--pg-url", default=PG_ADMIN_URL, help="PostgreSQL admin URL (env TETHER_BENCH_PG_URL)")
     args = parser.parse_args(argv)
-    args.executors = [] if args.only == "none" else [e.strip() for e in args.only.split(",") if e.strip()]
-    unknown = set(args.executors) - set(EXECUTORS)
+    named = [] if args.only == "none" else [e.strip() for e in args.only.split(",") if e.strip()]
+    unknown = set(named) - {*EXECUTORS, "triggers"}
     if unknown:
-        parser.error(f"--only: unknown executor(s) {', '.join(sorted(unknown))}; choose from {', '.join(EXECUTORS)}")
+        parser.error(
+            f"--only: unknown name(s) {', '.join(sorted(unknown))}; choose from {', '.join(EXECUTORS)}, triggers"
+        )
+    args.triggers = "triggers" in named
+    args.executors = [e for e in named if e != "triggers"]
+    triggers_alone = args.triggers and not args.executors
+    if args.dag_processing is None:
+        args.dag_processing = "off" if triggers_alone else "on"
+    if args.scale is None:
+        args.scale = "none" if triggers_alone else "100,500,1000"
+    if args.task_logs is None:
+        args.task_logs = "off" if triggers_alone else "on"
     args.scale_counts = [] if args.scale == "none" else [int(n) for n in args.scale.split(",") if n.strip()]
     args.workload = Workload()
+    args.log_workload = LogWorkload()
+    args.trigger_workload = TriggerWorkload(tasks=args.trigger_tasks, waiting=args.waiting_triggers)
     if args.quick:
         args.workload = Workload(files=100, changes=5)
+        args.log_workload = LogWorkload(lines=2_000, ticks=20)
+        args.task_log_runs = 1
         args.dag_processing_runs = 1
         args.runs = 1
         args.idle_window = min(args.idle_window, 5.0)
         args.scale_duration = min(args.scale_duration, 10.0)
         args.scale_counts = [min(n, 20) for n in args.scale_counts[:1]]
-    if args.runs < 1 or args.dag_processing_runs < 1:
-        parser.error("--runs and --dag-processing-runs must be at least 1")
+        args.trigger_runs = 1
+        args.trigger_workload = TriggerWorkload(
+            tasks=min(args.trigger_tasks, 10), waiting=min(args.waiting_triggers, 50), settle=5.0, samples=3
+        )
+    if min(args.runs, args.dag_processing_runs, args.trigger_runs, args.task_log_runs) < 1:
+        parser.error("--runs, --dag-processing-runs, --trigger-runs and --task-log-runs must be at least 1")
+    if args.trigger_workload.tasks < 1 or args.trigger_workload.waiting < 1:
+        parser.error("--trigger-tasks and --waiting-triggers must be at least 1")
     return args
 
 
@@ -90,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     pg = Postgres(args.pg_url)
     results: list[DeploymentResult] = []
     processing: list[ProcessingRun] = []
+    task_logs: list[LogRun] = []
     scale: list[dict[str, object]] = []
+    triggers: Triggers = Triggers()
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     log(f"writing to {out}; work folder {work}")
     try:
@@ -114,7 +164,17 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(
                         measure(deployment, pg, run=run, idle_window=args.idle_window, timeout=args.dag_timeout)
                     )
-                _save(out, args, results, processing, scale)
+                _save(out, args, results, processing, scale, triggers, task_logs)
+        if args.triggers:
+            template = tether_template("the triggerer comparison")
+            for run in range(1, args.trigger_runs + 1):
+                for side in SIDES:
+                    log(f"triggers, run {run}/{args.trigger_runs}: {side}")
+                    triggers.latency.append(measure_latency(side, pg, template, work, run, args.trigger_workload))
+                    _save(out, args, results, processing, scale, triggers, task_logs)
+            log(f"triggers: {args.trigger_workload.waiting} waiting triggers, Tether's agent then Airflow's triggerer")
+            triggers.waiting.extend(measure_waiting(pg, template, work, 1, args.trigger_workload))
+            _save(out, args, results, processing, scale, triggers, task_logs)
         if args.dag_processing == "on":
             template = tether_template("DAG processing")
             for run in range(1, args.dag_processing_runs + 1):
@@ -122,13 +182,21 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"DAG processing, run {run}/{args.dag_processing_runs}: {processor}")
                     processing.append(measure_processor(processor, pg, template, work, run, args.workload))
                     log(f"  {summary(processing[-1])}")
-                    _save(out, args, results, processing, scale)
+                    _save(out, args, results, processing, scale, triggers, task_logs)
+        if args.task_logs == "on":
+            template = tether_template("task logs")
+            for run in range(1, args.task_log_runs + 1):
+                for mode in LOG_MODES:
+                    log(f"task logs, run {run}/{args.task_log_runs}: {mode}")
+                    task_logs.append(measure_logs(mode, pg, template, work, run, args.log_workload))
+                    log(f"  {log_summary(task_logs[-1])}")
+                    _save(out, args, results, processing, scale, triggers, task_logs)
         if args.scale_counts:
             from bench.scale import scale_test
 
             template = tether_template("the scale test")
             scale.extend(scale_test(pg, template, work, args.scale_counts, duration=args.scale_duration))
-            _save(out, args, results, processing, scale)
+            _save(out, args, results, processing, scale, triggers, task_logs)
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
@@ -142,9 +210,33 @@ def main(argv: list[str] | None = None) -> int:
         pg.cleanup()
     from bench.report import write_report
 
-    report = write_report(out, args, results, scale, time.monotonic() - started, processing=processing)
+    report = write_report(
+        out,
+        args,
+        results,
+        scale,
+        time.monotonic() - started,
+        processing=processing,
+        triggers=triggers.as_dict(),
+        task_logs=task_logs,
+    )
+    if triggers.latency or triggers.waiting:
+        from bench.report import triggers_section
+
+        print("\n".join(triggers_section(triggers.as_dict())), flush=True)
     log(f"done in {(time.monotonic() - started) / 60:.1f} min: {report}")
     return status
+
+
+@dataclass
+class Triggers:
+    """What the triggerer comparison measured so far."""
+
+    latency: list[LatencyRun] = field(default_factory=list)
+    waiting: list[WaitingMemory] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[dict[str, Any]]]:
+        return {"latency": [r.as_dict() for r in self.latency], "waiting": [w.as_dict() for w in self.waiting]}
 
 
 def _save(
@@ -153,12 +245,16 @@ def _save(
     results: list[DeploymentResult],
     processing: list[ProcessingRun],
     scale: list[dict[str, object]],
+    triggers: Triggers,
+    task_logs: list[LogRun],
 ) -> None:
     data = {
         "options": {k: _plain(v) for k, v in vars(args).items()},
         "results": [r.as_dict() for r in results],
         "dag_processing": [r.as_dict() for r in processing],
         "scale": scale,
+        "triggers": triggers.as_dict(),
+        "task_logs": [r.as_dict() for r in task_logs],
     }
     (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
 

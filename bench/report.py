@@ -25,6 +25,9 @@ from bench.dag_processing import NAMES as PROCESSOR_NAMES
 from bench.dag_processing import PROCESSORS
 from bench.deploy import DAG_IDS, EXECUTORS
 from bench.stats import percentile
+from bench.task_logs import log_section
+from bench.triggers import NAMES as TRIGGERER_NAMES
+from bench.triggers import SIDES as TRIGGERER_SIDES
 
 MB = 1.048576  # MiB -> MB: the targets are in MB.
 NAMES = {"local": "LocalExecutor", "tether": "Tether", "edge": "Edge Executor"}
@@ -232,6 +235,8 @@ def render(
     options: dict[str, Any],
     elapsed: float | None,
     processing: list[dict[str, Any]] | None = None,
+    triggers: dict[str, list[dict[str, Any]]] | None = None,
+    task_logs: list[dict[str, Any]] | None = None,
 ) -> str:
     lines: list[str] = []
     add = lines.append
@@ -356,6 +361,8 @@ def render(
         )
         add("")
     lines.extend(processing_section(processing))
+    lines.extend(triggers_section(triggers))
+    lines.extend(log_section(task_logs))
     if scale:
         add("## Scale test: simulated agents against one API server")
         add("")
@@ -496,6 +503,125 @@ def processing_section(runs: list[dict[str, Any]] | None) -> list[str]:
     return lines
 
 
+def _pair(values: Sequence[float]) -> str:
+    return f"{_fmt(percentile(values, 0.5))} / {_fmt(percentile(values, 0.9))}"
+
+
+def _ratio(mine: float | None, base: float | None, spec: str = ".2f") -> str:
+    return "-" if mine is None or not base else f"{mine / base:{spec}}x"
+
+
+def triggers_section(data: dict[str, list[dict[str, Any]]] | None) -> list[str]:
+    """The triggerer comparison: latency from a trigger's moment to the resumed try, and the triggerer's memory."""
+    if not data or not (data.get("latency") or data.get("waiting")):
+        return []
+    latency, waiting = data.get("latency", []), data.get("waiting", [])
+    lines = ["## Triggers: Tether's triggerer agent and Airflow's triggerer", ""]
+    held = waiting[0]["triggers"] if waiting else 0
+    lines.append(
+        "| triggerer | tasks timed | moment → resumed try p50 / p90 (s) | moment → event in DB p50 / p90 (s) "
+        "| event → resumed try p50 / p90 (s) | tree idle, RSS / PSS (MiB) "
+        f"| tree holding {held} waiting triggers, RSS / PSS (MiB) | processes |"
+    )
+    lines.append("|---" * 8 + "|")
+    pooled: dict[str, dict[str, list[float]]] = {}
+    memory: dict[str, dict[str, Any]] = {}
+    for side in TRIGGERER_SIDES:
+        mine = [r for r in latency if r["side"] == side]
+        held_by = next((w for w in waiting if w["side"] == side), None)
+        if not mine and held_by is None:
+            continue
+        pooled[side] = {key: [x for r in mine for x in r[key]] for key in ("latencies", "to_event", "event_to_start")}
+        timed = sum(len(r["latencies"]) for r in mine)
+        asked = sum(r["tasks"] for r in mine)
+        idle = [r["idle"] for r in mine]
+        idle_cell = (
+            f"{_fmt(_median([i['rss'] for i in idle]), '.0f')} / {_fmt(_median([i['pss'] for i in idle]), '.0f')}"
+            if idle
+            else "-"
+        )
+        held_cell = processes = "-"
+        if held_by is not None:
+            memory[side] = held_by["memory"]
+            held_cell = f"{held_by['memory']['rss']:.0f} / {held_by['memory']['pss']:.0f}"
+            processes = str(held_by["memory"]["processes"])
+        lines.append(
+            f"| {TRIGGERER_NAMES[side]} | {timed} of {asked} | {_pair(pooled[side]['latencies'])} "
+            f"| {_pair(pooled[side]['to_event'])} | {_pair(pooled[side]['event_to_start'])} "
+            f"| {idle_cell} | {held_cell} | {processes} |"
+        )
+    if "tether" in pooled and "airflow" in pooled:
+        cells = []
+        for key in ("latencies", "to_event", "event_to_start"):
+            ours, base = pooled["tether"][key], pooled["airflow"][key]
+            cells.append(
+                f"{_ratio(percentile(ours, 0.5), percentile(base, 0.5))} / "
+                f"{_ratio(percentile(ours, 0.9), percentile(base, 0.9))}"
+            )
+        mem = "-"
+        if "tether" in memory and "airflow" in memory:
+            mem = (
+                f"{_ratio(memory['tether']['rss'], memory['airflow']['rss'])} / "
+                f"{_ratio(memory['tether']['pss'], memory['airflow']['pss'])}"
+            )
+        lines.append(f"| Tether ÷ Airflow | | {' | '.join(cells)} | | {mem} | |")
+    lines.append("")
+    notes = []
+    first = (latency or [{}])[0]
+    if latency:
+        spacing = first["settings"].get("spacing", "?")
+        versions = ", ".join(f"{dist} {v}" for dist, v in first["versions"].items())
+        runs = max(r["run"] for r in latency)
+        excluded = sum(r["excluded"] for r in latency)
+        notes.append(
+            f"{versions}. Both rows ran on the same plane (API server, scheduler, DAG processor, Tether's executor; "
+            f"`[core] parallelism` 16, scheduler heartbeat 1 s) with the same worker, {first['settings']['worker']}; "
+            "only the triggerer differs. Tether's row: the plane runs no `airflow triggerer`; one "
+            "`tether-agent triggerer` runs the triggers. Airflow's row: the plane runs `airflow triggerer`. "
+            f"Both at their defaults, `[triggerer] capacity` {first['settings']['capacity']}. {runs} run(s) of each, "
+            "alternating, each on a fresh database copied from a migrated template."
+        )
+        notes.append(
+            "Latency: each task of `bench/dags_triggers/deferred_wait.py` defers on Airflow's `DateTimeTrigger`, "
+            f"the moments {spacing} s apart and the first set so that every task has deferred before it. Fired = "
+            "the trigger's moment; resumed try = the time the resumed try's code began (its resume method reads "
+            "the clock first and returns it as XCom). The split is at the task instance's `scheduled_dttm`, which "
+            "Airflow's `Trigger.submit_event` sets as it writes the event, on both sides: before it, the "
+            "triggerer's share (including `DateTimeTrigger` itself, which checks the time once a second in its last "
+            "seconds, so up to 1 s); after it, the scheduler's, the executor's and the worker's, the same processes "
+            "on both sides. p50 / p90 pooled over runs, nearest rank."
+            + (f" {excluded} task(s) deferred less than 3 s before their moment and are left out." if excluded else "")
+        )
+    if latency or waiting:
+        airflow = memory.get("airflow", {})
+        server = ""
+        if airflow.get("log_server_rss") is not None:
+            server = (
+                f" Airflow's tree includes its trigger log server (a child serving `[logging] "
+                f"trigger_log_server_port`): {airflow['log_server_rss']:.0f} MiB RSS / "
+                f"{airflow['log_server_pss']:.0f} MiB PSS of it; Tether's agent ships trigger logs to the plane "
+                "instead."
+            )
+        notes.append(
+            "Memory: the triggerer's process tree, the agent (or `airflow triggerer`) and every process under it, "
+            "chiefly the trigger runner it forks; RSS counts pages shared between them once per process, PSS "
+            "divides them; the median of samples a second apart. Idle: before the latency run, no triggers. "
+            + (
+                f"Holding: {held} tasks of `deferred_wait` deferred for an hour in one deployment; Tether's agent "
+                "held their triggers first (the tasks deferred while it ran), then stopped, which hands its "
+                "triggers back at once, and `airflow triggerer` took them all; each read "
+                "after its job held every trigger (and Tether's agent reported running them) and a pause."
+                if waiting
+                else ""
+            )
+            + server
+        )
+    for note in notes:
+        lines.append(note)
+        lines.append("")
+    return lines
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
@@ -559,11 +685,21 @@ def write_report(
     elapsed: float | None = None,
     *,
     processing: Sequence[Any] = (),
+    triggers: dict[str, list[dict[str, Any]]] | None = None,
+    task_logs: Sequence[Any] = (),
 ) -> Path:
     runs = [r.as_dict() if hasattr(r, "as_dict") else r for r in results]
     opts = vars(options) if isinstance(options, argparse.Namespace) else dict(options or {})
     res = Results(runs)
-    text = render(res, scale, opts, elapsed, [r.as_dict() if hasattr(r, "as_dict") else r for r in processing])
+    text = render(
+        res,
+        scale,
+        opts,
+        elapsed,
+        [r.as_dict() if hasattr(r, "as_dict") else r for r in processing],
+        triggers,
+        [r.as_dict() if hasattr(r, "as_dict") else r for r in task_logs],
+    )
     made = charts(out, res, scale)
     if made:
         text += "\n## Charts\n\n" + "\n".join(f"![{name}]({name})" for name in made) + "\n"
@@ -585,6 +721,8 @@ def main() -> None:
             data.get("scale", []),
             data.get("elapsed"),
             processing=data.get("dag_processing", []),
+            triggers=data.get("triggers"),
+            task_logs=data.get("task_logs", []),
         )
     )
 

@@ -20,7 +20,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import to_jsonable_python
 
 #: The revision of protocol 1 this release speaks.
@@ -36,6 +45,8 @@ API_PREFIX = "/tether/v1"
 
 #: Upper bound on any agent request body; the API refuses larger ones with 413.
 MAX_BODY_BYTES = 64 * 1024
+#: The most the headers of one request to the plane may add up to (a browser's cookies included).
+MAX_HEADER_BYTES = 32 * 1024
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 QueueName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\s,]+$")]
@@ -407,6 +418,14 @@ MAX_LOG_LINE = 64 * 1024
 MAX_LOG_BATCH_BYTES = 2 * 1024 * 1024
 
 
+def _printable_nul(line: str) -> str:
+    """A NUL a task printed, shown as the replacement character: the plane's database keeps no NUL in text."""
+    return line.replace("\x00", "\ufffd")
+
+
+LogLine = Annotated[str, StringConstraints(max_length=MAX_LOG_LINE + 256), AfterValidator(_printable_nul)]
+
+
 class LogBatch(_Request):
     """Lines of a running task's log, in order; one agent process numbers the batches of a job from 0."""
 
@@ -414,7 +433,7 @@ class LogBatch(_Request):
     #: Names the run of the task this agent process is following: a task resumed later is a new segment.
     segment: uuid.UUID
     seq: int = Field(ge=0)
-    lines: list[Annotated[str, StringConstraints(max_length=MAX_LOG_LINE + 256)]] = Field(max_length=10_000)
+    lines: list[LogLine] = Field(max_length=10_000)
     #: The task process has exited and these are its last lines.
     final: bool = False
 

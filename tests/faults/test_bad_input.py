@@ -52,13 +52,20 @@ def _positive_is_harmless(method: str, path: str) -> bool:
     return method == "GET" or ("{" in path and path != "/v1/agents/register")
 
 
-def _fuzz(operation: Any, mode: GenerationMode, base_url: str, headers: dict[str, str], errors: list[str]) -> int:
-    """Send ``EXAMPLES`` generated requests for one operation; note every 5xx; return how many were sent."""
+def _fuzz(
+    operation: Any,
+    mode: GenerationMode,
+    base_url: str,
+    headers: dict[str, str],
+    errors: list[str],
+    examples: int = EXAMPLES,
+) -> int:
+    """Send ``examples`` generated requests for one operation; note every 5xx; return how many were sent."""
     sent = 0
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
-        max_examples=EXAMPLES,
+        max_examples=examples,
         deadline=None,
         database=None,
         derandomize=True,
@@ -75,7 +82,8 @@ def _fuzz(operation: Any, mode: GenerationMode, base_url: str, headers: dict[str
     return sent
 
 
-def test_fuzzing_every_endpoint_yields_no_5xx_and_changes_nothing(plane: Plane, admin: Admin, token: str) -> None:
+def fuzz_every_operation(plane: Plane, admin: Admin, token: str, examples: int) -> int:
+    """Fuzz every operation of the published document; fail on any 5xx or change; return the calls sent."""
     schema = schemathesis.openapi.from_url(f"{plane.url}/tether/v1/openapi.json")
     agent_auth = {"Authorization": f"Bearer {token}", "X-Tether-Protocol": "1"}
     admin_auth = {"Authorization": str(admin.http.headers["Authorization"])}
@@ -90,12 +98,17 @@ def test_fuzzing_every_endpoint_yields_no_5xx_and_changes_nothing(plane: Plane, 
             modes.append(GenerationMode.POSITIVE)
         for mode in modes:
             try:
-                calls += _fuzz(operation, mode, f"{plane.url}/tether", headers, server_errors)
+                calls += _fuzz(operation, mode, f"{plane.url}/tether", headers, server_errors, examples)
             except Unsatisfiable:
                 continue  # nothing to make invalid: the operation takes no input
-    assert calls >= 20 * EXAMPLES
+    assert calls >= 20 * examples
     assert not server_errors, "\n".join(server_errors[:20])
     assert _snapshot(plane) == before
+    return calls
+
+
+def test_fuzzing_every_endpoint_yields_no_5xx_and_changes_nothing(plane: Plane, admin: Admin, token: str) -> None:
+    fuzz_every_operation(plane, admin, token, EXAMPLES)
 
 
 def _problem(response: httpx.Response, status: int, reason: str | tuple[str, ...]) -> str:

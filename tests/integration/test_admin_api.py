@@ -308,3 +308,17 @@ def test_tokens_are_worker_tokens_unless_told_and_bundles_need_the_dag_processor
     assert refused.status_code == 422 and refused.json()["reason"] == "bundles_without_dag_processor"
     assert client.post("/v1/tokens", json={"name": "none", "scopes": []}, headers=ADMIN).status_code == 422
     assert client.post("/v1/tokens", json={"name": "bad", "scopes": ["admin"]}, headers=ADMIN).status_code == 422
+
+
+def test_text_with_a_nul_character_is_refused_before_the_database_sees_it(client: TestClient) -> None:
+    # The positive control: the same calls without the NUL are served.
+    assert client.get("/v1/audit", params={"target_type": "token"}, headers=VIEWER).status_code == 200
+    assert client.post("/v1/tokens", json={"name": "nul-ok", "description": "a b"}, headers=ADMIN).status_code == 201
+    for path, params in (("/v1/audit", {"target_type": "B\x00"}), ("/v1/agents/a%00b", None)):
+        refused = client.get(path, params=params, headers=VIEWER)
+        assert (refused.status_code, refused.json()["reason"]) == (400, "invalid_request"), path
+    body = {"name": "nul", "description": "a\x00b"}
+    refused = client.post("/v1/tokens", json=body, headers=ADMIN)
+    assert (refused.status_code, refused.json()["reason"]) == (422, "invalid_request")
+    assert "NUL" in refused.json()["detail"]
+    assert "nul" not in {token["name"] for token in client.get("/v1/tokens", headers=VIEWER).json()}

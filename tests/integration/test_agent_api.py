@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 import tether
 from tests.integration.conftest import SPEAKS, enqueue
+from tether import protocol
 from tether.plane.models import Agent, Job
 from tether.plane.store import Store, utcnow
 from tether.protocol import PROTOCOL_HEADER, VERSION_HEADER
@@ -323,6 +324,17 @@ def test_oversized_and_non_json_bodies_are_refused(client: TestClient, store: St
     garbage = client.post("/v1/agents/register", content=b"{not json", headers=headers)
     assert garbage.status_code == 422
     assert _count(store, Agent) == 0
+
+
+def test_a_header_block_over_the_limit_is_refused_before_the_token_is_read(client: TestClient, token: str) -> None:
+    headers = {"Authorization": f"Bearer {token}", **SPEAKS}
+    # The positive control: the same call with headers just under the limit reaches the route.
+    under = client.get("/v1/preflight", headers={**headers, "X-Filler": "a" * (protocol.MAX_HEADER_BYTES - 2048)})
+    assert under.status_code == 200, under.text
+    over = client.get("/v1/preflight", headers={**headers, "X-Filler": "a" * protocol.MAX_HEADER_BYTES})
+    assert (over.status_code, over.json()["reason"]) == (431, "headers_too_large")
+    many = {f"X-F{i}": "b" * 100 for i in range(400)}
+    assert client.get("/v1/health", headers=many).status_code == 431
 
 
 @pytest.mark.parametrize(

@@ -67,3 +67,10 @@ def test_a_strict_reader_of_the_older_revision_accepts_what_is_written_for_it() 
 @pytest.mark.parametrize(("text", "revision"), [("2", 2), (" 1 ", 1), ("", None), ("two", None), (None, None)])
 def test_the_revision_header_is_read_strictly(text: str | None, revision: int | None) -> None:
     assert protocol.parse_revision(text) == revision
+
+
+def test_a_nul_a_task_printed_reaches_the_plane_as_the_replacement_character() -> None:
+    batch = protocol.LogBatch.model_validate(
+        {"incarnation": str(uuid.uuid4()), "segment": str(uuid.uuid4()), "seq": 0, "lines": ["a\x00b", "plain"]}
+    )
+    assert batch.lines == ["a\ufffdb", "plain"]

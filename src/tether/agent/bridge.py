@@ -15,8 +15,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from tether import protocol
 from tether.agent.agent import Agent
-from tether.agent.client import PlaneClient
+from tether.agent.client import PlaneClient, make_http_client
+from tether.agent.health import AgentMetrics
+from tether.agent.settings import AgentSettings
 from tether.errors import PlaneUnavailable
 
 T = TypeVar("T")
@@ -82,3 +85,17 @@ class PlaneBridge:
         self._loop.call_soon_threadsafe(self.agent.stop)
         self._thread.join(30)
         return self._exit_code or 0
+
+
+def connect(settings: AgentSettings, role: protocol.AgentRole) -> PlaneBridge:
+    """An agent of ``role`` alone, started on its bridge: it registers, heartbeats and serves its health."""
+    agent = Agent(
+        settings=settings,
+        client=PlaneClient(make_http_client(settings)),
+        runner=None,
+        metrics=AgentMetrics(),
+        roles=(role,),
+    )
+    bridge = PlaneBridge(agent)
+    bridge.start()
+    return bridge

@@ -41,9 +41,8 @@ import httpx
 from airflow.dag_processing.manager import BundleState, DagFileInfo, DagFileProcessorManager
 
 from tether import protocol
-from tether.agent.agent import Agent
-from tether.agent.bridge import PlaneBridge
-from tether.agent.client import DagProcessing, PlaneClient, compress, make_http_client
+from tether.agent.bridge import PlaneBridge, connect
+from tether.agent.client import DagProcessing, compress
 from tether.agent.health import AgentMetrics
 from tether.agent.settings import AgentSettings
 from tether.errors import PlaneRefused, PlaneUnavailable, TetherError
@@ -424,16 +423,8 @@ def _callback_requests(callbacks: list[protocol.CallbackWork]) -> list[Any]:
 
 def run(settings: AgentSettings) -> int:
     """``tether-agent dag-processor``: register in the dag-processor role, then parse until stopped."""
-    metrics = AgentMetrics()
-    agent = Agent(
-        settings=settings,
-        client=PlaneClient(make_http_client(settings)),
-        runner=None,
-        metrics=metrics,
-        roles=(protocol.AgentRole.DAG_PROCESSOR,),
-    )
-    bridge = PlaneBridge(agent)
-    bridge.start()
+    bridge = connect(settings, protocol.AgentRole.DAG_PROCESSOR)
+    metrics = bridge.agent.metrics
     if not bridge.wait_registered():
         return bridge.stop()
     manager = TetherDagProcessorManager(

@@ -43,9 +43,8 @@ from airflow.jobs.triggerer_job_runner import TriggerLoggingFactory, TriggerRunn
 
 from tether import protocol
 from tether.agent import sdk_internals
-from tether.agent.agent import Agent
-from tether.agent.bridge import PlaneBridge
-from tether.agent.client import PlaneClient, Triggerer, make_http_client
+from tether.agent.bridge import PlaneBridge, connect
+from tether.agent.client import Triggerer
 from tether.agent.health import AgentMetrics
 from tether.agent.logs import LogFollower
 from tether.agent.settings import AgentSettings
@@ -393,16 +392,8 @@ def _clamp(error: list[str] | None) -> list[str] | None:
 
 def run(settings: AgentSettings, *, log_folder: Path, execution_api_url: str) -> int:
     """``tether-agent triggerer``: register in the triggerer role, then run triggers until stopped."""
-    metrics = AgentMetrics()
-    agent = Agent(
-        settings=settings,
-        client=PlaneClient(make_http_client(settings)),
-        runner=None,
-        metrics=metrics,
-        roles=(protocol.AgentRole.TRIGGERER,),
-    )
-    bridge = PlaneBridge(agent)
-    bridge.start()
+    bridge = connect(settings, protocol.AgentRole.TRIGGERER)
+    metrics = bridge.agent.metrics
     if not bridge.wait_registered():
         return bridge.stop()
     supervisor = TetherTriggerRunnerSupervisor.start(

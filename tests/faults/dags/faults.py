@@ -83,3 +83,7 @@ _sleeper("faults_bad_input", "badq", 1)
 _sleeper("faults_listener", "listenq", 0.5)
 
 _sleeper("faults_fenced", "fenceq", 120)
+
+_sleeper("faults_attacks", "attackq", 0.5)
+
+_sleeper("faults_fuzz", "fuzzq", 0.1, copies=20)

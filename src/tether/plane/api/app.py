@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import random
+import re
 import time
 import uuid
 import zlib
@@ -169,11 +170,27 @@ class RequestLog:
             )
 
 
+#: A NUL character escaped in JSON text (and not itself an escaped backslash followed by "u0000").
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _has_nul(scope: Scope) -> bool:
+    """Whether the request's path or query names a NUL character, which no name or id of the plane holds."""
+    query: bytes = scope.get("query_string", b"")
+    return "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query
+
+
 class BodyLimit:
-    """Refuse bodies over the route's limit with 413 before anything parses them.
+    """Refuse bodies over the route's limit with 413, and header blocks over ``MAX_HEADER_BYTES`` with 431.
+
+    Text with a NUL character is refused too (400 in the path or query, 422 in a
+    body), before the database refuses to store it: no name, id or setting holds
+    one. Log lines are the exception: a NUL a task printed is shown as U+FFFD.
 
     ``limit_for`` gives the limit of a path. A body sent with ``Content-Encoding:
     gzip`` is decompressed here, and its limit holds for what it decompresses to.
+    Both are refused before anything reads the request: no token is parsed, no
+    body read, nothing logged but the refusal.
     """
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
@@ -183,6 +200,15 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(name) + len(value) + 4 for name, value in scope.get("headers", []))
+        if header_bytes > protocol.MAX_HEADER_BYTES:
+            refused = f"the request's headers are over {protocol.MAX_HEADER_BYTES} bytes"
+            await _problem(431, refused, "headers_too_large")(scope, receive, send)
+            return
+        if _has_nul(scope):
+            refused = "the request's path or query holds a NUL character"
+            await _problem(400, refused, "invalid_request")(scope, receive, send)
             return
         limit = self.limit_for(scope.get("path", ""))
         too_large = _problem(413, f"the request body is over {limit} bytes", "body_too_large")
@@ -219,6 +245,10 @@ class BodyLimit:
                 ]
                 + [(b"content-length", str(len(body)).encode())],
             }
+        if not scope.get("path", "").endswith("/logs") and _JSON_NUL.search(body):
+            refused = "invalid request: text in the body holds a NUL character (\\u0000)"
+            await _problem(422, refused, "invalid_request")(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
