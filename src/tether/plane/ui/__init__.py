@@ -68,12 +68,17 @@ _BY_SLUG = {page.slug: page for page in (*PAGES, TASK_INSTANCE)}
 
 
 def external_views() -> list[dict[str, Any]]:
-    """Airflow's external views for the pages: a "Remote Agents" menu, and a tab of every task instance."""
-    icon, icon_dark = f"{MOUNT}/ui/static/icon.svg", f"{MOUNT}/ui/static/icon-dark.svg"
+    """Airflow's external views for the pages: a "Remote Agents" menu, and a tab of every task instance.
+
+    Their URLs are relative: Airflow's UI resolves them against its base URL, so the pages are
+    found where the API server serves Airflow, at the root or under a path of ``[api] base_url``.
+    """
+    base = MOUNT.lstrip("/")
+    icon, icon_dark = f"{base}/ui/static/icon.svg", f"{base}/ui/static/icon-dark.svg"
     views: list[dict[str, Any]] = [
         {
             "name": page.title,
-            "href": f"{MOUNT}/ui/{page.slug}",
+            "href": f"{base}/ui/{page.slug}",
             "destination": "nav",
             "category": CATEGORY,
             "url_route": page.url_route,
@@ -85,7 +90,7 @@ def external_views() -> list[dict[str, Any]]:
     views.append(
         {
             "name": TASK_INSTANCE.title,
-            "href": f"{MOUNT}/ui/{TASK_INSTANCE.slug}?dag_id={{DAG_ID}}&run_id={{RUN_ID}}&task_id={{TASK_ID}}"
+            "href": f"{base}/ui/{TASK_INSTANCE.slug}?dag_id={{DAG_ID}}&run_id={{RUN_ID}}&task_id={{TASK_ID}}"
             "&map_index={MAP_INDEX}",
             "destination": "task_instance",
             "url_route": TASK_INSTANCE.url_route,
