@@ -146,6 +146,28 @@ def test_the_plane_fills_in_what_it_knows(print_values: PrintValues) -> None:
     assert "kubectl -n data-agents create secret generic data-agents-token" in printed.out
 
 
+def test_backends_and_prefix_given_on_the_plane_install_as_printed(print_values: PrintValues) -> None:
+    printed = print_values(
+        "--namespace",
+        NAMESPACE,
+        "--resource-name-prefix",
+        "eu",
+        "--secret-backend",
+        FILLED_IN["secretBackend"],
+        "--xcom-backend",
+        FILLED_IN["xcomBackend"],
+    )
+    assert printed.missing() == []
+    objects = render(printed.values(), namespace=NAMESPACE)
+    for obj in objects:
+        validate(obj)
+    [spec] = pod_specs(objects)
+    env = env_of(spec["containers"][0])
+    assert env["AIRFLOW__WORKERS__SECRETS_BACKEND"] == FILLED_IN["secretBackend"]
+    assert env["AIRFLOW__CORE__XCOM_BACKEND"] == FILLED_IN["xcomBackend"]
+    assert all(obj["metadata"]["name"].startswith("eu") for obj in objects if obj["kind"] != "Namespace")
+
+
 def test_a_loopback_base_url_is_used_with_a_warning(print_values: PrintValues) -> None:
     printed = print_values("--namespace", NAMESPACE, base_url="http://localhost:8080")
     assert printed.values()["planeURL"] == "http://localhost:8080"
@@ -168,6 +190,8 @@ def test_the_file_takes_a_token_instead_of_a_secret(print_values: PrintValues) -
         (["--queues", " , "], "error: queues is empty: name at least one queue the agents serve"),
         (["--slots", "0"], "error: slots is 0: set it to 1 or more"),
         (["--agent-token-secret-name", "Token!"], "error: agentTokenSecretName 'Token!' is not a Kubernetes Secret"),
+        (["--resource-name-prefix", "EU_"], "error: resourceNamePrefix 'EU_' is not a name prefix the chart takes"),
+        (["--secret-backend", "vault backend"], "error: secretBackend 'vault backend' is not a dotted Python path"),
     ],
 )
 def test_values_the_chart_would_refuse_are_refused_first(

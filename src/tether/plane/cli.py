@@ -55,6 +55,15 @@ ARG_TOKEN_SECRET = Arg(
     help="Secret in the namespace that holds the agent token under the key `token`",
     default=DEFAULT_TOKEN_SECRET_NAME,
 )
+ARG_PREFIX = Arg(
+    ("--resource-name-prefix",), help="Prefix of every object's name (default: the release name)", default=""
+)
+ARG_SECRET_BACKEND = Arg(
+    ("--secret-backend",), help="Class of the agents' secrets backend (default: left for you to fill in)", default=""
+)
+ARG_XCOM_BACKEND = Arg(
+    ("--xcom-backend",), help="Class of the agents' XCom backend (default: left for you to fill in)", default=""
+)
 ARG_LIMIT = Arg(("--limit",), help="How many entries, newest first", type=int, default=100)
 ARG_TARGET_TYPE = Arg(("--target-type",), help="Only entries about: token, agent or allowed_ip_ranges", default=None)
 ARG_TARGET_ID = Arg(("--target-id",), help="Only entries about this token or agent id", default=None)
@@ -119,6 +128,9 @@ AGENT_COMMANDS = (
         ARG_QUEUES,
         ARG_SLOTS,
         ARG_TOKEN_SECRET,
+        ARG_PREFIX,
+        ARG_SECRET_BACKEND,
+        ARG_XCOM_BACKEND,
     ),
 )
 

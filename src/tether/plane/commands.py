@@ -262,6 +262,9 @@ def agents_values(args: argparse.Namespace) -> None:
             queues=args.queues.split(","),
             slots=args.slots,
             agent_token_secret_name=args.agent_token_secret_name,
+            resource_name_prefix=args.resource_name_prefix,
+            secret_backend=args.secret_backend,
+            xcom_backend=args.xcom_backend,
         )
     )
     print(values.text, end="")

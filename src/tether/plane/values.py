@@ -24,6 +24,8 @@ DEFAULT_TOKEN_SECRET_NAME = "tether-agent-token"
 DEFAULT_SLOTS = 4
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_PREFIX = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$")
+_CLASS_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -63,8 +65,13 @@ HEADER = """\
 # yours to give: the chart refuses to install until they are set. Then:
 #   kubectl create namespace {namespace}
 #   kubectl label namespace {namespace} pod-security.kubernetes.io/enforce=restricted
-#   helm install tether-agent <chart> -n {namespace} -f values.yaml
+#   {helm_install}
 
+"""
+
+PREFIX = """\
+# Prefix of every object's name.
+resourceNamePrefix: {prefix}
 """
 
 PLANE_URL_KNOWN = """\
@@ -84,7 +91,7 @@ BODY = """\
 # The namespace exists before the install, since the token Secret goes there first.
 namespace: {namespace}
 createNamespace: false
-
+{prefix}
 # The agent token, from an existing Secret with key `token`. Create the token with
 #   airflow tether tokens create --name {namespace}
 # and the Secret with
@@ -92,12 +99,10 @@ createNamespace: false
 agentTokenSecretName: {secret_name}
 
 # Secrets and XCom values stay with the agents, so both backends are yours to give.
-{secret_backend_fill_in}
-secretBackend: ""
+{secret_backend}
 # Keyword arguments of the secrets backend, e.g. {{url: "https://vault:8200", mount_point: airflow}}.
 secretBackendKwargs: {{}}
-{xcom_backend_fill_in}
-xcomBackend: ""
+{xcom_backend}
 # Airflow settings of the XCom backend as {{section: {{option: value}}}},
 # e.g. {{common.io: {{xcom_objectstorage_path: "s3://bucket/xcom"}}}}.
 xcomBackendSettings: {{}}
@@ -114,6 +119,11 @@ workers:
 """
 
 
+def helm_install_command(namespace: str, chart: str = "<chart>") -> str:
+    """The ``helm install`` line that installs agents with the values file in ``namespace``."""
+    return f"helm install tether-agent {chart} -n {namespace} -f values.yaml"
+
+
 def _quoted(text: str) -> str:
     """A YAML scalar that reads back as exactly this text (a JSON string is one)."""
     return json.dumps(text)
@@ -122,6 +132,13 @@ def _quoted(text: str) -> str:
 def _fill_in(value: MissingValue) -> str:
     """The comment above a value the user has to fill in."""
     return textwrap.fill(f"Fill in: {value.hint}.", width=96, initial_indent="# ", subsequent_indent="# ")
+
+
+def _backend(value: MissingValue, given: str) -> str:
+    """The backend's line, under a "Fill in" comment while the user has not given it."""
+    if given:
+        return f"{value.name}: {_quoted(given)}"
+    return f'{_fill_in(value)}\n{value.name}: ""'
 
 
 def _refuse(message: str) -> errors.Invalid:
@@ -144,6 +161,9 @@ def agent_values(
     queues: Sequence[str],
     slots: int = DEFAULT_SLOTS,
     agent_token_secret_name: str = DEFAULT_TOKEN_SECRET_NAME,
+    resource_name_prefix: str = "",
+    secret_backend: str = "",
+    xcom_backend: str = "",
 ) -> AgentValues:
     """Build the values file for agents in ``namespace`` serving ``queues``.
 
@@ -154,6 +174,9 @@ def agent_values(
         queues: queues the agents serve; blanks are dropped.
         slots: task slots per agent.
         agent_token_secret_name: the Secret holding the agent token under the key ``token``.
+        resource_name_prefix: prefix of every object's name (empty: the release name).
+        secret_backend: class of the agents' secrets backend (empty: left for the user).
+        xcom_backend: class of the agents' XCom backend (empty: left for the user).
 
     Raises:
         tether.errors.Invalid: a namespace, queue, slots or Secret name the chart would refuse.
@@ -173,6 +196,14 @@ def agent_values(
             f"agentTokenSecretName {agent_token_secret_name!r} is not a Kubernetes Secret name: use "
             "lower-case letters, digits, '-' and '.'"
         )
+    if len(resource_name_prefix) > 20 or not _PREFIX.match(resource_name_prefix):
+        raise _refuse(
+            f"resourceNamePrefix {resource_name_prefix!r} is not a name prefix the chart takes: use at most 20 "
+            "lower-case letters, digits and '-', starting and ending with a letter or digit"
+        )
+    for option, given in (("secretBackend", secret_backend), ("xcomBackend", xcom_backend)):
+        if given and not _CLASS_PATH.match(given):
+            raise _refuse(f"{option} {given!r} is not a dotted Python path, e.g. package.module.ClassName")
 
     missing: list[MissingValue] = []
     warnings: list[str] = []
@@ -192,16 +223,17 @@ def agent_values(
             "[api] base_url is not set on this plane, so planeURL is left empty: fill it in, "
             "and set [api] base_url so the next values file has it"
         )
-    missing += [SECRET_BACKEND, XCOM_BACKEND]
+    missing += [value for value, given in ((SECRET_BACKEND, secret_backend), (XCOM_BACKEND, xcom_backend)) if not given]
 
     text = (
-        HEADER.format(namespace=namespace)
+        HEADER.format(namespace=namespace, helm_install=helm_install_command(namespace))
         + plane_url_block
         + BODY.format(
             namespace=namespace,
             secret_name=agent_token_secret_name,
-            secret_backend_fill_in=_fill_in(SECRET_BACKEND),
-            xcom_backend_fill_in=_fill_in(XCOM_BACKEND),
+            prefix=PREFIX.format(prefix=_quoted(resource_name_prefix)) if resource_name_prefix else "",
+            secret_backend=_backend(SECRET_BACKEND, secret_backend),
+            xcom_backend=_backend(XCOM_BACKEND, xcom_backend),
             queues=", ".join(_quoted(q) for q in queue_names),
             slots=slots,
         )

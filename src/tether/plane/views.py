@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from tether import protocol
 from tether.plane import tokens
 from tether.plane.expiry import HELP
-from tether.plane.models import AgentToken, AllowedIpRange, AuditEntry, Bundle
+from tether.plane.models import AgentToken, AllowedIpRange, AuditEntry, Bundle, Job
 from tether.protocol import AgentStatus
 
 
@@ -226,3 +226,72 @@ class AuditOut(_Out):
     @classmethod
     def from_row(cls, row: AuditEntry) -> AuditOut:
         return cls.model_validate(row, from_attributes=True)
+
+
+class TryOut(_Out):
+    """One try of a task instance as Tether ran it: the agent, its lease, start and report times."""
+
+    job_id: str
+    kind: str
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int
+    try_number: int
+    queue: str
+    pool_slots: int
+    state: protocol.JobState
+    agent_id: str | None
+    agent_name: str | None
+    queued_at: datetime
+    leased_at: datetime | None
+    lease_expires_at: datetime | None = Field(description="Until when an unconfirmed lease holds; None once started")
+    started_at: datetime | None = Field(description="When the start gate let the agent run it")
+    finished_at: datetime | None = Field(description="When the agent (or the plane, for a gone agent) reported it")
+    exit_code: int | None
+    reason: str | None
+
+    @classmethod
+    def from_row(cls, row: Job) -> TryOut:
+        return cls(
+            job_id=row.id,
+            kind=row.kind,
+            dag_id=row.dag_id,
+            run_id=row.run_id,
+            task_id=row.task_id,
+            map_index=row.map_index,
+            try_number=row.try_number,
+            queue=row.queue,
+            pool_slots=row.pool_slots,
+            state=protocol.JobState(row.state),
+            agent_id=row.agent_id,
+            agent_name=row.agent_name,
+            queued_at=row.queued_at,
+            leased_at=row.leased_at,
+            lease_expires_at=row.lease_expires_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            exit_code=row.exit_code,
+            reason=row.reason,
+        )
+
+
+class UserOut(_Out):
+    name: str
+    may_change: bool = Field(description="Whether the user may change Tether's settings (Airflow's configuration)")
+
+
+class MissingValueOut(_Out):
+    name: str
+    hint: str
+
+
+class AgentValuesOut(_Out):
+    """The tether-agent chart's values.yaml for a new set of agents, as ``airflow tether agents values`` prints it."""
+
+    text: str
+    missing: list[MissingValueOut] = Field(
+        description="Values only the user can give; the chart refuses the file until then"
+    )
+    warnings: list[str]
+    helm_install: str

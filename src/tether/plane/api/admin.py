@@ -3,6 +3,11 @@
 Protected by Airflow's own auth manager: the caller must be allowed to change
 the deployment's configuration (reads need configuration read access). Every
 change is written to the audit log with the user's name.
+
+The Remote Agents pages in Airflow's UI call this same API with the browser's
+session cookie, so a change carried by that cookie alone must come from a page
+of this server, as JSON (``refuse_cross_origin``): another site's page can make
+a browser send the cookie, but not those headers.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from starlette.concurrency import run_in_threadpool
@@ -19,17 +25,22 @@ from tether.plane.api.deps import Ctx, PlaneContext
 from tether.plane.expiry import parse_expiry
 from tether.plane.store import utcnow
 from tether.plane.store.agents import RangeChange
+from tether.plane.values import DEFAULT_SLOTS, DEFAULT_TOKEN_SECRET_NAME, agent_values, helm_install_command
 from tether.plane.views import (
     AgentAction,
     AgentOut,
+    AgentValuesOut,
     AuditOut,
     IpRangeOut,
     IpRanges,
     IpRangesOut,
+    MissingValueOut,
     TokenCreate,
     TokenCreated,
     TokenOut,
     TokenUpdate,
+    TryOut,
+    UserOut,
 )
 
 Method = Literal["GET", "POST", "PUT", "DELETE"]
@@ -60,12 +71,68 @@ async def airflow_authorizer(request: Request, method: Method) -> str:
     return user.get_name()
 
 
+#: The cookie Airflow's UI keeps its user's session in (the auth manager's ``COOKIE_NAME_JWT_TOKEN``).
+SESSION_COOKIE = "_token"
+
+
+def refuse_cross_origin(request: Request, plane_url: str | None = None) -> None:
+    """Refuse a change that only the browser's session cookie authenticates, unless a page of this server sent it.
+
+    A call with an ``Authorization`` header (the CLI, scripts, the REST API's users) carries
+    its own credential and is not a browser's ambient one. A call with the cookie alone must
+    be JSON and come from this origin: ``Sec-Fetch-Site: same-origin`` where the browser
+    sends it (no page can forge it), else an ``Origin`` naming this server - as the request
+    reached it (``Host``, ``X-Forwarded-Host``) or as Airflow knows it (``plane_url``, its
+    ``[api] base_url``). A form or a plain ``fetch`` from another site can be neither
+    without the server's consent (CORS).
+    """
+    if request.headers.get("authorization") or SESSION_COOKIE not in request.cookies:
+        return
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site != "same-origin":
+        raise errors.Forbidden(
+            f"refused a change sent from another site (Sec-Fetch-Site: {site}): use the Remote Agents pages "
+            "of this Airflow, or call the API with a bearer token",
+            reason="cross_origin",
+        )
+    origin = request.headers.get("origin")
+    if site is None and origin is not None:
+        hosts = {request.headers.get("host"), request.headers.get("x-forwarded-host")}
+        if plane_url:
+            hosts.add(urlsplit(plane_url).netloc)
+        if urlsplit(origin).netloc not in hosts - {None, ""}:
+            raise errors.Forbidden(
+                f"refused a change sent from another origin ({origin}): use the Remote Agents pages of this "
+                "Airflow, or call the API with a bearer token",
+                reason="cross_origin",
+            )
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise errors.Invalid(
+            f"a change sent with the session cookie must be JSON (Content-Type: application/json), "
+            f"not {content_type or 'no content type'}",
+            reason="cross_origin",
+        )
+
+
 def _actor(method: Method) -> Callable[[Request], Awaitable[str]]:
     async def dependency(request: Request) -> str:
+        if method != "GET":
+            refuse_cross_origin(request, request.app.state.tether_plane_url())
         authorize: Authorizer = request.app.state.tether_authorizer
         return await authorize(request, method)
 
     return dependency
+
+
+async def may_change(request: Request) -> bool:
+    """Whether the (already authenticated) caller may change Tether's settings, as the API would decide."""
+    authorize: Authorizer = request.app.state.tether_authorizer
+    try:
+        await authorize(request, "PUT")
+    except errors.Forbidden:
+        return False
+    return True
 
 
 Reader = Annotated[str, Depends(_actor("GET"))]
@@ -182,6 +249,63 @@ def admin_router() -> APIRouter:
     @router.delete("/v1/allowed-ip-ranges/{cidr:path}", response_model=IpRangesOut)
     async def remove_range(cidr: str, ctx: Ctx, user: Deleter) -> IpRangesOut:
         return await _change(ctx, [cidr], user, "remove")
+
+    # -- what the Remote Agents pages read -------------------------------------------
+
+    @router.get("/v1/me", response_model=UserOut)
+    async def me(request: Request, user: Reader) -> UserOut:
+        """Who is calling, and whether they may change anything (the pages show the rest read-only)."""
+        return UserOut(name=user, may_change=await may_change(request))
+
+    @router.get("/v1/tries-in-flight", response_model=list[TryOut])
+    async def tries_in_flight(ctx: Ctx, _user: Reader) -> list[TryOut]:
+        """The task tries agents hold now: leased to them or running there."""
+        return await run_in_threadpool(ctx.store.tries_in_flight)
+
+    @router.get("/v1/task-tries", response_model=list[TryOut])
+    async def task_tries(
+        ctx: Ctx,
+        _user: Reader,
+        dag_id: Annotated[str, Query(min_length=1, max_length=250)],
+        run_id: Annotated[str, Query(min_length=1, max_length=250)],
+        task_id: Annotated[str, Query(min_length=1, max_length=250)],
+        map_index: Annotated[int, Query(ge=-1)] = -1,
+    ) -> list[TryOut]:
+        """Each try of one task instance: which agent ran it, its lease, start and report times."""
+        return await run_in_threadpool(
+            lambda: ctx.store.task_tries(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index)
+        )
+
+    @router.get("/v1/agent-values", response_model=AgentValuesOut)
+    async def values_file(
+        request: Request,
+        _user: Reader,
+        namespace: Annotated[str, Query(max_length=253)] = "tether-agents",
+        queues: Annotated[str, Query(max_length=4096, description="Comma-separated")] = "default",
+        slots: Annotated[int, Query(ge=1, le=10_000)] = DEFAULT_SLOTS,
+        agent_token_secret_name: Annotated[str, Query(max_length=253)] = DEFAULT_TOKEN_SECRET_NAME,
+        resource_name_prefix: Annotated[str, Query(max_length=64)] = "",
+        secret_backend: Annotated[str, Query(max_length=512)] = "",
+        xcom_backend: Annotated[str, Query(max_length=512)] = "",
+    ) -> AgentValuesOut:
+        """The values.yaml ``airflow tether agents values`` prints for the same choices."""
+        plane_url: str | None = request.app.state.tether_plane_url()
+        values = agent_values(
+            plane_url=plane_url,
+            namespace=namespace,
+            queues=queues.split(","),
+            slots=slots,
+            agent_token_secret_name=agent_token_secret_name,
+            resource_name_prefix=resource_name_prefix,
+            secret_backend=secret_backend.strip(),
+            xcom_backend=xcom_backend.strip(),
+        )
+        return AgentValuesOut(
+            text=values.text,
+            missing=[MissingValueOut(name=m.name, hint=m.hint) for m in values.missing],
+            warnings=list(values.warnings),
+            helm_install=helm_install_command(namespace),
+        )
 
     # -- audit ------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ from tether.plane.api.triggers import triggerer_router
 from tether.plane.api.wakeup import ListenerState
 from tether.plane.config import PlaneSettings
 from tether.plane.store import NOTIFY_CHANNEL, Store, TokenIdentity
+from tether.plane.ui import ui_router, ui_static
+from tether.plane.values import configured_plane_url
 
 log = logging.getLogger("tether.api")
 
@@ -323,6 +325,7 @@ async def _lease(
 def create_app(
     context_factory: Callable[[], PlaneContext] = _context_from_airflow,
     authorizer: Authorizer = airflow_authorizer,
+    plane_url: Callable[[], str | None] = configured_plane_url,
 ) -> FastAPI:
     app = FastAPI(
         title="Tether agent API",
@@ -335,6 +338,7 @@ def create_app(
     app.state.tether_context_factory = context_factory
     app.state.tether_context_lock = asyncio.Lock()
     app.state.tether_authorizer = authorizer
+    app.state.tether_plane_url = plane_url
 
     app.add_middleware(RequestLog)
 
@@ -456,4 +460,6 @@ def create_app(
     app.include_router(dag_processing_router())
     app.include_router(triggerer_router())
     app.include_router(admin_router())
+    app.include_router(ui_router())
+    app.mount("/ui/static", ui_static(), name="tether_ui_static")
     return app

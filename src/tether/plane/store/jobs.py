@@ -35,6 +35,7 @@ from tether.plane.store.rules import (
     calling_agent,
     requeue,
 )
+from tether.plane.views import TryOut
 from tether.protocol import AgentStatus, JobKind, JobState
 
 _CLAIMABLE = (
@@ -272,6 +273,34 @@ class JobStore(Database):
             for view in self.job_views(ti_ids)
             if try_numbers.get(view.key.ti_id) == view.key.try_number and view.state is not JobState.REVOKED
         }
+
+    # -- what operators see ----------------------------------------------------------------
+
+    def task_tries(self, *, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[TryOut]:
+        """Each try of a task instance Tether queued, oldest first (finished ones until they are swept)."""
+        with self.transaction() as session:
+            rows = session.scalars(
+                select(Job)
+                .where(
+                    Job.kind == JobKind.TASK.value,
+                    Job.dag_id == dag_id,
+                    Job.run_id == run_id,
+                    Job.task_id == task_id,
+                    Job.map_index == map_index,
+                )
+                .order_by(Job.try_number)
+            )
+            return [TryOut.from_row(row) for row in rows]
+
+    def tries_in_flight(self) -> list[TryOut]:
+        """The tries agents hold now (leased or running), by agent then start."""
+        with self.transaction() as session:
+            rows = session.scalars(
+                select(Job)
+                .where(Job.state.in_(IN_FLIGHT), Job.agent_id.is_not(None))
+                .order_by(Job.agent_name, Job.leased_at, Job.id)
+            )
+            return [TryOut.from_row(row) for row in rows]
 
     def revoke(self, ti_id: str, try_number: int, *, now: datetime | None = None) -> bool:
         """Take a job away; a running one is killed at its agent's next heartbeat."""
