@@ -515,6 +515,44 @@ class TriggererRelease(_Request):
     incarnation: uuid.UUID
 
 
+# -- demand (revision 2) ---------------------------------------------------------
+#
+# What autoscalers read (KEDA's metrics-api scaler, with an agent token of any
+# scope): the work of each queue in task slots, and the replicas it needs.
+
+
+class QueueDemand(_Answer):
+    """The work of one queue, counted in task slots (a task's ``pool_slots``) and in jobs."""
+
+    #: Jobs waiting for an agent.
+    queued: int
+    #: Jobs an agent holds: leased (starting) or running.
+    running: int
+    queued_slots: int
+    running_slots: int
+    #: ``queued_slots + running_slots``: what agents serving the queue must hold to leave nothing waiting.
+    slots: int
+    #: Agents of ``slots_per_replica`` slots needed for ``slots``: ``ceil(slots / slots_per_replica)``.
+    replicas: int
+
+
+class DemandResponse(_Answer):
+    """Demand per queue, and for the queues asked for together (a worker group's)."""
+
+    slots_per_replica: int
+    #: When the figures were read; callers within a second or two of each other share one reading.
+    as_of: datetime
+    #: The queues asked for (``?queues=``), or every queue with work; a queue without work is all zeros.
+    queues: dict[str, QueueDemand]
+    #: The queues of ``queues`` together: the figures one worker group serving them all scales on.
+    queued: int
+    running: int
+    queued_slots: int
+    running_slots: int
+    slots: int
+    replicas: int
+
+
 class PreflightResponse(_Answer):
     """What a preflight learns: the token works from this address, and which plane answers."""
 

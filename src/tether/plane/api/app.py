@@ -31,6 +31,7 @@ from tether import errors, protocol
 from tether.collector import settle_garbage_collector
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
 from tether.plane.api.dag_processing import dag_processing_router, takes_large_bodies
+from tether.plane.api.demand import demand_router
 from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision, WorkerIdentity, written
 from tether.plane.api.tokens import with_execution_tokens
 from tether.plane.api.triggers import triggerer_router
@@ -432,5 +433,6 @@ def create_app(
 
     app.include_router(dag_processing_router())
     app.include_router(triggerer_router())
+    app.include_router(demand_router())
     app.include_router(admin_router())
     return app

@@ -133,6 +133,13 @@ _JOB_VIEWS = select(
 ).where(JOB.c.ti_id.in_(bindparam("ti_ids", expanding=True)))
 _JOB_VIEWS_CHUNK = 500
 
+#: The work each queue has, by state: one statement on the claim index, however large the fleet.
+_LOAD = (
+    select(JOB.c.queue, JOB.c.state, func.count().label("jobs"), func.sum(JOB.c.pool_slots).label("slots"))
+    .where(JOB.c.state.in_([JobState.QUEUED.value, *IN_FLIGHT]))
+    .group_by(JOB.c.queue, JOB.c.state)
+)
+
 _REPORTED = {
     protocol.ReportState.RUNNING: JobState.RUNNING,
     protocol.ReportState.SUCCESS: JobState.SUCCESS,
@@ -189,6 +196,16 @@ def _identity(workload: Any, callback_queue: str) -> dict[str, Any]:
         "pool_slots": ti.pool_slots,
         "priority_weight": ti.priority_weight,
     }
+
+
+@dataclass(frozen=True)
+class QueueLoad:
+    """The work of one queue: jobs and task slots waiting, and held by agents (leased or running)."""
+
+    queued: int = 0
+    running: int = 0
+    queued_slots: int = 0
+    running_slots: int = 0
 
 
 @dataclass(frozen=True)
@@ -264,6 +281,17 @@ class JobStore(Database):
                         )
                     )
         return views
+
+    def queue_loads(self) -> dict[str, QueueLoad]:
+        """Every queue with work waiting or held, and how much (``QueueLoad``)."""
+        counts: dict[str, dict[str, int]] = {}
+        with self.statement() as conn:
+            for row in conn.execute(_LOAD):
+                held = counts.setdefault(row.queue, {"queued": 0, "running": 0, "queued_slots": 0, "running_slots": 0})
+                which = "queued" if row.state == JobState.QUEUED.value else "running"
+                held[which] += int(row.jobs)
+                held[f"{which}_slots"] += int(row.slots or 0)
+        return {queue: QueueLoad(**held) for queue, held in counts.items()}
 
     def adoptable(self, ti_ids: Sequence[str], try_numbers: dict[str, int]) -> set[str]:
         """The task instance ids whose current try has a job Tether still tracks."""
