@@ -158,6 +158,12 @@ MATRIX: dict[str, dict[str, Any]] = {
         commonEnv=[{"name": "AIRFLOW__CORE__DEFAULT_TIMEZONE", "value": "Europe/Paris"}],
     ),
     "create-namespace": values(createNamespace=True, namespace="data-eu"),
+    "autoscaling": values(
+        workers=[
+            {"name": "etl", "queues": ["etl"], "slots": 8, "autoscaling": {"enabled": True, "maxReplicas": 20}},
+            {"name": "default", "queues": ["default"]},
+        ]
+    ),
     "no-pdb-no-metrics-existing-sa": values(
         podDisruptionBudget={"enabled": False},
         metricsService={"enabled": False},

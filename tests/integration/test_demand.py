@@ -119,3 +119,29 @@ def test_callers_share_one_reading_of_the_database(
     _fresh(client)
     assert _demand(client, token, queues="A")["queued"] == 2
     assert len(grouped_reads) == 2
+
+
+def test_the_charts_scaler_reads_the_replicas_a_group_needs(
+    client: TestClient, store: Store, token: str, make_workload: Callable[..., Any]
+) -> None:
+    """The URL and value location the chart gives KEDA, asked of the real endpoint."""
+    from urllib.parse import urlsplit
+
+    from tests.chart.rendering import by_kind, render, values
+
+    group = {"name": "etl", "queues": ["etl", "etl-heavy"], "slots": 4, "autoscaling": {"enabled": True}}
+    [scaled] = by_kind(render(values(workers=[group])), "ScaledObject")
+    meta = scaled["spec"]["triggers"][0]["metadata"]
+    url = urlsplit(meta["url"])
+    enqueue(
+        store,
+        *[make_workload(task_id=f"e{i}", queue="etl") for i in range(6)],
+        make_workload(task_id="heavy", queue="etl-heavy", pool_slots=3),
+        make_workload(task_id="other", queue="default"),
+    )
+    answer = client.get(
+        f"{url.path.removeprefix('/tether')}?{url.query}", headers={"Authorization": f"Bearer {token}"}
+    ).json()
+    # GJSON path "replicas": the top-level field. 9 slots of the group's queues, 4 slots an agent.
+    assert answer[meta["valueLocation"]] == 3
+    assert float(meta["targetValue"]) == 1

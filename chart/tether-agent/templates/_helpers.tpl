@@ -163,6 +163,22 @@ several values still to fill in needs one round, not one per value.
 {{- else if lt $grace 31 -}}
 {{- $problems = append $problems (printf "workers[%d].terminationGracePeriodSeconds (%d) leaves no time to drain running tasks: set it above 30 or set a drainTimeoutSeconds below it." $i $grace) -}}
 {{- end -}}
+{{- with $w.autoscaling -}}
+{{- if .enabled -}}
+{{- if $v.agentTokenFile -}}
+{{- $problems = append $problems (printf "workers[%d].autoscaling needs the agent token in a Secret that KEDA can read, but it comes from agentTokenFile: set agentTokenSecretName (or agentToken) instead." $i) -}}
+{{- end -}}
+{{- $min := hasKey . "minReplicas" | ternary .minReplicas 0 | int -}}
+{{- $max := hasKey . "maxReplicas" | ternary .maxReplicas 10 | int -}}
+{{- if gt $min $max -}}
+{{- $problems = append $problems (printf "workers[%d].autoscaling.minReplicas (%d) is above its maxReplicas (%d): lower minReplicas or raise maxReplicas." $i $min $max) -}}
+{{- end -}}
+{{- $slots := include "tether-agent.slots" $w | int -}}
+{{- if and (hasKey . "slotsPerReplica") (not (kindIs "invalid" .slotsPerReplica)) (gt (int .slotsPerReplica) $slots) -}}
+{{- $problems = append $problems (printf "workers[%d].autoscaling.slotsPerReplica (%d) is more than the %d slots of one agent, so the group would get too few agents to run its work: set it to %d or less, or leave it null." $i (int .slotsPerReplica) $slots $slots) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.dagProcessor.enabled (eq $w.name "dag-processor") -}}
 {{- $problems = append $problems (printf "workers[%d].name \"dag-processor\" is the name of the DAG processor's Deployment while dagProcessor.enabled is true: give the worker another name." $i) -}}
 {{- end -}}
