@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import tether
 from tether import errors, protocol
 from tether.collector import settle_garbage_collector
+from tether.plane import metrics
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
 from tether.plane.api.dag_processing import dag_processing_router, takes_large_bodies
 from tether.plane.api.demand import demand_router
@@ -329,6 +330,7 @@ def create_app(
 
     @app.exception_handler(errors.PlaneError)
     async def plane_error(request: Request, exc: errors.PlaneError) -> JSONResponse:
+        metrics.incr("refusals", reason=exc.reason)
         log.warning(
             "refused %s %s: %s [request_id=%s]",
             request.method,
@@ -340,6 +342,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.incr("refusals", reason="invalid_request")
         problems = []
         for err in exc.errors()[:5]:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
