@@ -553,6 +553,53 @@ class DemandResponse(_Answer):
     replicas: int
 
 
+# -- sentinel (revision 2) -------------------------------------------------------
+#
+# A sentinel (``tether-agent sentinel``, a token of scope ``sentinel``) tells the
+# plane how the agents' pods of one Kubernetes namespace are doing, as Kubernetes
+# sees them: states and reasons only, never a message, log, code or data.
+
+K8sName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class PodReport(_Request):
+    name: K8sName
+    #: The worker group (label ``tether-agent/worker``) or role (``tether-agent/role``) of the pod.
+    group: Annotated[str, StringConstraints(max_length=63)] | None = None
+    #: Pending, Running, Succeeded, Failed or Unknown.
+    phase: Annotated[str, StringConstraints(max_length=32)]
+    ready: bool
+    #: Container restarts, all containers together.
+    restarts: int = Field(ge=0)
+    #: Why a container last ended: OOMKilled, Error, Completed...
+    last_termination: Reason | None = None
+    #: Why a container waits: CrashLoopBackOff, ImagePullBackOff, ContainerCreating...
+    waiting: Reason | None = None
+    #: The reason of the latest Warning event about the pod: BackOff, FailedScheduling, Unhealthy...
+    warning: Reason | None = None
+
+
+class BackendCheck(_Request):
+    #: ``secrets`` or ``xcom``.
+    name: Annotated[str, StringConstraints(pattern=r"^(secrets|xcom)$")]
+    ok: bool
+    detail: ShortText | None = None
+
+
+class SentinelReport(_Request):
+    #: The sentinel's name (its pod's).
+    name: Name
+    namespace: K8sName
+    pods: list[PodReport] = Field(default_factory=list, max_length=1000)
+    backends: list[BackendCheck] = Field(default_factory=list, max_length=8)
+
+
+class SentinelReportResponse(_Answer):
+    #: Seconds until the next report.
+    interval: float
+
+
 class PreflightResponse(_Answer):
     """What a preflight learns: the token works from this address, and which plane answers."""
 

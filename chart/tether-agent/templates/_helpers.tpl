@@ -133,6 +133,7 @@ several values still to fill in needs one round, not one per value.
 {{- end -}}
 {{- $envLists = append $envLists (list "dagProcessor.env" $v.dagProcessor.env) -}}
 {{- $envLists = append $envLists (list "triggerer.env" $v.triggerer.env) -}}
+{{- $envLists = append $envLists (list "sentinel.env" $v.sentinel.env) -}}
 {{- range $pair := $envLists -}}
 {{- range $e := index $pair 1 -}}
 {{- if has $e.name $forbidden -}}
@@ -182,9 +183,15 @@ several values still to fill in needs one round, not one per value.
 {{- if and $v.dagProcessor.enabled (eq $w.name "dag-processor") -}}
 {{- $problems = append $problems (printf "workers[%d].name \"dag-processor\" is the name of the DAG processor's Deployment while dagProcessor.enabled is true: give the worker another name." $i) -}}
 {{- end -}}
+{{- if and $v.sentinel.enabled (eq $w.name "sentinel") -}}
+{{- $problems = append $problems (printf "workers[%d].name \"sentinel\" is the name of the sentinel's Deployment while sentinel.enabled is true: give the worker another name." $i) -}}
+{{- end -}}
 {{- if and $v.triggerer.enabled (eq $w.name "triggerer") -}}
 {{- $problems = append $problems (printf "workers[%d].name \"triggerer\" is the name of the triggerer's Deployment while triggerer.enabled is true: give the worker another name." $i) -}}
 {{- end -}}
+{{- end -}}
+{{- if and $v.sentinel.enabled (not $v.sentinel.tokenSecretName) -}}
+{{- $problems = append $problems "sentinel.enabled is true but sentinel.tokenSecretName is empty: create a token with airflow tether tokens create --scope sentinel, store it in a Secret under the key token and name that Secret." -}}
 {{- end -}}
 {{- if $problems -}}
 {{- fail (join "\n" $problems) -}}

@@ -33,7 +33,17 @@ from tether.plane import metrics
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
 from tether.plane.api.dag_processing import dag_processing_router, takes_large_bodies
 from tether.plane.api.demand import demand_router
-from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision, WorkerIdentity, written
+from tether.plane.api.deps import (
+    DB_THREADS,
+    Address,
+    Ctx,
+    Identity,
+    PlaneContext,
+    Revision,
+    SentinelIdentity,
+    WorkerIdentity,
+    written,
+)
 from tether.plane.api.tokens import with_execution_tokens
 from tether.plane.api.triggers import triggerer_router
 from tether.plane.api.wakeup import ListenerState
@@ -436,6 +446,13 @@ def create_app(
 
     app.include_router(dag_processing_router())
     app.include_router(triggerer_router())
+
+    @app.post("/v1/sentinel/report", response_model=protocol.SentinelReportResponse, tags=["sentinel"])
+    async def sentinel_report(
+        body: protocol.SentinelReport, ctx: Ctx, identity: SentinelIdentity, revision: Revision
+    ) -> Any:
+        return written(await ctx.db(ctx.store.save_sentinel_report, identity, body), revision)
+
     app.include_router(demand_router())
     app.include_router(admin_router())
     return app

@@ -262,6 +262,7 @@ ReaderIdentity = Annotated[TokenIdentity, Depends(token_only)]
 WorkerIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.WORKER))]
 DagProcessorIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.DAG_PROCESSOR))]
 TriggererIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.TRIGGERER))]
+SentinelIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.SENTINEL))]
 #: The caller's protocol revision, checked: answers are written in it.
 Revision = Annotated[int, Depends(speaks)]
 Address = Annotated[str, Depends(address_allowed)]
