@@ -308,3 +308,11 @@ def test_tokens_are_worker_tokens_unless_told_and_bundles_need_the_dag_processor
     assert refused.status_code == 422 and refused.json()["reason"] == "bundles_without_dag_processor"
     assert client.post("/v1/tokens", json={"name": "none", "scopes": []}, headers=ADMIN).status_code == 422
     assert client.post("/v1/tokens", json={"name": "bad", "scopes": ["admin"]}, headers=ADMIN).status_code == 422
+
+
+def test_an_audit_filter_with_a_nul_character_is_refused_not_a_server_error(client: TestClient) -> None:
+    admin = {"X-Test-User": "admin"}
+    for name in ("target_type", "target_id"):
+        refused = client.get("/v1/audit", params={name: "token\x00x"}, headers=admin)
+        assert refused.status_code == 422 and refused.json()["reason"] == "invalid_request", refused.text
+    assert client.get("/v1/audit", params={"target_id": "tokenx"}, headers=admin).status_code == 200

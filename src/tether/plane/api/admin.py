@@ -196,8 +196,9 @@ def admin_router() -> APIRouter:
         ctx: Ctx,
         _user: Reader,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        target_type: Annotated[str | None, Query(max_length=32)] = None,
-        target_id: Annotated[str | None, Query(max_length=256)] = None,
+        # No NUL character: the database refuses one in a string, and the call must fail with 422, not 500.
+        target_type: Annotated[str | None, Query(max_length=32, pattern="^[^\x00]*$")] = None,
+        target_id: Annotated[str | None, Query(max_length=256, pattern="^[^\x00]*$")] = None,
     ) -> list[AuditOut]:
         rows = await run_in_threadpool(
             lambda: ctx.store.audit_log(limit=limit, target_type=target_type, target_id=target_id)
