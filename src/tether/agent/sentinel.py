@@ -180,10 +180,10 @@ def _latest_warnings(events: list[Any]) -> dict[str, str]:
 
 def backend_checks() -> list[protocol.BackendCheck]:
     """Whether the secrets and XCom backends configured here answer (the preflight's checks), each time-bounded."""
-    from tether.agent.preflight import _secrets_check, _xcom_check
+    from tether.agent.preflight import secrets_check, xcom_check
 
     out = []
-    for name, check in (("secrets", _secrets_check), ("xcom", _xcom_check)):
+    for name, check in (("secrets", secrets_check), ("xcom", xcom_check)):
         answer: list[Any] = []
         worker = threading.Thread(target=lambda c=check, a=answer: a.append(c()), daemon=True)
         worker.start()
