@@ -532,6 +532,91 @@ class TriggererRelease(_Request):
     incarnation: uuid.UUID
 
 
+# -- demand (revision 2) ---------------------------------------------------------
+#
+# What autoscalers read (KEDA's metrics-api scaler, with an agent token of any
+# scope): the work of each queue in task slots, and the replicas it needs.
+
+
+class QueueDemand(_Answer):
+    """The work of one queue, counted in task slots (a task's ``pool_slots``) and in jobs."""
+
+    #: Jobs waiting for an agent.
+    queued: int
+    #: Jobs an agent holds: leased (starting) or running.
+    running: int
+    queued_slots: int
+    running_slots: int
+    #: ``queued_slots + running_slots``: what agents serving the queue must hold to leave nothing waiting.
+    slots: int
+    #: Agents of ``slots_per_replica`` slots needed for ``slots``: ``ceil(slots / slots_per_replica)``.
+    replicas: int
+
+
+class DemandResponse(_Answer):
+    """Demand per queue, and for the queues asked for together (a worker group's)."""
+
+    slots_per_replica: int
+    #: When the figures were read; callers within a second or two of each other share one reading.
+    as_of: datetime
+    #: The queues asked for (``?queues=``), or every queue with work; a queue without work is all zeros.
+    queues: dict[str, QueueDemand]
+    #: The queues of ``queues`` together: the figures one worker group serving them all scales on.
+    queued: int
+    running: int
+    queued_slots: int
+    running_slots: int
+    slots: int
+    replicas: int
+
+
+# -- sentinel (revision 2) -------------------------------------------------------
+#
+# A sentinel (``tether-agent sentinel``, a token of scope ``sentinel``) tells the
+# plane how the agents' pods of one Kubernetes namespace are doing, as Kubernetes
+# sees them: states and reasons only, never a message, log, code or data.
+
+K8sName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class PodReport(_Request):
+    name: K8sName
+    #: The worker group (label ``tether-agent/worker``) or role (``tether-agent/role``) of the pod.
+    group: Annotated[str, StringConstraints(max_length=63)] | None = None
+    #: Pending, Running, Succeeded, Failed or Unknown.
+    phase: Annotated[str, StringConstraints(max_length=32)]
+    ready: bool
+    #: Container restarts, all containers together.
+    restarts: int = Field(ge=0)
+    #: Why a container last ended: OOMKilled, Error, Completed...
+    last_termination: Reason | None = None
+    #: Why a container waits: CrashLoopBackOff, ImagePullBackOff, ContainerCreating...
+    waiting: Reason | None = None
+    #: The reason of the latest Warning event about the pod: BackOff, FailedScheduling, Unhealthy...
+    warning: Reason | None = None
+
+
+class BackendCheck(_Request):
+    #: ``secrets`` or ``xcom``.
+    name: Annotated[str, StringConstraints(pattern=r"^(secrets|xcom)$")]
+    ok: bool
+    detail: ShortText | None = None
+
+
+class SentinelReport(_Request):
+    #: The sentinel's name (its pod's).
+    name: Name
+    namespace: K8sName
+    pods: list[PodReport] = Field(default_factory=list, max_length=1000)
+    backends: list[BackendCheck] = Field(default_factory=list, max_length=8)
+
+
+class SentinelReportResponse(_Answer):
+    #: Seconds until the next report.
+    interval: float
+
+
 class PreflightResponse(_Answer):
     """What a preflight learns: the token works from this address, and which plane answers."""
 

@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "chart" / "tether-agent"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion); newer ones accept these objects too.
 KUBERNETES_VERSION = "1.30.0"
+# The KEDA whose CRD schemas the chart's ScaledObject and TriggerAuthentication are checked against:
+# the models of cloudcoil-models-keda, pinned in requirements/dev.in. Bearer auth of metrics-api needs 2.13+.
+KEDA_VERSION = "2.16.1"
 RELEASE = "tether"
 NAMESPACE = "agents"
 
@@ -82,8 +85,42 @@ def render_error(vals: dict[str, Any]) -> str:
 
 
 def validate(obj: dict[str, Any]) -> None:
-    """Raise unless the object is valid for KUBERNETES_VERSION, unknown fields included."""
-    kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    """Raise unless the object is valid for KUBERNETES_VERSION (KEDA's for its kinds), unknown fields included."""
+    if obj.get("apiVersion", "").startswith("keda.sh/"):
+        validate_keda(obj)
+    else:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def validate_keda(obj: dict[str, Any]) -> None:
+    """Raise unless the object is valid by KEDA's own CRD schema, unknown fields included."""
+    from cloudcoil.models.keda import v1alpha1
+
+    if obj.get("apiVersion") != "keda.sh/v1alpha1":
+        raise ValueError(f"KEDA {KEDA_VERSION} serves keda.sh/v1alpha1, not {obj.get('apiVersion')}")
+    model = getattr(v1alpha1, obj["kind"], None)
+    if model is None:
+        raise ValueError(f"KEDA {KEDA_VERSION} has no kind {obj['kind']}")
+    parsed = model.model_validate(obj, strict=True)
+    unknown = _unknown_fields(obj, parsed.model_dump(mode="json", by_alias=True, exclude_unset=True), "")
+    if unknown:
+        raise ValueError(f"fields unknown to KEDA {KEDA_VERSION}'s {obj['kind']}: {', '.join(unknown)}")
+
+
+def _unknown_fields(given: Any, kept: Any, where: str) -> list[str]:
+    """The paths of ``given`` that validation dropped: fields the schema does not have."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        out = []
+        for key, value in given.items():
+            if key not in kept:
+                out.append(f"{where}{key}")
+            else:
+                out.extend(_unknown_fields(value, kept[key], f"{where}{key}."))
+        return out
+    if isinstance(given, list) and isinstance(kept, list):
+        pairs = enumerate(zip(given, kept, strict=False))
+        return [path for i, (g, k) in pairs for path in _unknown_fields(g, k, f"{where}{i}.")]
+    return []
 
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -158,6 +158,17 @@ MATRIX: dict[str, dict[str, Any]] = {
         commonEnv=[{"name": "AIRFLOW__CORE__DEFAULT_TIMEZONE", "value": "Europe/Paris"}],
     ),
     "create-namespace": values(createNamespace=True, namespace="data-eu"),
+    "sentinel": values(
+        sentinel={"enabled": True, "tokenSecretName": "sentinel-token", "resources": {"limits": {"memory": "256Mi"}}},
+        caBundle={"secretName": "corp-ca"},
+        clientCertSecretName="agent-client-tls",
+    ),
+    "autoscaling": values(
+        workers=[
+            {"name": "etl", "queues": ["etl"], "slots": 8, "autoscaling": {"enabled": True, "maxReplicas": 20}},
+            {"name": "default", "queues": ["default"]},
+        ]
+    ),
     "no-pdb-no-metrics-existing-sa": values(
         podDisruptionBudget={"enabled": False},
         metricsService={"enabled": False},
@@ -219,7 +230,8 @@ def test_pods_meet_the_restricted_pod_security_standard(rendered: tuple[str, lis
         assert pod["runAsUser"] == 50000
         assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
         assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
-        assert spec["automountServiceAccountToken"] is False
+        # Only the sentinel reads the Kubernetes API (pods and events of its namespace).
+        assert spec["automountServiceAccountToken"] is (spec["containers"][0]["name"] == "sentinel")
         for container in spec["containers"] + spec.get("initContainers", []):
             sc = container["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False

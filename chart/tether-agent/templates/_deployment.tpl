@@ -6,6 +6,7 @@ The Deployment of one kind of agent, the same pod for every role. Takes:
   name        the Deployment's name
   roleLabels  the labels that tell these pods from the release's other agents
   replicas    the number of pods
+  autoscaled  true when KEDA sets the number of pods (the Deployment then names none)
   grace       terminationGracePeriodSeconds
 */}}
 {{- define "tether-agent.deployment" -}}
@@ -24,7 +25,9 @@ metadata:
   name: {{ .name }}
   {{- include "tether-agent.metadata" (dict "root" $root "extraLabels" $labels) | nindent 2 }}
 spec:
+  {{- if not .autoscaled }}
   replicas: {{ .replicas | int }}
+  {{- end }}
   revisionHistoryLimit: 5
   # A new agent is up before an old one stops, so its work never waits for a rollout.
   strategy:

@@ -133,6 +133,7 @@ several values still to fill in needs one round, not one per value.
 {{- end -}}
 {{- $envLists = append $envLists (list "dagProcessor.env" $v.dagProcessor.env) -}}
 {{- $envLists = append $envLists (list "triggerer.env" $v.triggerer.env) -}}
+{{- $envLists = append $envLists (list "sentinel.env" $v.sentinel.env) -}}
 {{- range $pair := $envLists -}}
 {{- range $e := index $pair 1 -}}
 {{- if has $e.name $forbidden -}}
@@ -163,12 +164,34 @@ several values still to fill in needs one round, not one per value.
 {{- else if lt $grace 31 -}}
 {{- $problems = append $problems (printf "workers[%d].terminationGracePeriodSeconds (%d) leaves no time to drain running tasks: set it above 30 or set a drainTimeoutSeconds below it." $i $grace) -}}
 {{- end -}}
+{{- with $w.autoscaling -}}
+{{- if .enabled -}}
+{{- if $v.agentTokenFile -}}
+{{- $problems = append $problems (printf "workers[%d].autoscaling needs the agent token in a Secret that KEDA can read, but it comes from agentTokenFile: set agentTokenSecretName (or agentToken) instead." $i) -}}
+{{- end -}}
+{{- $min := hasKey . "minReplicas" | ternary .minReplicas 0 | int -}}
+{{- $max := hasKey . "maxReplicas" | ternary .maxReplicas 10 | int -}}
+{{- if gt $min $max -}}
+{{- $problems = append $problems (printf "workers[%d].autoscaling.minReplicas (%d) is above its maxReplicas (%d): lower minReplicas or raise maxReplicas." $i $min $max) -}}
+{{- end -}}
+{{- $slots := include "tether-agent.slots" $w | int -}}
+{{- if and (hasKey . "slotsPerReplica") (not (kindIs "invalid" .slotsPerReplica)) (gt (int .slotsPerReplica) $slots) -}}
+{{- $problems = append $problems (printf "workers[%d].autoscaling.slotsPerReplica (%d) is more than the %d slots of one agent, so the group would get too few agents to run its work: set it to %d or less, or leave it null." $i (int .slotsPerReplica) $slots $slots) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.dagProcessor.enabled (eq $w.name "dag-processor") -}}
 {{- $problems = append $problems (printf "workers[%d].name \"dag-processor\" is the name of the DAG processor's Deployment while dagProcessor.enabled is true: give the worker another name." $i) -}}
+{{- end -}}
+{{- if and $v.sentinel.enabled (eq $w.name "sentinel") -}}
+{{- $problems = append $problems (printf "workers[%d].name \"sentinel\" is the name of the sentinel's Deployment while sentinel.enabled is true: give the worker another name." $i) -}}
 {{- end -}}
 {{- if and $v.triggerer.enabled (eq $w.name "triggerer") -}}
 {{- $problems = append $problems (printf "workers[%d].name \"triggerer\" is the name of the triggerer's Deployment while triggerer.enabled is true: give the worker another name." $i) -}}
 {{- end -}}
+{{- end -}}
+{{- if and $v.sentinel.enabled (not $v.sentinel.tokenSecretName) -}}
+{{- $problems = append $problems "sentinel.enabled is true but sentinel.tokenSecretName is empty: create a token with airflow tether tokens create --scope sentinel, store it in a Secret under the key token and name that Secret." -}}
 {{- end -}}
 {{- if $problems -}}
 {{- fail (join "\n" $problems) -}}

@@ -1,7 +1,7 @@
 {{/*
 Environment of the agent and preflight containers of one Deployment. Takes root (the chart's
-context), agent (a workers[] item, dagProcessor or triggerer) and role (worker, dag-processor or
-triggerer).
+context), agent (a workers[] item, dagProcessor, triggerer or sentinel), role (worker, dag-processor,
+triggerer or sentinel) and, optionally, tokenFile (where the token is instead of the agents' own).
 */}}
 {{- define "tether-agent.env" -}}
 {{- $v := .root.Values -}}
@@ -13,7 +13,7 @@ triggerer).
 - name: TETHER_PLANE_URL
   value: {{ $v.planeURL | quote }}
 - name: TETHER_TOKEN_FILE
-  value: {{ $v.agentTokenFile | default (printf "%s/token" (include "tether-agent.tokenDir" .root)) | quote }}
+  value: {{ .tokenFile | default $v.agentTokenFile | default (printf "%s/token" (include "tether-agent.tokenDir" .root)) | quote }}
 {{- if eq .role "worker" }}
 - name: TETHER_QUEUES
   value: {{ join "," $a.queues | quote }}

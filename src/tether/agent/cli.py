@@ -55,6 +55,29 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Validate the settings, print them (token redacted) and exit",
     )
+    sentinel = commands.add_parser(
+        "sentinel",
+        help="Report the agents' pods, as Kubernetes sees them, and the backends to the plane until stopped",
+        description="Watches the agent pods and events of one Kubernetes namespace and reports their phase, "
+        "readiness, restarts and reasons, and whether the secrets and XCom backends answer, every interval the "
+        "plane gives. Needs a token of scope sentinel and get/list/watch on pods and events.",
+    )
+    agent_settings.add_arguments(sentinel)
+    sentinel.add_argument(
+        "--namespace",
+        default=os.environ.get("TETHER_SENTINEL_NAMESPACE", ""),
+        help="Namespace of the agent pods (TETHER_SENTINEL_NAMESPACE; default: the sentinel pod's own)",
+    )
+    sentinel.add_argument(
+        "--selector",
+        default=os.environ.get("TETHER_SENTINEL_SELECTOR", "app.kubernetes.io/component=agent"),
+        help="Label selector of the agent pods (TETHER_SENTINEL_SELECTOR)",
+    )
+    sentinel.add_argument(
+        "--print-settings",
+        action="store_true",
+        help="Validate the settings, print them (token redacted) and exit",
+    )
     check = commands.add_parser(
         "check", help="Preflight: verify the token, the plane, the secrets and XCom backends and the DAG bundles"
     )
@@ -95,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dag_processor.run(settings)
     if args.command == "triggerer":
         return _triggerer(settings)
+    if args.command == "sentinel":
+        from tether.agent import sentinel
+
+        return sentinel.run(settings, args.namespace or None, args.selector)
     return asyncio.run(_run(settings))
 
 

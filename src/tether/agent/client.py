@@ -223,6 +223,11 @@ class Triggerer(_Resource):
         await _call(self._http, "POST", self._path(agent_id, "release"), Nothing, body=body)
 
 
+class Sentinel(_Resource):
+    async def report(self, body: protocol.SentinelReport) -> protocol.SentinelReportResponse:
+        return await self._post("/sentinel/report", body, protocol.SentinelReportResponse)
+
+
 def compress(body: BaseModel) -> bytes:
     """A request body as JSON, gzip-compressed: what large DAG-processing calls send."""
     return gzip.compress(body.model_dump_json().encode(), compresslevel=5)
@@ -235,6 +240,7 @@ class PlaneClient:
         self.jobs = Jobs(http)
         self.dag_processing = DagProcessing(http)
         self.triggerer = Triggerer(http)
+        self.sentinel = Sentinel(http)
 
     async def health(self) -> protocol.Health:
         return await _call(self._http, "GET", "/health", protocol.Health)

@@ -108,7 +108,7 @@ async def _plane_checks(settings: AgentSettings, client: PlaneClient) -> list[Ch
     return results
 
 
-def _secrets_check() -> CheckResult:
+def secrets_check() -> CheckResult:
     name = "secrets backend"
     try:
         from airflow.sdk.configuration import ensure_secrets_loaded
@@ -128,7 +128,7 @@ def _secrets_check() -> CheckResult:
     return CheckResult(name, True, f"answering: {names}")
 
 
-def _xcom_check() -> CheckResult:
+def xcom_check() -> CheckResult:
     name = "XCom backend"
     try:
         from airflow.sdk.execution_time.xcom import resolve_xcom_backend
@@ -220,8 +220,8 @@ async def run_checks(settings: AgentSettings, client: PlaneClient | None = None)
         if own_client:
             await client.aclose()
     local: list[Callable[[], CheckResult | list[CheckResult]]] = [
-        _secrets_check,
-        _xcom_check,
+        secrets_check,
+        xcom_check,
         _bundle_checks,
         _sdk_checks,
     ]

@@ -22,7 +22,7 @@ from tether.plane.expiry import parse_expiry
 from tether.plane.store import Store, airflow_session_factory, utcnow
 from tether.plane.store.agents import RangeChange
 from tether.plane.values import agent_values, configured_plane_url
-from tether.plane.views import AuditOut, BundleOut, IpRangeOut, TokenOut
+from tether.plane.views import AuditOut, BundleOut, IpRangeOut, PodOut, SentinelOut, TokenOut
 
 T = TypeVar("T")
 
@@ -33,6 +33,7 @@ AGENT_COLUMNS = (
     "status",
     "cordoned",
     "last_heartbeat",
+    "pod",
     "queues",
     "slots",
     "free_slots",
@@ -56,6 +57,8 @@ def _actor() -> str:
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, PodOut):
+        return value.summary()
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, list | tuple):
@@ -178,7 +181,27 @@ def tokens_revoke(args: argparse.Namespace) -> None:
 
 
 def agents_list(args: argparse.Namespace) -> None:
-    _emit([v for v in _call(_store().agent_views)], args.output, AGENT_COLUMNS)
+    store = _store()
+    agents = _call(store.agent_views)
+    _emit(agents, args.output, AGENT_COLUMNS)
+    if args.output != "json":
+        _print_sentinels(_call(store.sentinel_views), {a.name for a in agents} | {a.hostname for a in agents})
+
+
+def _print_sentinels(reports: Sequence[SentinelOut], agents: set[str]) -> None:
+    """Each namespace's sentinel report under the agents: its backends, and pods no agent registered from."""
+    for report in reports:
+        backends = ", ".join(
+            f"{b.name} {'answers' if b.ok else 'FAILS: ' + (b.detail or 'no answer')}" for b in report.backends
+        )
+        stale = " (STALE: no report for two intervals)" if report.stale else ""
+        print(
+            f"\nSentinel {report.sentinel} in namespace {report.namespace}, "
+            f"reported {_fmt(report.received_at)}{stale}: {backends or 'no backend checked'}"
+        )
+        unregistered = [pod for pod in report.pods if pod.name not in agents]
+        for pod in unregistered:
+            print(f"  pod {pod.name} (no agent registered): {pod.summary()}")
 
 
 def agents_show(args: argparse.Namespace) -> None:

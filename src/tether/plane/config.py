@@ -69,6 +69,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "default": "2",
         "example": "2",
     },
+    "sentinel_interval": {
+        "description": "Seconds between two reports of a sentinel (tether-agent sentinel) on the agents' pods; "
+        "the plane gives it to every sentinel with its answer.\n",
+        "type": "float",
+        "default": "30",
+        "example": "30",
+    },
     "store_dag_source": {
         "description": "Whether the plane keeps the source code of DAGs that agents parse, for the UI's Code "
         "tab. Agents send it only where this is on and their own --share-dag-source is on; otherwise the Code "
@@ -131,6 +138,7 @@ class PlaneSettings:
     job_retention: timedelta = timedelta(hours=1)
     max_agent_tokens: int = 50
     token_cache_ttl: timedelta = timedelta(seconds=2)
+    sentinel_interval: timedelta = timedelta(seconds=30)
     store_dag_source: bool = False
     max_parse_result_bytes: int = 16 * 1024 * 1024
     task_log_max_bytes: int = 10 * 1024 * 1024
@@ -160,6 +168,7 @@ class PlaneSettings:
             job_retention=_seconds(get("job_retention")),
             max_agent_tokens=int(get("max_agent_tokens")),
             token_cache_ttl=_seconds(get("token_cache_ttl")),
+            sentinel_interval=_seconds(get("sentinel_interval")),
             store_dag_source=get("store_dag_source").strip().lower() in ("true", "1", "yes", "on"),
             max_parse_result_bytes=int(get("max_parse_result_bytes")),
             task_log_max_bytes=int(get("task_log_max_bytes")),

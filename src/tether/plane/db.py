@@ -19,4 +19,4 @@ class TetherDBManager(BaseDBManager):
     migration_dir = (_HERE / "migrations").as_posix()
     alembic_file = (_HERE / "alembic.ini").as_posix()
     supports_table_dropping = True
-    revision_heads_map = {"0.1.0": "0002", "0.2.0": "0008"}
+    revision_heads_map = {"0.1.0": "0002", "0.2.0": "0009"}

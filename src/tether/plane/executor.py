@@ -20,9 +20,10 @@ from airflow.executors.base_executor import BaseExecutor
 from airflow.utils.state import TaskInstanceState
 from sqlalchemy.exc import SQLAlchemyError
 
+from tether.plane import metrics
 from tether.plane.config import PlaneSettings
 from tether.plane.store import Store
-from tether.protocol import JobState
+from tether.protocol import AgentRole, AgentStatus, JobState
 
 if TYPE_CHECKING:
     from airflow.models.taskinstance import TaskInstance
@@ -37,6 +38,8 @@ _PURGE_EVERY = timedelta(minutes=5)
 #: every loop; triggerer agents have no database to do it).
 _TRIGGER_CLEAN_EVERY = timedelta(seconds=5)
 _MISSING_GRACE = timedelta(seconds=60)
+#: How often the plane's gauges (jobs by queue and state, agents by status and role) are sent.
+_GAUGES_EVERY = timedelta(seconds=5)
 #: How old the view of finished jobs may be when a full executor is asked for free slots.
 _FULL_REFRESH_EVERY = timedelta(milliseconds=100)
 
@@ -173,6 +176,9 @@ class TetherExecutor(BaseExecutor):
         self._next_sweep = 0.0
         self._next_purge = 0.0
         self._next_trigger_clean = 0.0
+        self._next_gauges = 0.0
+        #: Queues whose job gauges were last sent non-zero: each gets one zero when its work is gone.
+        self._gauged_queues: set[str] = set()
         self._reported_at = float("-inf")
 
     @property
@@ -253,6 +259,15 @@ class TetherExecutor(BaseExecutor):
             counts = self.store.sweep(judge_silence=self.watch.silence_counts())
             if any(counts.values()):
                 self.log.warning("Tether sweep: %s", counts)
+                for name, count in counts.items():
+                    if count:
+                        metrics.incr(f"sweeps.{name}", count)
+        if now >= self._next_gauges:
+            self._next_gauges = now + _GAUGES_EVERY.total_seconds()
+            try:
+                self._send_gauges()
+            except SQLAlchemyError as exc:
+                self.log.warning("Could not count jobs and agents for the plane's metrics: %s", exc)
         if now >= self._next_trigger_clean:
             self._next_trigger_clean = now + _TRIGGER_CLEAN_EVERY.total_seconds()
             try:
@@ -267,6 +282,18 @@ class TetherExecutor(BaseExecutor):
             except SQLAlchemyError as exc:
                 self.log.warning("Could not delete the logs of tries Airflow no longer has: %s", exc)
         self._report_changes()
+
+    def _send_gauges(self) -> None:
+        counts = self.store.fleet_counts()
+        busy = {queue for queue, _ in counts.jobs}
+        for queue in busy | self._gauged_queues:
+            for state in (JobState.QUEUED, JobState.LEASED, JobState.RUNNING):
+                metrics.gauge(f"jobs.{state.value.lower()}", counts.jobs.get((queue, state.value), 0), queue=queue)
+        self._gauged_queues = busy
+        for status in AgentStatus:
+            for role in AgentRole:
+                agents = counts.agents.get((status.value, role.value), 0)
+                metrics.gauge(f"agents.{status.value.lower()}", agents, role=role.value)
 
     def _report_changes(self) -> None:
         self._reported_at = self._clock()

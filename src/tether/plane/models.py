@@ -284,3 +284,20 @@ class TriggerRun(Base):
     at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
     __table_args__ = (Index("idx_tether_trigger_run_at", "at"),)
+
+
+class SentinelReport(Base):
+    """The latest report of a namespace's sentinel on the agents' pods and the backends it checked."""
+
+    __tablename__ = "tether_sentinel_report"
+
+    namespace: Mapped[str] = mapped_column(String(253), primary_key=True)
+    sentinel: Mapped[str] = mapped_column(String(128), nullable=False)
+    token_id: Mapped[str] = mapped_column(String(16), nullable=False)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    #: The interval the plane gave with its answer: the next report is due after it.
+    interval: Mapped[float] = mapped_column(Float, nullable=False)
+    #: ``protocol.PodReport`` objects.
+    pods: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
+    #: ``protocol.BackendCheck`` objects.
+    backends: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)

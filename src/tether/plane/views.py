@@ -136,6 +136,47 @@ class VersionSupport(enum.StrEnum):
         return cls.UNSUPPORTED
 
 
+class PodOut(_Out):
+    """An agent pod as the sentinel of its namespace last saw it."""
+
+    namespace: str
+    name: str
+    group: str | None = None
+    phase: str
+    ready: bool
+    restarts: int
+    last_termination: str | None = None
+    waiting: str | None = None
+    warning: str | None = None
+    reported_at: datetime
+
+    def summary(self) -> str:
+        """One cell of the agents table: ``Running ready``, ``Running 3 restarts OOMKilled CrashLoopBackOff``."""
+        parts = [self.phase, "ready" if self.ready else "not ready"]
+        if self.restarts:
+            parts.append(f"{self.restarts} restarts")
+        parts += [reason for reason in (self.last_termination, self.waiting, self.warning) if reason]
+        return " ".join(parts)
+
+
+class BackendOut(_Out):
+    name: str
+    ok: bool
+    detail: str | None = None
+
+
+class SentinelOut(_Out):
+    """A namespace's latest sentinel report."""
+
+    namespace: str
+    sentinel: str
+    received_at: datetime
+    #: No report for two intervals: what it says may no longer be so.
+    stale: bool
+    pods: list[PodOut]
+    backends: list[BackendOut]
+
+
 class AgentOut(_Out):
     """An agent as operators see it."""
 
@@ -165,6 +206,9 @@ class AgentOut(_Out):
     first_seen: datetime
     deleted_at: datetime | None
     deleted_by: str | None
+    pod: PodOut | None = Field(
+        default=None, description="The agent's pod (of the same name) as its namespace's sentinel last reported it"
+    )
 
 
 class AgentAction(_In):

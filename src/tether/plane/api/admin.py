@@ -35,6 +35,7 @@ from tether.plane.views import (
     IpRanges,
     IpRangesOut,
     MissingValueOut,
+    SentinelOut,
     TokenCreate,
     TokenCreated,
     TokenOut,
@@ -206,6 +207,11 @@ def admin_router() -> APIRouter:
     @router.get("/v1/agents", response_model=list[AgentOut])
     async def list_agents(ctx: Ctx, _user: Reader) -> list[AgentOut]:
         return [v for v in await run_in_threadpool(ctx.store.agent_views)]
+
+    @router.get("/v1/sentinels", response_model=list[SentinelOut])
+    async def list_sentinels(ctx: Ctx, _user: Reader) -> list[SentinelOut]:
+        """Each namespace's latest sentinel report: its agent pods and whether its backends answer."""
+        return await ctx.db(ctx.store.sentinel_views)
 
     @router.get("/v1/agents/{agent_id}", response_model=AgentOut)
     async def show_agent(agent_id: str, ctx: Ctx, _user: Reader) -> AgentOut:

@@ -30,9 +30,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import tether
 from tether import errors, protocol
 from tether.collector import settle_garbage_collector
+from tether.plane import metrics
 from tether.plane.api.admin import Authorizer, admin_router, airflow_authorizer
 from tether.plane.api.dag_processing import dag_processing_router, takes_large_bodies
-from tether.plane.api.deps import DB_THREADS, Address, Ctx, Identity, PlaneContext, Revision, WorkerIdentity, written
+from tether.plane.api.demand import demand_router
+from tether.plane.api.deps import (
+    DB_THREADS,
+    Address,
+    Ctx,
+    Identity,
+    PlaneContext,
+    Revision,
+    SentinelIdentity,
+    WorkerIdentity,
+    written,
+)
 from tether.plane.api.tokens import with_execution_tokens
 from tether.plane.api.triggers import triggerer_router
 from tether.plane.api.wakeup import ListenerState
@@ -355,6 +367,7 @@ def create_app(
 
     @app.exception_handler(errors.PlaneError)
     async def plane_error(request: Request, exc: errors.PlaneError) -> JSONResponse:
+        metrics.incr("refusals", reason=exc.reason)
         log.warning(
             "refused %s %s: %s [request_id=%s]",
             request.method,
@@ -366,6 +379,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.incr("refusals", reason="invalid_request")
         problems = []
         for err in exc.errors()[:5]:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
@@ -459,6 +473,14 @@ def create_app(
 
     app.include_router(dag_processing_router())
     app.include_router(triggerer_router())
+
+    @app.post("/v1/sentinel/report", response_model=protocol.SentinelReportResponse, tags=["sentinel"])
+    async def sentinel_report(
+        body: protocol.SentinelReport, ctx: Ctx, identity: SentinelIdentity, revision: Revision
+    ) -> Any:
+        return written(await ctx.db(ctx.store.save_sentinel_report, identity, body), revision)
+
+    app.include_router(demand_router())
     app.include_router(admin_router())
     app.include_router(ui_router())
     app.mount("/ui/static", ui_static(), name="tether_ui_static")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Generic, TypeVar
 
 from anyio import CapacityLimiter, to_thread
@@ -24,6 +24,8 @@ from tether.plane.store import Store, TokenIdentity
 #: its own: the size of its connection pool (``app.agent_api_session_factory``), so no call
 #: waits for a connection while holding a thread, and none is opened and closed per call.
 DB_THREADS = 32
+#: Seconds a reading of the queues' demand is shared by every caller (``api.demand``).
+DEMAND_TTL = 2.0
 #: Of those, what lease claims may hold: they come in bursts and must leave room for heartbeats.
 CLAIM_THREADS = 8
 
@@ -105,6 +107,8 @@ class PlaneContext:
     tokens: TokenCache
     ranges: RangeCache
     listen_dsn: str | None = None
+    #: The latest reading of every queue's load, shared by all demand callers for ``DEMAND_TTL``.
+    demand: SharedLoads[None, Any] = field(default_factory=lambda: SharedLoads(DEMAND_TTL))
     _claim_limiter: CapacityLimiter | None = None
     _db_limiter: CapacityLimiter | None = None
 
@@ -211,6 +215,22 @@ async def authenticated(
     _revision: Annotated[int, Depends(speaks)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> TokenIdentity:
+    return await token_of(ctx, authorization)
+
+
+async def token_only(
+    ctx: Annotated[PlaneContext, Depends(context)],
+    _address: Annotated[str, Depends(address_allowed)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> TokenIdentity:
+    """The caller's token, for read-only routes that tools other than agents call: no revision header asked for.
+
+    Autoscalers (KEDA's metrics-api scaler) send a bearer token and nothing else.
+    """
+    return await token_of(ctx, authorization)
+
+
+async def token_of(ctx: PlaneContext, authorization: str | None) -> TokenIdentity:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise errors.Unauthorized("an agent token is required (Authorization: Bearer ...)", reason="no_token")
     text = authorization[7:].strip()
@@ -236,10 +256,13 @@ def scoped(scope: protocol.TokenScope) -> Callable[[TokenIdentity], Awaitable[To
 
 Ctx = Annotated[PlaneContext, Depends(context)]
 Identity = Annotated[TokenIdentity, Depends(authenticated)]
+#: An agent token of any scope, from a caller that need not name a protocol revision (read-only routes).
+ReaderIdentity = Annotated[TokenIdentity, Depends(token_only)]
 #: The caller's token, which may serve the role of the route.
 WorkerIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.WORKER))]
 DagProcessorIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.DAG_PROCESSOR))]
 TriggererIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.TRIGGERER))]
+SentinelIdentity = Annotated[TokenIdentity, Depends(scoped(protocol.TokenScope.SENTINEL))]
 #: The caller's protocol revision, checked: answers are written in it.
 Revision = Annotated[int, Depends(speaks)]
 Address = Annotated[str, Depends(address_allowed)]

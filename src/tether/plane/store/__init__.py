@@ -10,6 +10,7 @@ own. One module per concern, each a part of ``Store``:
 - ``dags``: what agents parse, written through Airflow's own DAG processor functions;
 - ``logs``: task logs agents ship, per try, read back for Airflow's log views;
 - ``triggers``: triggers of deferred tasks, run by triggerer agents under Airflow triggerer jobs;
+- ``sentinels``: the latest report of each namespace's sentinel on the agents' pods;
 - ``rules``: what several of them apply (the calling agent, settling a gone agent's jobs);
 - ``base``: sessions and one-statement connections, notifications, the audit trail.
 
@@ -24,6 +25,7 @@ from tether.plane.store.dags import DagStore
 from tether.plane.store.jobs import JobKey, JobStore, JobView
 from tether.plane.store.logs import LogStore
 from tether.plane.store.rules import agent_status, token_live
+from tether.plane.store.sentinels import SentinelStore
 from tether.plane.store.sweeps import SweepStore
 from tether.plane.store.tokens import TokenStore
 from tether.plane.store.triggers import TriggerStore
@@ -41,5 +43,5 @@ __all__ = [
 ]
 
 
-class Store(TokenStore, AgentStore, JobStore, SweepStore, DagStore, LogStore, TriggerStore):
+class Store(TokenStore, AgentStore, JobStore, SweepStore, DagStore, LogStore, TriggerStore, SentinelStore):
     """Tether's tables, as the plane's processes use them."""

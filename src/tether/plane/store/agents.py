@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tether import errors, protocol
-from tether.plane.models import Agent, AgentToken, AllowedIpRange, Job
+from tether.plane.models import Agent, AgentToken, AllowedIpRange, Job, SentinelReport
 from tether.plane.netaccess import Network, parse_cidrs
 from tether.plane.store.base import Database, TokenIdentity, audit, snapshot, utcnow
 from tether.plane.store.rules import (
@@ -25,7 +25,7 @@ from tether.plane.store.rules import (
     requeue_leases_of,
     settle_agent,
 )
-from tether.plane.views import AgentOut, VersionSupport
+from tether.plane.views import AgentOut, PodOut, VersionSupport
 from tether.protocol import AgentStatus
 
 _AGENT_AUDIT_FIELDS = ("id", "name", "cordoned", "cordon_reason", "cordoned_by", "cordoned_at", "deleted_at")
@@ -207,6 +207,12 @@ class AgentStore(Database):
                 .group_by(Job.agent_id)
             ).all()
         )
+        # Agents in Kubernetes are named after their pods (and a pod's hostname is its name).
+        pods: dict[str, PodOut] = {}
+        for report in session.scalars(select(SentinelReport)):
+            for pod in report.pods:
+                out = PodOut.model_validate({**pod, "namespace": report.namespace, "reported_at": report.received_at})
+                pods.setdefault(out.name, out)
         views = []
         for agent in agents:
             token = token_rows.get(agent.token_id)
@@ -238,6 +244,7 @@ class AgentStore(Database):
                     first_seen=agent.first_seen,
                     deleted_at=agent.deleted_at,
                     deleted_by=agent.deleted_by,
+                    pod=pods.get(agent.name) or pods.get(agent.hostname),
                 )
             )
         return views

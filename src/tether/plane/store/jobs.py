@@ -14,7 +14,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import bindparam, exists, func, select, update
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
 from tether import errors, protocol
+from tether.plane import metrics
 from tether.plane.models import Job
 from tether.plane.store.base import NOTIFY_CHANNEL, Database, TokenIdentity, utcnow
 from tether.plane.store.rules import (
@@ -39,7 +40,7 @@ from tether.plane.views import TryOut
 from tether.protocol import AgentStatus, JobKind, JobState
 
 _CLAIMABLE = (
-    select(JOB.c.id, JOB.c.pool_slots, JOB.c.workload)
+    select(JOB.c.id, JOB.c.pool_slots, JOB.c.workload, JOB.c.queue, JOB.c.queued_at)
     .where(
         JOB.c.state == JobState.QUEUED.value,
         JOB.c.queue.in_(bindparam("queues", expanding=True)),
@@ -77,7 +78,7 @@ _START = (
         CALLER_EXISTS,
     )
     .values(state=JobState.RUNNING.value, started_at=bindparam("now"), lease_expires_at=None)
-    .returning(JOB.c.id)
+    .returning(JOB.c.id, JOB.c.queue, JOB.c.leased_at)
 )
 
 #: An outcome from the job's holder, registered with this token. Any incarnation: an outcome
@@ -133,6 +134,13 @@ _JOB_VIEWS = select(
     JOB.c.reason,
 ).where(JOB.c.ti_id.in_(bindparam("ti_ids", expanding=True)))
 _JOB_VIEWS_CHUNK = 500
+
+#: The work each queue has, by state: one statement on the claim index, however large the fleet.
+_LOAD = (
+    select(JOB.c.queue, JOB.c.state, func.count().label("jobs"), func.sum(JOB.c.pool_slots).label("slots"))
+    .where(JOB.c.state.in_([JobState.QUEUED.value, *IN_FLIGHT]))
+    .group_by(JOB.c.queue, JOB.c.state)
+)
 
 _REPORTED = {
     protocol.ReportState.RUNNING: JobState.RUNNING,
@@ -190,6 +198,21 @@ def _identity(workload: Any, callback_queue: str) -> dict[str, Any]:
         "pool_slots": ti.pool_slots,
         "priority_weight": ti.priority_weight,
     }
+
+
+def _aware(moment: datetime) -> datetime:
+    """A time read back from SQLite's dialect in a raw statement, which drops its zone: it was written in UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class QueueLoad:
+    """The work of one queue: jobs and task slots waiting, and held by agents (leased or running)."""
+
+    queued: int = 0
+    running: int = 0
+    queued_slots: int = 0
+    running_slots: int = 0
 
 
 @dataclass(frozen=True)
@@ -265,6 +288,17 @@ class JobStore(Database):
                         )
                     )
         return views
+
+    def queue_loads(self) -> dict[str, QueueLoad]:
+        """Every queue with work waiting or held, and how much (``QueueLoad``)."""
+        counts: dict[str, dict[str, int]] = {}
+        with self.statement() as conn:
+            for row in conn.execute(_LOAD):
+                held = counts.setdefault(row.queue, {"queued": 0, "running": 0, "queued_slots": 0, "running_slots": 0})
+                which = "queued" if row.state == JobState.QUEUED.value else "running"
+                held[which] += int(row.jobs)
+                held[f"{which}_slots"] += int(row.slots or 0)
+        return {queue: QueueLoad(**held) for queue, held in counts.items()}
 
     def adoptable(self, ti_ids: Sequence[str], try_numbers: dict[str, int]) -> set[str]:
         """The task instance ids whose current try has a job Tether still tracks."""
@@ -358,6 +392,9 @@ class JobStore(Database):
                 "job_ids": [c.id for c in picked],
             }
             leased = set(conn.execute(_LEASE, lease).scalars())
+            for c in picked:
+                if c.id in leased:
+                    metrics.timing("lease_wait", now - _aware(c.queued_at), queue=c.queue)
             return [
                 protocol.Lease(
                     job_id=uuid.UUID(c.id),
@@ -409,6 +446,7 @@ class JobStore(Database):
                 try:
                     self._why_not_started(identity, agent_id, job_id, request.incarnation, now)
                 except errors.PlaneError as exc:
+                    metrics.incr("refusals", reason=exc.reason)
                     refused.append(
                         protocol.StartRefusal(
                             job_id=uuid.UUID(job_id), status=exc.status_code, reason=exc.reason, detail=exc.detail
@@ -426,7 +464,11 @@ class JobStore(Database):
         """Pass the jobs through the start gate in one statement; the ids that passed."""
         params = {**caller_params(identity, agent_id, incarnation), "job_ids": job_ids, "now": now}
         with self.statement() as conn:
-            return set(conn.execute(_START, params).scalars())
+            rows = conn.execute(_START, params).all()
+        for row in rows:
+            if row.leased_at is not None:
+                metrics.timing("start_gate", now - _aware(row.leased_at), queue=row.queue)
+        return {row.id for row in rows}
 
     def _why_not_started(
         self, identity: TokenIdentity, agent_id: str, job_id: str, incarnation: uuid.UUID, now: datetime
@@ -478,6 +520,7 @@ class JobStore(Database):
             "why": request.reason,
         }
         if target.terminal and self._finish(outcome):
+            metrics.incr("reports", state=request.state.value)
             return protocol.ReportResponse(job_id=uuid.UUID(job_id), state=target)
         current = self._reportable_state(identity, agent_id, job_id)
         if current is target:
@@ -491,6 +534,7 @@ class JobStore(Database):
         # Reportable after all: it changed while the first try looked. One more try of the same statement.
         if not self._finish(outcome):
             raise errors.Conflict(f"job {job_id} changed while reporting", reason="job_final")
+        metrics.incr("reports", state=request.state.value)
         return protocol.ReportResponse(job_id=uuid.UUID(job_id), state=target)
 
     def _finish(self, outcome: dict[str, Any]) -> bool:

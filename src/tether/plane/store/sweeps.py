@@ -6,20 +6,49 @@ at once do the work once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import delete, func, or_, select
 
 from tether.plane.models import Agent, AgentToken, Job, WorkClaim
 from tether.plane.store.base import Database, utcnow
-from tether.plane.store.rules import IN_FLIGHT, requeue, settle, settle_agent
+from tether.plane.store.rules import IN_FLIGHT, agent_status, requeue, settle, settle_agent
 from tether.plane.store.triggers import settle_triggerers
-from tether.protocol import JobState
+from tether.protocol import AgentRole, JobState
 
 _TERMINAL = [state.value for state in JobState if state.terminal]
 
 
+@dataclass(frozen=True)
+class FleetCounts:
+    """What the plane's gauges show: jobs in flight by queue and state, agents by status and role."""
+
+    #: (queue, QUEUED / LEASED / RUNNING) -> jobs
+    jobs: dict[tuple[str, str], int]
+    #: (HEALTHY / UNHEALTHY / TERMINATED, role) -> agents
+    agents: dict[tuple[str, str], int]
+
+
 class SweepStore(Database):
+    def fleet_counts(self, *, now: datetime | None = None) -> FleetCounts:
+        """Jobs not finished by queue and state, and agents by status and role: two statements."""
+        now = now or utcnow()
+        jobs: dict[tuple[str, str], int] = {}
+        agents: dict[tuple[str, str], int] = {}
+        with self.statement() as conn:
+            for row in conn.execute(
+                select(Job.queue, Job.state, func.count())
+                .where(Job.state.in_([JobState.QUEUED.value, *IN_FLIGHT]))
+                .group_by(Job.queue, Job.state)
+            ):
+                jobs[(row[0], row[1])] = int(row[2])
+            for agent in conn.execute(select(Agent.roles, Agent.last_heartbeat, Agent.deleted_at)):
+                status = agent_status(agent, self.settings, now).value
+                for role in agent.roles or [AgentRole.WORKER.value]:
+                    agents[(status, role)] = agents.get((status, role), 0) + 1
+        return FleetCounts(jobs=jobs, agents=agents)
+
     def sweep(self, *, now: datetime | None = None, judge_silence: bool = True) -> dict[str, int]:
         """Return expired leases to the queue and settle the jobs of unhealthy agents.
 
