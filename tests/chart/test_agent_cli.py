@@ -200,8 +200,10 @@ def test_the_image_runs_the_agent_as_user_50000() -> None:
     assert json.loads(settings["ENTRYPOINT"]) == ["tether-agent"]
     assert json.loads(settings["CMD"]) == ["run"]
     runs = " ".join(rest for k, rest in final_stage if k == "RUN")
-    # Installed at the versions the lock pins, the package from the wheel built in the first stage.
-    assert "pip install --no-cache-dir -c /opt/tether/lock.txt /wheels/airflow_tether-" in runs
+    # The dependencies at the versions the lock pins, in a layer of their own; then the package from
+    # the wheel built in the first stage, adding nothing the lock does not pin.
+    assert "pip install --no-cache-dir -c /opt/tether/lock.txt -r /opt/tether/requirements.txt" in runs
+    assert "pip install --no-cache-dir --no-deps -c /opt/tether/lock.txt /wheels/airflow_tether-" in runs
     assert ("COPY", "requirements/lock.txt /opt/tether/lock.txt") in final_stage
     assert "useradd --uid 50000" in runs
 
