@@ -8,9 +8,14 @@ reason as its last part (StatsD has no tags), and the same as a tag for backends
 
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
 import re
 from datetime import timedelta
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 PREFIX = "tether"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -21,10 +26,23 @@ def part(text: str) -> str:
     return _UNSAFE.sub("_", text.replace(".", "__"))[:100] or "_"
 
 
-def _stats() -> Any:
-    from airflow.observability.stats import Stats
+class _NoStats:
+    """What metrics go to when this Airflow has no metrics pipeline where it is looked for."""
 
-    return Stats
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+@functools.cache
+def _stats() -> Any:
+    # Where Airflow 3.3's scheduler and API server set their pipeline up; ``airflow.stats`` before that.
+    for module in ("airflow.observability.stats", "airflow.stats"):
+        try:
+            return importlib.import_module(module).Stats
+        except (ImportError, AttributeError):
+            continue
+    log.warning("Airflow's metrics pipeline was not found (airflow.observability.stats): Tether sends no metrics")
+    return _NoStats()
 
 
 def incr(name: str, count: int = 1, **tags: str) -> None:
