@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+
+from tether.embedded import Plane
 
 PG_ADMIN_URL = os.environ.get("TETHER_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
@@ -46,6 +49,20 @@ def drop_pg_database(admin_url: str, url: str) -> None:
     with engine.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     engine.dispose()
+
+
+@contextlib.contextmanager
+def running_plane(admin_url: str, home: Path, dags_folder: Path, env: dict[str, str]) -> Iterator[Plane]:
+    """A plane (API server, scheduler, DAG processor) on a PostgreSQL database of its own, gone afterwards."""
+    url = create_pg_database(admin_url)
+    plane = Plane(home=home, dags_folder=dags_folder, sql_alchemy_conn=url, extra_env=env)
+    try:
+        plane.migrate()
+        plane.start()
+        yield plane
+    finally:
+        plane.stop()
+        drop_pg_database(admin_url, url)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import create_pg_database, drop_pg_database
+from tests.conftest import create_pg_database, drop_pg_database, running_plane
 from tether.embedded import AgentProcess, Plane, start_agent, wait_until
 
 DAGS = Path(__file__).parent / "dags"
@@ -83,24 +83,17 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="session")
 def pg_plane(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Iterator[Plane]:
-    url = create_pg_database(pg_admin_url)
     home = tmp_path_factory.mktemp("e2e-pg-plane") / "plane"
-    plane = Plane(
-        home=home,
-        dags_folder=DAGS,
-        sql_alchemy_conn=url,
-        extra_env={
+    with running_plane(
+        pg_admin_url,
+        home,
+        DAGS,
+        {
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
             "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": "1",
         },
-    )
-    try:
-        plane.migrate()
-        plane.start()
+    ) as plane:
         yield plane
-    finally:
-        plane.stop()
-        drop_pg_database(pg_admin_url, url)
 
 
 def dump_logs(plane: Plane) -> str:

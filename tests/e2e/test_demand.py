@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import create_pg_database, drop_pg_database
+from tests.conftest import running_plane
 from tether.embedded import Plane, start_agent, wait_until
 
 DAGS = Path(__file__).parent / "dags_demand"
@@ -22,20 +22,13 @@ DAGS = Path(__file__).parent / "dags_demand"
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Iterator[Plane]:
-    url = create_pg_database(pg_admin_url)
-    plane = Plane(
-        home=tmp_path_factory.mktemp("e2e-demand") / "plane",
-        dags_folder=DAGS,
-        sql_alchemy_conn=url,
-        extra_env={"AIRFLOW__CORE__PARALLELISM": "128", "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": "1"},
-    )
-    try:
-        plane.migrate()
-        plane.start()
+    with running_plane(
+        pg_admin_url,
+        tmp_path_factory.mktemp("e2e-demand") / "plane",
+        DAGS,
+        {"AIRFLOW__CORE__PARALLELISM": "128", "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": "1"},
+    ) as plane:
         yield plane
-    finally:
-        plane.stop()
-        drop_pg_database(pg_admin_url, url)
 
 
 def demand(plane: Plane, token: str, **params: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import create_pg_database, drop_pg_database
+from tests.conftest import running_plane
 from tether import protocol
 from tether.embedded import Plane, start_agent, wait_until
 
@@ -69,26 +69,19 @@ def statsd() -> Iterator[StatsdListener]:
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str, statsd: StatsdListener) -> Iterator[Plane]:
-    url = create_pg_database(pg_admin_url)
-    plane = Plane(
-        home=tmp_path_factory.mktemp("e2e-metrics") / "plane",
-        dags_folder=DAGS,
-        sql_alchemy_conn=url,
-        extra_env={
+    with running_plane(
+        pg_admin_url,
+        tmp_path_factory.mktemp("e2e-metrics") / "plane",
+        DAGS,
+        {
             "AIRFLOW__METRICS__STATSD_ON": "True",
             "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
             "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
             "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
             "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": "1",
         },
-    )
-    try:
-        plane.migrate()
-        plane.start()
+    ) as plane:
         yield plane
-    finally:
-        plane.stop()
-        drop_pg_database(pg_admin_url, url)
 
 
 def documented() -> set[str]:

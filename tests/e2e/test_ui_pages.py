@@ -24,7 +24,7 @@ import yaml
 from playwright.sync_api import Browser, FrameLocator, Page, expect, sync_playwright
 
 from tests.chart.rendering import pod_specs, render, validate
-from tests.conftest import create_pg_database, drop_pg_database
+from tests.conftest import running_plane
 from tether.embedded import AgentProcess, Plane, start_agent, wait_until
 from tether.plane.values import agent_values
 
@@ -41,23 +41,16 @@ VIEWPORT = {"width": 1440, "height": 900}
 def plane(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Iterator[Plane]:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"the browser tests need Debian's chromium at {CHROMIUM}: run scripts/install-chromium as root")
-    url = create_pg_database(pg_admin_url)
-    plane = Plane(
-        home=tmp_path_factory.mktemp("ui") / "plane",
-        dags_folder=DAGS,
-        sql_alchemy_conn=url,
-        extra_env={
+    with running_plane(
+        pg_admin_url,
+        tmp_path_factory.mktemp("ui") / "plane",
+        DAGS,
+        {
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
             "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": "1",
         },
-    )
-    try:
-        plane.migrate()
-        plane.start()
+    ) as plane:
         yield plane
-    finally:
-        plane.stop()
-        drop_pg_database(pg_admin_url, url)
 
 
 @pytest.fixture(scope="module")
