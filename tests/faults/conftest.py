@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import create_pg_database, drop_pg_database
+from tests.conftest import running_plane
 from tests.e2e.test_admin import Admin
 from tether.embedded import AgentProcess, ManagedProcess, Plane, start_agent, wait_until
 
@@ -49,27 +49,16 @@ PATIENT_TASKS = {
 
 @pytest.fixture(scope="session")
 def plane(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Iterator[Plane]:
-    url = create_pg_database(pg_admin_url)
-    plane = Plane(
-        home=tmp_path_factory.mktemp("faults") / "plane",
-        dags_folder=DAGS,
-        sql_alchemy_conn=url,
-        extra_env={
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-            "AIRFLOW__CORE__PARALLELISM": "256",
-            "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": str(HEARTBEAT),
-            "AIRFLOW__TETHER__MISSED_HEARTBEATS": str(MISSED),
-            "AIRFLOW__TETHER__LEASE_TIMEOUT": str(LEASE_TIMEOUT),
-            "AIRFLOW__TETHER__LEASE_WAIT": str(LEASE_WAIT),
-        },
-    )
-    try:
-        plane.migrate()
-        plane.start()
+    env = {
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__PARALLELISM": "256",
+        "AIRFLOW__TETHER__HEARTBEAT_INTERVAL": str(HEARTBEAT),
+        "AIRFLOW__TETHER__MISSED_HEARTBEATS": str(MISSED),
+        "AIRFLOW__TETHER__LEASE_TIMEOUT": str(LEASE_TIMEOUT),
+        "AIRFLOW__TETHER__LEASE_WAIT": str(LEASE_WAIT),
+    }
+    with running_plane(pg_admin_url, tmp_path_factory.mktemp("faults") / "plane", DAGS, env) as plane:
         yield plane
-    finally:
-        plane.stop()
-        drop_pg_database(pg_admin_url, url)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import tether
-from tests.conftest import create_pg_database, drop_pg_database
+from tests.conftest import running_plane
 from tether.embedded import Plane, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,16 +105,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def plane(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Iterator[Plane]:
     """A real plane on PostgreSQL: API server, scheduler and DAG processor on this host."""
-    url = create_pg_database(pg_admin_url)
-    home = tmp_path_factory.mktemp("image-plane") / "plane"
-    plane = Plane(home=home, dags_folder=DAGS, sql_alchemy_conn=url)
-    try:
-        plane.migrate()
-        plane.start()
+    with running_plane(pg_admin_url, tmp_path_factory.mktemp("image-plane") / "plane", DAGS, {}) as plane:
         yield plane
-    finally:
-        plane.stop()
-        drop_pg_database(pg_admin_url, url)
 
 
 @dataclass
