@@ -1,4 +1,4 @@
-"""DAGs for the plane's metrics: a quick task, and one long enough for its agent to die under it."""
+"""DAGs for the plane's metrics: a short task, and one long enough for its agent to die under it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from airflow.sdk import dag, task
 def quick() -> None:
     @task(queue="metricsq", retries=0)
     def hello() -> str:
+        # Longer than the executor's 5 s between gauges, so that one of them sees the queue busy.
+        time.sleep(7)
         return "hello"
 
     hello()
