@@ -60,7 +60,10 @@ def make_plane(tmp: Path, backend: str, admin_url: str | None) -> tuple[Plane, s
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """A plane with two agents: 'alpha' serves default and alpha (4 slots), 'beta' serves beta (4 slots)."""
+    """A plane with two agents: 'alpha' serves default and alpha (4 slots), 'beta' serves beta (4 slots).
+
+    Beta runs with its warm start off, so each of its tasks is a fork of the agent.
+    """
     backend = request.param
     admin = request.getfixturevalue("pg_admin_url") if backend == "postgres" else None
     plane, pg_url = make_plane(tmp_path_factory.mktemp(f"e2e-{backend}"), backend, admin)
@@ -70,7 +73,7 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         plane.start()
         agents = {
             "alpha": start_agent(plane, "alpha", token, queues="default,alpha", slots="4"),
-            "beta": start_agent(plane, "beta", token, queues="beta", slots="4"),
+            "beta": start_agent(plane, "beta", token, queues="beta", slots="4", warm_start="false"),
         }
         for agent in agents.values():
             wait_until(lambda a=agent: a.health("/readyz") == 200, 120, f"agent {agent.name} ready")

@@ -6,9 +6,11 @@ import uuid
 from datetime import datetime
 
 import httpx
+import psutil
 
 from tests.e2e.conftest import Deployment, dump_logs
 from tether import protocol
+from tether.embedded import wait_until
 
 
 def test_chain_and_fanout_succeed_on_one_agent(deployment: Deployment) -> None:
@@ -32,6 +34,21 @@ def test_every_task_runs_on_an_agent_serving_its_queue(deployment: Deployment) -
         "SELECT hostname FROM task_instance WHERE dag_id = 'e2e_queues' AND run_id = :r", r=run_id
     )
     assert all(row[0] for row in hostnames), "every task instance records the host it ran on"
+
+
+def test_an_agent_without_warm_start_keeps_no_spares_and_runs_its_tasks(deployment: Deployment) -> None:
+    run_id, state = deployment.run_dag("e2e_queues")
+    assert state == "success", dump_logs(deployment.plane)
+    assert {job["state"] for job in deployment.jobs("e2e_queues", run_id) if job["agent_name"] == "beta"} == {
+        "SUCCESS"
+    }
+
+    def children(name: str) -> list[psutil.Process]:
+        return psutil.Process(deployment.agents[name].process.pid).children(recursive=True)
+
+    # Alpha (warm start on) keeps its launcher and spares between tasks; beta forks only for a task.
+    wait_until(lambda: len(children("alpha")) >= 2, 30, "alpha's launcher and a spare")
+    wait_until(lambda: not children("beta"), 30, "beta's finished tasks to be reaped")
 
 
 def test_xcom_passes_a_value_between_tasks(deployment: Deployment) -> None:

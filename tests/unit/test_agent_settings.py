@@ -24,6 +24,14 @@ def test_defaults_and_derived_values() -> None:
     assert s.slots == 4
     assert s.drain_timeout == timedelta(seconds=540)
     assert s.task_nice == 10
+    assert s.warm_start is True
+
+
+def test_warm_start_can_be_turned_off() -> None:
+    env = {"TETHER_PLANE_URL": "https://plane.example", "TETHER_TOKEN": "t", "TETHER_WARM_START": "false"}
+    assert agent_settings.load(_args(), env).warm_start is False
+    with pytest.raises(ConfigError, match="warm-start"):
+        agent_settings.load(_args("--warm-start", "sometimes"), env)
 
 
 def test_flag_beats_environment_beats_file(tmp_path: Path) -> None:

@@ -171,8 +171,8 @@ async def _run(settings: agent_settings.AgentSettings) -> int:
         client_cert=settings.client_cert,
         client_key=settings.client_key,
         task_nice=settings.task_nice,
-        min_spares=min(MIN_SPARES, settings.slots),
-        max_spares=settings.slots,
+        min_spares=min(MIN_SPARES, settings.slots) if settings.warm_start else 0,
+        max_spares=settings.slots if settings.warm_start else 0,
     )
     metrics = AgentMetrics()
     metrics.sdk_features(runner.availability)

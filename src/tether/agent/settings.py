@@ -114,6 +114,13 @@ OPTIONS: tuple[Option, ...] = (
         default="10",
         parse=_nice,
     ),
+    Option(
+        "warm_start",
+        "Keep warm spare processes ready, each with its task process forked ahead, so a task starts without "
+        "a fork of the agent (false: fork the agent for each task; fewer processes, slower starts)",
+        default="true",
+        parse=_bool,
+    ),
     Option("health_host", "Address of the /healthz, /readyz and /metrics server", default="0.0.0.0"),
     Option(
         "health_port",
@@ -174,6 +181,7 @@ class AgentSettings:
     labels: Mapping[str, str] = field(default_factory=dict)
     drain_timeout: timedelta = timedelta(seconds=540)
     task_nice: int = 10
+    warm_start: bool = True
     health_host: str = "0.0.0.0"
     health_port: int = 8790
     ca_bundle: Path | None = None
@@ -337,6 +345,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         labels=values["labels"],
         drain_timeout=values["drain_timeout"],
         task_nice=values["task_nice"],
+        warm_start=values["warm_start"],
         health_host=values["health_host"],
         health_port=values["health_port"],
         ca_bundle=Path(values["ca_bundle"]) if values["ca_bundle"] else None,
