@@ -40,8 +40,15 @@ def _has_module(bin_dir: Path, module: str) -> bool:
     """Whether the Python of ``bin_dir`` can import ``module`` (an older release may not have it)."""
     if bin_dir == BIN:
         return importlib.util.find_spec(module) is not None
+    # find_spec of a submodule raises when its package is missing: that is an answer too, not an error to show.
     probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
-    return subprocess.run([str(bin_dir / "python"), "-c", probe], stdin=subprocess.DEVNULL).returncode == 0
+    result = subprocess.run(
+        [str(bin_dir / "python"), "-c", probe],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return result.returncode == 0
 
 
 #: Answers 200 once the API server serves Tether's agent API.
