@@ -416,6 +416,8 @@ class WorkResponse(_Answer):
 MAX_LOG_LINE = 64 * 1024
 #: Largest log batch body, after decompression.
 MAX_LOG_BATCH_BYTES = 2 * 1024 * 1024
+#: Most jobs' batches in one call.
+MAX_LOG_BATCHES = 256
 
 
 def _printable_nul(line: str) -> str:
@@ -426,10 +428,9 @@ def _printable_nul(line: str) -> str:
 LogLine = Annotated[str, StringConstraints(max_length=MAX_LOG_LINE + 256), AfterValidator(_printable_nul)]
 
 
-class LogBatch(_Request):
+class LogLines(_Request):
     """Lines of a running task's log, in order; one agent process numbers the batches of a job from 0."""
 
-    incarnation: uuid.UUID
     #: Names the run of the task this agent process is following: a task resumed later is a new segment.
     segment: uuid.UUID
     seq: int = Field(ge=0)
@@ -438,10 +439,36 @@ class LogBatch(_Request):
     final: bool = False
 
 
+class LogBatch(LogLines):
+    """One batch of one job's (or trigger's) log."""
+
+    incarnation: uuid.UUID
+
+
+class JobLogBatch(LogLines):
+    job_id: uuid.UUID
+
+
+class JobLogBatches(_Request):
+    """Batches of several of the agent's jobs' logs in one call: each is kept, or refused, on its own."""
+
+    incarnation: uuid.UUID
+    batches: list[JobLogBatch] = Field(min_length=1, max_length=MAX_LOG_BATCHES)
+
+
 class LogBatchResponse(_Answer):
     #: The plane takes no more lines of this try (its cap is reached, or the job is no longer this agent's).
     stop: bool = False
     reason: str | None = None
+
+
+class JobLogAnswer(LogBatchResponse):
+    job_id: uuid.UUID
+
+
+class JobLogBatchesResponse(_Answer):
+    #: One answer per batch, in the order of the request.
+    answers: list[JobLogAnswer]
 
 
 # -- triggers (revision 2) -----------------------------------------------------

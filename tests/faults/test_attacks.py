@@ -60,6 +60,10 @@ def test_another_tokens_agent_and_replayed_calls_change_nothing(plane: Plane, to
                 f"/agents/{owner_id}/jobs/{job}/logs",
                 {**me, "segment": str(uuid.uuid4()), "seq": 0, "lines": ["x"]},
             ),
+            "logs_of_jobs": (
+                f"/agents/{owner_id}/logs",
+                {**me, "batches": [{"job_id": job, "segment": str(uuid.uuid4()), "seq": 0, "lines": ["x"]}]},
+            ),
         }
         for name, (path, body) in calls.items():
             refused = intruder.post(path, json=body)

@@ -13,10 +13,11 @@ import pytest
 from tests.unit.scenarios import run, until
 from tether import protocol
 from tether.agent.health import AgentMetrics
-from tether.agent.logs import LogFollower
+from tether.agent.logs import LogFollower, LogShipper
 from tether.agent.settings import AgentSettings
 from tether.errors import PlaneUnavailable
 from tether.plane.config import PlaneSettings
+from tether.plane.models import Job
 from tether.plane.store import Store
 from tether.plane.store.testing import StoreAgent, memory_store
 
@@ -215,3 +216,125 @@ def test_only_the_jobs_agent_ships_its_log(store: Store) -> None:
     answer = store.append_log(other.identity, other.agent_id, job_id, batch)
     assert answer.stop and store.task_log_state(str(workload.ti.id), 1) is not None
     assert list(store.task_log_lines(str(workload.ti.id), 1)) == []
+
+
+def test_one_call_keeps_several_jobs_batches_each_on_its_own_terms(store: Store) -> None:
+    workloads = [_Workload() for _ in range(3)]
+    with store.transaction() as session:
+        for workload in workloads:
+            store.enqueue(session, workload)
+    agent = StoreAgent(store)
+    jobs = agent.take()
+    for job_id in jobs:
+        agent.start(job_id)
+    other_agent_job = _job_of_another_agent(store)
+    segment = uuid.uuid4()
+
+    def batch(job_id: str, lines: list[str], seq: int = 0) -> protocol.JobLogBatch:
+        return protocol.JobLogBatch(job_id=uuid.UUID(job_id), segment=segment, seq=seq, lines=lines)
+
+    request = protocol.JobLogBatches(
+        incarnation=agent.incarnation,
+        batches=[
+            batch(jobs[0], ["a", "b"]),
+            batch(jobs[1], ["x" * 60, "y" * 60]),  # past the 100-byte limit: cut, and told to stop
+            batch(jobs[2], ["c"]),
+            batch(other_agent_job, ["not mine"]),
+            batch(str(uuid.uuid4()), ["no such job"]),
+        ],
+    )
+    answers = store.append_logs(agent.identity, agent.agent_id, request).answers
+    assert [str(a.job_id) for a in answers] == [str(b.job_id) for b in request.batches]
+    assert [a.stop for a in answers] == [False, True, False, True, True]
+    with store.transaction() as session:
+        ti = {job_id: session.get(Job, job_id).ti_id for job_id in jobs}  # type: ignore[union-attr]
+    # Sent again after a lost answer: every batch is kept once.
+    store.append_logs(agent.identity, agent.agent_id, request)
+    lines = {job_id: list(store.task_log_lines(ti[job_id], 1)) for job_id in jobs}
+    assert lines[jobs[0]] == ["a", "b"] and lines[jobs[2]] == ["c"]
+    assert lines[jobs[1]][0] == "x" * 60 and "Tether cut this log here" in lines[jobs[1]][1]
+
+
+def _job_of_another_agent(store: Store) -> str:
+    with store.transaction() as session:
+        store.enqueue(session, _Workload())
+    other = StoreAgent(store, "other")
+    (job_id,) = other.take()
+    other.start(job_id)
+    return job_id
+
+
+class _Jobs:
+    """The agent client's job calls, as far as log batches go: every call kept, the second job refused."""
+
+    def __init__(self) -> None:
+        self.calls: list[protocol.JobLogBatches] = []
+        self.down = False
+
+    async def logs(self, agent_id: uuid.UUID, body: protocol.JobLogBatches) -> protocol.JobLogBatchesResponse:
+        self.calls.append(body)
+        if self.down:
+            raise PlaneUnavailable("away")
+        return protocol.JobLogBatchesResponse(
+            answers=[
+                protocol.JobLogAnswer(job_id=b.job_id, stop=b.lines == ["refused"], reason="limit")
+                for b in body.batches
+            ]
+        )
+
+
+def test_the_shipper_sends_batches_ready_together_in_one_call(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        jobs = _Jobs()
+        client = type("Client", (), {"jobs": jobs})()
+        shipper = LogShipper(
+            client=client,  # type: ignore[arg-type]
+            agent_id=uuid.uuid4,
+            incarnation=uuid.uuid4(),
+            folder=tmp_path,
+            metrics=AgentMetrics(),
+            settings=SETTINGS,
+        )
+        names = ["one", "refused", "three"]
+        for name in names:
+            (tmp_path / f"{name}.log").write_text(f"{name}\n")
+        followers = []
+        for name in names:
+            follower = shipper.follow(uuid.uuid4(), f"{name}.log")
+            assert follower is not None
+            follower.offset = 0  # the file was written before the follower started, as a task's first lines
+            followers.append(follower)
+        for follower in followers:
+            follower.finish()
+        await asyncio.gather(*(f.wait(5) for f in followers))
+        assert len(jobs.calls) == 1, [len(c.batches) for c in jobs.calls]
+        assert sorted(line for b in jobs.calls[0].batches for line in b.lines) == sorted(names)
+        assert [f.stopped_by_plane for f in followers] == [False, True, False]
+
+    run(scenario)
+
+
+def test_while_the_plane_is_away_each_follower_keeps_its_lines_and_sends_them_later(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        jobs = _Jobs()
+        jobs.down = True
+        client = type("Client", (), {"jobs": jobs})()
+        shipper = LogShipper(
+            client=client,  # type: ignore[arg-type]
+            agent_id=uuid.uuid4,
+            incarnation=uuid.uuid4(),
+            folder=tmp_path,
+            metrics=AgentMetrics(),
+            settings=SETTINGS,
+        )
+        (tmp_path / "a.log").write_text("first\n")
+        follower = shipper.follow(uuid.uuid4(), "a.log")
+        assert follower is not None
+        follower.offset = 0
+        follower.finish()
+        await until(lambda: len(jobs.calls) >= 2)
+        jobs.down = False
+        await follower.wait(5)
+        assert [b.lines for b in jobs.calls[-1].batches] == [["first"]] and not follower.stopped_by_plane
+
+    run(scenario)

@@ -162,6 +162,11 @@ class Jobs(_Resource):
         path = f"/agents/{agent_id}/jobs/{job_id}/logs"
         return await _call(self._http, "POST", path, protocol.LogBatchResponse, body=compress(body), gzipped=True)
 
+    async def logs(self, agent_id: uuid.UUID, body: protocol.JobLogBatches) -> protocol.JobLogBatchesResponse:
+        """Batches of several jobs' logs in one call; sent compressed."""
+        path = f"/agents/{agent_id}/logs"
+        return await _call(self._http, "POST", path, protocol.JobLogBatchesResponse, body=compress(body), gzipped=True)
+
 
 class Nothing(BaseModel):
     """The answer of a call that answers nothing (204)."""

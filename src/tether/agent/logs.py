@@ -27,7 +27,7 @@ from tether import protocol
 from tether.agent.client import Backoff, PlaneClient, backoff_for
 from tether.agent.health import AgentMetrics
 from tether.agent.settings import AgentSettings
-from tether.errors import PlaneRefused, PlaneUnavailable
+from tether.errors import PlaneRefused, PlaneUnavailable, ProtocolError
 
 log = logging.getLogger("tether.agent.logs")
 
@@ -41,6 +41,10 @@ BATCH_AGE = 1.0
 READ_SIZE = 256 * 1024
 #: How long the last lines of a task may take to leave, once its process exited.
 FINAL_GRACE = 60.0
+#: How long a batch waits for other jobs' batches to go in the same call (seconds).
+LINGER = 0.05
+#: Most bytes of lines in one call: well inside the plane's body limit, whatever the JSON adds.
+SEND_BYTES = protocol.MAX_LOG_BATCH_BYTES // 4
 
 
 #: Sends one batch of lines of what a follower follows (a job by its id, a trigger by its id) to the plane.
@@ -179,7 +183,12 @@ class LogFollower:
 
 
 class LogShipper:
-    """Makes a follower for each task the agent starts, when it ships logs."""
+    """Makes a follower for each task the agent starts, when it ships logs, and sends their batches together.
+
+    A batch a follower hands over waits ``LINGER`` seconds, or while the call before
+    it is in flight, for the batches of other jobs: on a busy agent one call carries
+    the lines of many tasks (each kept or refused on its own), not one call per task.
+    """
 
     def __init__(
         self,
@@ -197,6 +206,8 @@ class LogShipper:
         self.folder = folder
         self.metrics = metrics
         self.settings = settings
+        self._waiting: list[tuple[protocol.JobLogBatch, asyncio.Future[protocol.LogBatchResponse]]] = []
+        self._sender: asyncio.Task[None] | None = None
 
     def follow(self, job_id: uuid.UUID, log_path: str | None) -> LogFollower | None:
         if not log_path:
@@ -213,4 +224,49 @@ class LogShipper:
         return follower
 
     async def _send(self, job_id: uuid.UUID, batch: protocol.LogBatch) -> protocol.LogBatchResponse:
-        return await self.client.jobs.log(self.agent_id(), job_id, batch)
+        answer: asyncio.Future[protocol.LogBatchResponse] = asyncio.get_running_loop().create_future()
+        fields = batch.model_dump(exclude={"incarnation"})
+        self._waiting.append((protocol.JobLogBatch(job_id=job_id, **fields), answer))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_waiting(), name="log-batches")
+        return await answer
+
+    async def _send_waiting(self) -> None:
+        await asyncio.sleep(LINGER)
+        while self._waiting:
+            taken = _take(self._waiting)
+            batches = [batch for batch, _ in taken]
+            try:
+                response = await self.client.jobs.logs(
+                    self.agent_id(), protocol.JobLogBatches(incarnation=self.incarnation, batches=batches)
+                )
+                by_job = {answer.job_id: answer for answer in response.answers}
+            except Exception as exc:  # each follower handles it as it would its own call's
+                for _, waiter in taken:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                continue
+            for batch, waiter in taken:
+                if waiter.done():
+                    continue  # its follower gave up waiting
+                answer = by_job.get(batch.job_id)
+                if answer is None:
+                    waiter.set_exception(ProtocolError(f"the plane's answer has no word on job {batch.job_id}"))
+                else:
+                    waiter.set_result(protocol.LogBatchResponse(stop=answer.stop, reason=answer.reason))
+
+
+def _take(
+    waiting: list[tuple[protocol.JobLogBatch, asyncio.Future[protocol.LogBatchResponse]]],
+) -> list[tuple[protocol.JobLogBatch, asyncio.Future[protocol.LogBatchResponse]]]:
+    """The first waiting batches that fit in one call (always at least one), taken off ``waiting``."""
+    size = count = 0
+    for batch, _ in waiting:
+        cost = sum(len(line) + 1 for line in batch.lines)
+        if count and (count >= protocol.MAX_LOG_BATCHES or size + cost > SEND_BYTES):
+            break
+        size += cost
+        count += 1
+    taken = waiting[:count]
+    del waiting[:count]
+    return taken

@@ -471,6 +471,12 @@ def create_app(
     ) -> Any:
         return written(await ctx.db(ctx.store.append_log, identity, str(agent_id), str(job_id), body), revision)
 
+    @app.post("/v1/agents/{agent_id}/logs", response_model=protocol.JobLogBatchesResponse, tags=["agent"])
+    async def task_logs(
+        agent_id: uuid.UUID, body: protocol.JobLogBatches, ctx: Ctx, identity: WorkerIdentity, revision: Revision
+    ) -> Any:
+        return written(await ctx.db(ctx.store.append_logs, identity, str(agent_id), body), revision)
+
     app.include_router(dag_processing_router())
     app.include_router(triggerer_router())
 

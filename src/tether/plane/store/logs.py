@@ -69,6 +69,36 @@ class LogStore(Database):
         except IntegrityError:
             return protocol.LogBatchResponse()  # the same batch, kept by a call that raced this one
 
+    def append_logs(
+        self, identity: TokenIdentity, agent_id: str, request: protocol.JobLogBatches, *, now: datetime | None = None
+    ) -> protocol.JobLogBatchesResponse:
+        """Keep batches of several of an agent's jobs' logs in one transaction, each as ``append_log`` would."""
+        try:
+            return self._append_logs(identity, agent_id, request, now or utcnow())
+        except IntegrityError:
+            # A batch raced its own retry; the second pass finds it kept and keeps the others.
+            return self._append_logs(identity, agent_id, request, now or utcnow())
+
+    def _append_logs(
+        self, identity: TokenIdentity, agent_id: str, request: protocol.JobLogBatches, now: datetime
+    ) -> protocol.JobLogBatchesResponse:
+        answers = []
+        with self.transaction() as session:
+            agent = calling_agent(session, identity, agent_id, request.incarnation)
+            ids = list({str(batch.job_id) for batch in request.batches})
+            jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+            for batch in request.batches:
+                job = jobs.get(str(batch.job_id))
+                if job is None:
+                    answer = protocol.LogBatchResponse(stop=True, reason=f"no job {batch.job_id}")
+                elif job.agent_id != agent.id:
+                    answer = protocol.LogBatchResponse(stop=True, reason="the job is no longer this agent's")
+                else:
+                    try_of = TryOf(job.ti_id, job.try_number, job.dag_id, job.task_id, job.run_id, job.map_index)
+                    answer = append_lines(session, try_of, agent.name, batch, self.settings.task_log_max_bytes, now)
+                answers.append(protocol.JobLogAnswer(job_id=batch.job_id, stop=answer.stop, reason=answer.reason))
+        return protocol.JobLogBatchesResponse(answers=answers)
+
     def task_log_state(self, ti_id: str, try_number: int) -> TaskLogState | None:
         """The try's log as the plane has it, where the try ran on an agent; None for a try Tether never ran."""
         with self.transaction() as session:
@@ -152,7 +182,7 @@ def append_lines(
     session: Session,
     try_of: TryOf,
     agent_name: str,
-    batch: protocol.LogBatch,
+    batch: protocol.LogLines,
     limit: int,
     now: datetime | None = None,
 ) -> protocol.LogBatchResponse:
@@ -211,7 +241,7 @@ def append_lines(
     return protocol.LogBatchResponse()
 
 
-def _has_batch(session: Session, log: TaskLog, batch: protocol.LogBatch) -> bool:
+def _has_batch(session: Session, log: TaskLog, batch: protocol.LogLines) -> bool:
     return (
         session.scalar(
             select(TaskLogChunk.id).where(
