@@ -440,3 +440,63 @@ def test_idle_polls_skip_the_database_while_the_queue_is_known_empty(
     # A job queued now is leased by the next poll, which the notification wakes if it did not look.
     enqueue(store, make_workload())
     assert len(agent.lease(wait=10).json()["leases"]) == 1
+
+
+def test_a_job_wakes_every_waiting_poll_but_costs_a_few_claims_not_one_each(
+    client: TestClient,
+    store: Store,
+    token: str,
+    make_workload: Callable[..., Any],
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+    import time
+
+    from tether.plane.api.deps import CLAIM_THREADS
+
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has no notifications: every poll looks on a timer")
+    claims: list[object] = []
+    real_claim = store.claim
+
+    def counted_claim(*args: Any, **kwargs: Any) -> Any:
+        claims.append(args)
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(store, "claim", counted_claim)
+    _hold_polls_long(store)
+    waiting = 3 * CLAIM_THREADS
+    agents = [AgentCalls(client, token, name=f"w{i}") for i in range(waiting)]
+    for calls in agents:
+        assert calls.register().status_code == 200
+    wakeup = client.app.state.tether.wakeup  # type: ignore[attr-defined]
+    assert agents[0].lease().json()["leases"] == []  # starts the listener
+    limit = time.monotonic() + 10
+    while not wakeup.listening and time.monotonic() < limit:
+        time.sleep(0.05)
+    leased: list[int] = []
+
+    def poll(calls: AgentCalls) -> None:
+        leased.append(len(calls.lease(free_slots=1, wait=20).json()["leases"]))
+
+    threads = [threading.Thread(target=poll, args=(calls,)) for calls in agents]
+    for thread in threads:
+        thread.start()
+    limit = time.monotonic() + 10
+    while len(wakeup._waiters.get("default", ())) < waiting and time.monotonic() < limit:
+        time.sleep(0.05)
+    claims.clear()
+    enqueue(store, make_workload())
+    limit = time.monotonic() + 10
+    while not leased and time.monotonic() < limit:
+        time.sleep(0.05)
+    assert leased == [1], "one waiting poll leases the job"
+    time.sleep(1.0)  # the woken polls that still look do so now
+    # Every poll was woken; only those that got a claim thread before the queue was found empty looked.
+    assert 1 <= len(claims) <= CLAIM_THREADS, len(claims)
+    # The other polls wait on: each takes a job queued later.
+    enqueue(store, *(make_workload(task_id=f"t{i}") for i in range(waiting - 1)))
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(leased) == [1] * waiting

@@ -314,11 +314,15 @@ async def _lease(
             woken.clear()
             leases: list[protocol.Lease] | None = []
             if look_now:
-                look = ctx.wakeup.look(queues)
                 async with ctx.claim_limiter():
-                    leases = await ctx.db(claim)
-                if leases == []:
-                    ctx.wakeup.found_empty(look, body.free_slots)
+                    # A notification wakes every poll of its queue. Those that get a thread after
+                    # a claim begun since then found the queue empty need not look: one job then
+                    # costs a few claims, not one per waiting agent.
+                    if not ctx.wakeup.known_empty(queues, body.free_slots):
+                        look = ctx.wakeup.look(queues)
+                        leases = await ctx.db(claim)
+                        if leases == []:
+                            ctx.wakeup.found_empty(look, body.free_slots)
             look_now = True
             remaining = deadline - time.monotonic()
             if leases or remaining <= 0:
