@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Any
 
 from bench.dag_processing import PROCESSORS, ProcessingRun, Workload, measure_processor, summary
-from bench.deploy import BENCH, EXECUTORS, Postgres, deployed, ensure_edge_venv, log, prepare_template
+from bench.deploy import BENCH, EXECUTORS, VARIANTS, Postgres, deployed, ensure_edge_venv, log, prepare_template
 from bench.measure import DeploymentResult, measure
 from bench.task_logs import MODES as LOG_MODES
 from bench.task_logs import LogRun, LogWorkload, measure_logs
@@ -39,9 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=",".join((*EXECUTORS, "triggers")),
-        help="executors to measure, and 'triggers' for the triggerer comparison (default local,tether,edge,triggers; "
-        "'none': none). '--only triggers' alone also turns DAG processing and the scale test off unless they are "
-        "asked for",
+        help="executor rows to measure (local; tether, tether-nice0: tasks at the agent's niceness, tether-cold: "
+        "warm start off; edge, edge-poll1: 1 s job poll), and 'triggers' for the triggerer comparison (default: "
+        "all of them; 'none': none). '--only triggers' alone also turns DAG processing and the scale test off "
+        "unless they are asked for",
     )
     parser.add_argument(
         "--scale", default=None, help="simulated agent counts (default 100,500,1000); 'none' skips the scale test"
@@ -74,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure shipping task logs to the plane against keeping them on the agent (default on)",
     )
     parser.add_argument("--task-log-runs", type=int, default=2, help="runs of each log mode, alternating (default 2)")
+    parser.add_argument(
+        "--ceiling",
+        choices=("on", "off"),
+        default=None,
+        help="measure the scheduler's own ceiling: the LocalExecutor on a fan-out of 1,000 no-op tasks "
+        "(default on, off with --quick)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="report folder (default bench/results/<date>)")
     parser.add_argument("--pg-url", default=PG_ADMIN_URL, help="PostgreSQL admin URL (env TETHER_BENCH_PG_URL)")
     args = parser.parse_args(argv)
@@ -92,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.scale = "none" if triggers_alone else "100,500,1000"
     if args.task_logs is None:
         args.task_logs = "off" if triggers_alone else "on"
+    if args.ceiling is None:
+        args.ceiling = "off" if triggers_alone or args.quick else "on"
     args.scale_counts = [] if args.scale == "none" else [int(n) for n in args.scale.split(",") if n.strip()]
     args.workload = Workload()
     args.log_workload = LogWorkload()
@@ -141,13 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     task_logs: list[LogRun] = []
     scale: list[dict[str, object]] = []
     triggers: Triggers = Triggers()
+    ceiling: dict[str, Any] | None = None
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     log(f"writing to {out}; work folder {work}")
     try:
-        if "edge" in args.executors:
+        bases = list(dict.fromkeys(VARIANTS[name].executor for name in args.executors))
+        if "edge" in bases:
             ensure_edge_venv()
         templates = {}
-        for executor in args.executors:
+        for executor in bases:
             log(f"migrating a template database for {executor}")
             templates[executor] = prepare_template(executor, pg, work)
 
@@ -158,23 +170,24 @@ def main(argv: list[str] | None = None) -> int:
             return templates["tether"]
 
         for run in range(1, args.runs + 1):
-            for executor in args.executors:
-                log(f"run {run}/{args.runs}: {executor}")
-                with deployed(executor, pg, templates[executor], work, run) as deployment:
+            for name in args.executors:
+                variant = VARIANTS[name]
+                log(f"run {run}/{args.runs}: {name}")
+                with deployed(variant, pg, templates[variant.executor], work, run) as deployment:
                     results.append(
                         measure(deployment, pg, run=run, idle_window=args.idle_window, timeout=args.dag_timeout)
                     )
-                _save(out, args, results, processing, scale, triggers, task_logs)
+                _save(out, args, results, processing, scale, triggers, task_logs, ceiling)
         if args.triggers:
             template = tether_template("the triggerer comparison")
             for run in range(1, args.trigger_runs + 1):
                 for side in SIDES:
                     log(f"triggers, run {run}/{args.trigger_runs}: {side}")
                     triggers.latency.append(measure_latency(side, pg, template, work, run, args.trigger_workload))
-                    _save(out, args, results, processing, scale, triggers, task_logs)
+                    _save(out, args, results, processing, scale, triggers, task_logs, ceiling)
             log(f"triggers: {args.trigger_workload.waiting} waiting triggers, Tether's agent then Airflow's triggerer")
             triggers.waiting.extend(measure_waiting(pg, template, work, 1, args.trigger_workload))
-            _save(out, args, results, processing, scale, triggers, task_logs)
+            _save(out, args, results, processing, scale, triggers, task_logs, ceiling)
         if args.dag_processing == "on":
             template = tether_template("DAG processing")
             for run in range(1, args.dag_processing_runs + 1):
@@ -182,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"DAG processing, run {run}/{args.dag_processing_runs}: {processor}")
                     processing.append(measure_processor(processor, pg, template, work, run, args.workload))
                     log(f"  {summary(processing[-1])}")
-                    _save(out, args, results, processing, scale, triggers, task_logs)
+                    _save(out, args, results, processing, scale, triggers, task_logs, ceiling)
         if args.task_logs == "on":
             template = tether_template("task logs")
             for run in range(1, args.task_log_runs + 1):
@@ -190,13 +203,21 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"task logs, run {run}/{args.task_log_runs}: {mode}")
                     task_logs.append(measure_logs(mode, pg, template, work, run, args.log_workload))
                     log(f"  {log_summary(task_logs[-1])}")
-                    _save(out, args, results, processing, scale, triggers, task_logs)
+                    _save(out, args, results, processing, scale, triggers, task_logs, ceiling)
+        if args.ceiling == "on":
+            from bench.ceiling import scheduler_ceiling
+
+            if "local" not in templates:
+                log("migrating a template database for the scheduler's ceiling")
+                templates["local"] = prepare_template("local", pg, work)
+            ceiling = scheduler_ceiling(pg, templates["local"], work, timeout=args.dag_timeout).as_dict()
+            _save(out, args, results, processing, scale, triggers, task_logs, ceiling)
         if args.scale_counts:
             from bench.scale import scale_test
 
             template = tether_template("the scale test")
             scale.extend(scale_test(pg, template, work, args.scale_counts, duration=args.scale_duration))
-            _save(out, args, results, processing, scale, triggers, task_logs)
+            _save(out, args, results, processing, scale, triggers, task_logs, ceiling)
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
@@ -219,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         processing=processing,
         triggers=triggers.as_dict(),
         task_logs=task_logs,
+        ceiling=ceiling,
     )
     if triggers.latency or triggers.waiting:
         from bench.report import triggers_section
@@ -247,6 +269,7 @@ def _save(
     scale: list[dict[str, object]],
     triggers: Triggers,
     task_logs: list[LogRun],
+    ceiling: dict[str, Any] | None,
 ) -> None:
     data = {
         "options": {k: _plain(v) for k, v in vars(args).items()},
@@ -255,6 +278,7 @@ def _save(
         "scale": scale,
         "triggers": triggers.as_dict(),
         "task_logs": [r.as_dict() for r in task_logs],
+        "scheduler_ceiling": ceiling,
     }
     (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
 

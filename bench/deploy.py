@@ -29,7 +29,6 @@ EDGE_VENV = BENCH / ".venv-edge"
 TETHER_BIN = Path(sys.executable).parent
 REPO = BENCH.parent
 
-EXECUTORS = ("local", "tether", "edge")
 PARALLELISM = 16
 SLOTS = 16
 
@@ -40,6 +39,34 @@ EDGE_PACKAGES = (
     "psycopg2-binary",
     "asyncpg",
 )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the report: an executor and the settings it runs with, beyond the plane's common ones."""
+
+    name: str
+    executor: str
+    label: str
+    #: Airflow settings of the plane (and of the Edge worker, which reads the plane's environment).
+    plane: dict[str, str] = field(default_factory=dict)
+    #: ``tether-agent`` settings (``TETHER_<NAME>``).
+    agent: dict[str, str] = field(default_factory=dict)
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("local", "local", "LocalExecutor"),
+        Variant("tether", "tether", "Tether"),
+        Variant("tether-nice0", "tether", "Tether, task nice 0", agent={"task_nice": "0"}),
+        Variant("tether-cold", "tether", "Tether, warm start off", agent={"warm_start": "false"}),
+        Variant("edge", "edge", "Edge Executor"),
+        Variant("edge-poll1", "edge", "Edge, 1 s job poll", plane={"AIRFLOW__EDGE__JOB_POLL_INTERVAL": "1"}),
+    )
+}
+#: The report's rows, in its order.
+EXECUTORS = tuple(VARIANTS)
 
 
 def log(message: str) -> None:
@@ -151,13 +178,19 @@ def bin_dir(executor: str) -> Path:
 class Deployment:
     """A running plane and, for Tether and Edge, one worker process with 16 slots."""
 
-    executor: str
+    variant: Variant
     plane: Plane
     database: str
     worker: ManagedProcess | None = None
     token: str | None = None
     health_port: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    #: What the task-running side ran with, as the deployment read it (see ``read_settings``).
+    settings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def executor(self) -> str:
+        return self.variant.executor
 
     def pid(self, component: str) -> int:
         return self.plane.processes[component].pid
@@ -175,7 +208,9 @@ class Deployment:
     def start_worker(self) -> None:
         if self.executor == "tether":
             assert self.token is not None
-            agent = start_agent(self.plane, "bench", self.token, queues="default", slots=str(SLOTS))
+            env = {f"TETHER_{name.upper()}": value for name, value in self.variant.agent.items()}
+            agent = start_agent(self.plane, "bench", self.token, env=env, queues="default", slots=str(SLOTS))
+            self.settings = agent_settings(agent.env)
             self.worker = agent.process
             self.health_port = agent.health_port
             wait_until(lambda: agent.health("/readyz") == 200, 120, "the Tether agent to be ready")
@@ -187,6 +222,7 @@ class Deployment:
                 self.plane.home / "logs",
             )
             self.plane.processes["edge-worker"] = self.worker
+            self.settings = edge_settings(self.plane)
             wait_until(self._edge_worker_idle, 120, "the Edge worker to register")
 
     def _edge_worker_idle(self) -> bool:
@@ -201,13 +237,39 @@ class Deployment:
         self.plane.stop()
 
 
-def make_plane(executor: str, home: Path, database_url: str, *, dags_folder: Path = DAGS) -> Plane:
+def agent_settings(env: dict[str, str]) -> dict[str, str]:
+    """The agent's settings that tell the rows apart, parsed from its environment as the agent parses it."""
+    from tether.agent import settings
+
+    parsed = settings.load(None, env)
+    return {"slots": str(parsed.slots), "task_nice": str(parsed.task_nice), "warm_start": str(parsed.warm_start)}
+
+
+def edge_settings(plane: Plane) -> dict[str, str]:
+    """The Edge worker's poll and heartbeat intervals, as its own ``airflow config`` reads them."""
+    found = {}
+    for option in ("job_poll_interval", "heartbeat_interval"):
+        result = subprocess.run(
+            [str(plane.bin_dir / "airflow"), "config", "get-value", "edge", option],
+            env=plane.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        found[option] = result.stdout.strip()
+    return found
+
+
+def make_plane(
+    executor: str, home: Path, database_url: str, *, dags_folder: Path = DAGS, extra: dict[str, str] | None = None
+) -> Plane:
     """The plane of ``executor`` on ``database_url``, with the benchmark's DAGs and the product's settings."""
     plane = Plane(
         home=home,
         dags_folder=dags_folder,
         sql_alchemy_conn=database_url,
-        extra_env=plane_env(executor),
+        extra_env={**plane_env(executor), **(extra or {})},
         bin_dir=bin_dir(executor),
     )
     if executor == "edge":
@@ -222,11 +284,12 @@ def prepare_template(executor: str, pg: Postgres, work: Path) -> str:
     return name
 
 
-def deploy(executor: str, pg: Postgres, template: str, work: Path, run: int) -> Deployment:
+def deploy(variant: Variant, pg: Postgres, template: str, work: Path, run: int) -> Deployment:
     """Copy the template, start the plane, wait until every benchmark DAG is parsed."""
-    name = pg.create(f"bench_{executor}_r{run}", template=template)
-    plane = make_plane(executor, work / f"{executor}-run{run}", pg.url(name))
-    deployment = Deployment(executor=executor, plane=plane, database=name)
+    executor = variant.executor
+    name = pg.create(f"bench_{variant.name.replace('-', '_')}_r{run}", template=template)
+    plane = make_plane(executor, work / f"{variant.name}-run{run}", pg.url(name), extra=variant.plane)
+    deployment = Deployment(variant=variant, plane=plane, database=name)
     try:
         plane.home.mkdir(parents=True, exist_ok=True)
         if executor == "tether":
@@ -241,8 +304,8 @@ def deploy(executor: str, pg: Postgres, template: str, work: Path, run: int) -> 
 
 
 @contextlib.contextmanager
-def deployed(executor: str, pg: Postgres, template: str, work: Path, run: int) -> Iterator[Deployment]:
-    deployment = deploy(executor, pg, template, work, run)
+def deployed(variant: Variant, pg: Postgres, template: str, work: Path, run: int) -> Iterator[Deployment]:
+    deployment = deploy(variant, pg, template, work, run)
     try:
         yield deployment
     finally:

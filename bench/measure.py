@@ -70,6 +70,50 @@ def machine_cpu() -> float | None:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def postmaster() -> int | None:
+    """PostgreSQL's postmaster on this machine: its tree holds every backend, and the reaped ones' CPU."""
+    for proc in psutil.process_iter(["name", "ppid"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.info["name"] in ("postgres", "postmaster") and psutil.Process(proc.info["ppid"]).name() not in (
+                "postgres",
+                "postmaster",
+            ):
+                return int(proc.pid)
+    return None
+
+
+def own_cpu(pid: int) -> float:
+    """CPU seconds of one process without its children."""
+    with contextlib.suppress(psutil.Error):
+        times = psutil.Process(pid).cpu_times()
+        return float(times.user + times.system)
+    return 0.0
+
+
+#: Where a deployment's CPU goes, by component: each read as a process tree (see ``component_cpu``).
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "workers", "postgres")
+
+
+def component_cpu(deployment: Deployment) -> dict[str, float]:
+    """CPU seconds used so far by each component of a deployment.
+
+    The scheduler is counted without its children: the LocalExecutor's workers are
+    its children and count as ``workers``, as the Tether agent's and the Edge
+    worker's trees do. PostgreSQL is the whole server (only this deployment uses it).
+    """
+    roots, include = deployment.worker_roots()
+    cpu = {
+        "api-server": tree_cpu([deployment.pid("api-server")]),
+        "scheduler": own_cpu(deployment.pid("scheduler")),
+        "dag-processor": tree_cpu([deployment.pid("dag-processor")]),
+        "workers": tree_cpu(roots, include_roots=include),
+    }
+    pg = postmaster()
+    if pg is not None:
+        cpu["postgres"] = tree_cpu([pg])
+    return cpu
+
+
 class PeakSampler:
     """Samples a tree's PSS on a thread until stopped; keeps the peak. Bounded by ``limit`` seconds."""
 
@@ -161,6 +205,8 @@ class DagRun:
     #: CPU seconds the whole machine spent from the trigger's return to the run's end, and its CPUs.
     machine_cpu: float | None = None
     cpus: int | None = None
+    #: The same span's CPU seconds by component (``COMPONENTS``); the rest of the machine's is everything else.
+    component_cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def tasks_per_second(self) -> float:
@@ -195,9 +241,9 @@ def run_dag(deployment: Deployment, dag_id: str, timeout: float, *, sample_memor
     with sampler or contextlib.nullcontext():
         plane.trigger(dag_id, run_id)
         # From here: the trigger command's own interpreter (seconds of CPU) has done its work.
-        cpu_before = machine_cpu()
+        cpu_before, parts_before = machine_cpu(), component_cpu(deployment)
         state = plane.wait_for_run(dag_id, run_id, timeout=timeout)
-        cpu_after = machine_cpu()
+        cpu_after, parts_after = machine_cpu(), component_cpu(deployment)
     (queued_at, end_date), *_ = plane.query(
         "SELECT queued_at, end_date FROM dag_run WHERE dag_id = :d AND run_id = :r", d=dag_id, r=run_id
     )
@@ -220,6 +266,7 @@ def run_dag(deployment: Deployment, dag_id: str, timeout: float, *, sample_memor
         pss_samples=sampler.samples if sampler else [],
         machine_cpu=None if cpu_before is None or cpu_after is None else cpu_after - cpu_before,
         cpus=os.cpu_count(),
+        component_cpu={k: parts_after[k] - parts_before[k] for k in parts_after if k in parts_before},
     )
 
 
@@ -232,6 +279,8 @@ class DeploymentResult:
     memory: DagRun
     #: The timed runs, one per DAG, unobserved.
     dags: dict[str, DagRun]
+    #: What the task-running side ran with, read from the deployment.
+    settings: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         idle = asdict(self.idle)
@@ -242,22 +291,23 @@ class DeploymentResult:
             "idle": idle,
             "memory": self.memory.as_dict(),
             "dags": {k: v.as_dict() for k, v in self.dags.items()},
+            "settings": self.settings,
         }
 
 
 def _log_and_check(deployment: Deployment, result: DagRun, what: str) -> None:
     p50 = statistics.median(result.latencies) if result.latencies else float("nan")
     log(
-        f"  {deployment.executor}: {what} {result.state} in {result.wall:.2f}s "
+        f"  {deployment.variant.name}: {what} {result.state} in {result.wall:.2f}s "
         f"(queued->start p50 {p50:.3f}s, peak running {result.peak_running}"
         + (f", peak PSS {result.peak_pss:.0f} MiB)" if result.peak_pss is not None else ")")
     )
     if result.state != "success":
-        raise RuntimeError(f"{deployment.executor}: {result.dag_id} ended {result.state}")
+        raise RuntimeError(f"{deployment.variant.name}: {result.dag_id} ended {result.state}")
 
 
 def measure(deployment: Deployment, pg: Postgres, *, run: int, idle_window: float, timeout: float) -> DeploymentResult:
-    log(f"  {deployment.executor}: idle windows ({idle_window:.0f}s each)")
+    log(f"  {deployment.variant.name}: idle windows ({idle_window:.0f}s each)")
     idle = idle_costs(deployment, pg, idle_window)
     # First, so it is also every executor's warm-up: on a fresh plane the first
     # task took 1.8-2.3 s, for every executor, against about 0.1 s afterwards.
@@ -267,4 +317,11 @@ def measure(deployment: Deployment, pg: Postgres, *, run: int, idle_window: floa
     for dag_id in DAG_IDS:
         dags[dag_id] = run_dag(deployment, dag_id, timeout)
         _log_and_check(deployment, dags[dag_id], dag_id)
-    return DeploymentResult(executor=deployment.executor, run=run, idle=idle, memory=memory, dags=dags)
+    return DeploymentResult(
+        executor=deployment.variant.name,
+        run=run,
+        idle=idle,
+        memory=memory,
+        dags=dags,
+        settings=dict(deployment.settings),
+    )

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from bench.cli import parse_args
+from bench.deploy import EXECUTORS
 from bench.report import triggers_section
 from bench.triggers import Resumed, split_latencies, tree_memory_once
 
@@ -29,7 +30,9 @@ def test_only_triggers_keeps_what_else_is_asked_for() -> None:
 
 def test_the_whole_suite_includes_triggers_and_naming_executors_leaves_them_out() -> None:
     whole = parse_args([])
-    assert whole.triggers and whole.executors == ["local", "tether", "edge"]
+    assert whole.triggers and whole.executors == list(EXECUTORS)
+    assert {"tether-nice0", "tether-cold", "edge-poll1"} <= set(whole.executors)
+    assert whole.ceiling == "on"
     assert whole.dag_processing == "on" and whole.scale_counts == [100, 500, 1000]
     executors = parse_args(["--only", "local,tether"])
     assert not executors.triggers and executors.dag_processing == "on"
