@@ -39,9 +39,7 @@ def test_every_task_runs_on_an_agent_serving_its_queue(deployment: Deployment) -
 def test_an_agent_without_warm_start_keeps_no_spares_and_runs_its_tasks(deployment: Deployment) -> None:
     run_id, state = deployment.run_dag("e2e_queues")
     assert state == "success", dump_logs(deployment.plane)
-    assert {job["state"] for job in deployment.jobs("e2e_queues", run_id) if job["agent_name"] == "beta"} == {
-        "SUCCESS"
-    }
+    assert {job["state"] for job in deployment.jobs("e2e_queues", run_id) if job["agent_name"] == "beta"} == {"SUCCESS"}
 
     def children(name: str) -> list[psutil.Process]:
         return psutil.Process(deployment.agents[name].process.pid).children(recursive=True)
