@@ -77,7 +77,9 @@ def scale_section(scale: list[dict[str, Any]]) -> list[str]:
         "worker); DB transactions are `xact_commit + xact_rollback` of the run's database in `pg_stat_database`, "
         "everything on it (heartbeats, token look-ups, claims, the scheduler); both per completed job. The load "
         "generator shares the machine with the plane and PostgreSQL: its event-loop lag p99 is in every latency "
-        "it measures, and its CPU is shown."
+        "it measures, and its CPU is shown. *Machine busy cores* is the whole machine's busy CPU time over the "
+        f"step (the run recorded {first.get('cpus') or 'an unknown number of'} CPUs), whatever ran on it: what the "
+        "plane, the generators and PostgreSQL do not account for was used by other processes."
     )
     add("")
     add(
@@ -106,9 +108,9 @@ def scale_section(scale: list[dict[str, Any]]) -> list[str]:
             "| step jobs/s | offered/s | completed/s | queued→leased p50 / p99 (ms) | not leased | heartbeats "
             "| heartbeat p50 / p99 / max (ms) | in handler p99 (ms) | start-many p99 / report p99 (ms) | errors "
             "| API CPU cores | API CPU ms/job | DB tx/job | scheduler CPU cores | generator CPU cores "
-            "| generator lag p99 (ms) | passed |"
+            "| machine busy cores | generator lag p99 (ms) | passed |"
         )
-        add("|---" * 17 + "|")
+        add("|---" * 18 + "|")
         for s in run["steps"]:
             add(
                 f"| {s['rate']:g} | {s['offered_per_second']:.1f} | {s['completed_per_second']:.1f} "
@@ -118,6 +120,7 @@ def scale_section(scale: list[dict[str, Any]]) -> list[str]:
                 f"| {_ms(s['start_p99'])} / {_ms(s['report_p99'])} | {_errors(s['errors'])} "
                 f"| {s['api_cpu_cores']:.2f} | {_ms(s['api_cpu_per_job'])} | {_num(s['db_xacts_per_job'], '.1f')} "
                 f"| {s['scheduler_cpu_cores']:.2f} | {s['loadgen_cpu_cores']:.2f} "
+                f"| {_num(s.get('machine_cpu_cores'), '.2f')} "
                 f"| {_ms(s['loadgen_loop_lag_p99'])} | {'yes' if s['passed'] else 'no'} |"
             )
         refusals = run.get("refusals") or {}

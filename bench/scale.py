@@ -18,6 +18,7 @@ import datetime as dt
 import ipaddress
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -34,7 +35,7 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import create_engine, insert, text
 
 from bench.deploy import Postgres, log, make_plane
-from bench.measure import tree_cpu, tree_rss
+from bench.measure import machine_cpu, tree_cpu, tree_rss
 from bench.stats import percentile
 from tether.embedded import ManagedProcess, Plane, spawn
 from tether.plane import tokens
@@ -212,6 +213,10 @@ def _p(values: list[float], q: float) -> float | None:
     return percentile(values, q) if values else None
 
 
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
 def step_passes(step: dict[str, Any]) -> bool:
     """Dispatch kept up: queued->leased p99 under a second, ≥ 95 % completed, and the rate was really offered."""
     rate, offered, seconds = step["rate"], step["offered"], step["seconds"]
@@ -289,6 +294,9 @@ def aggregate_step(
         "api_cpu_per_job": api_cpu / completed if completed else None,
         "scheduler_cpu_cores": (after["scheduler_cpu"] - before["scheduler_cpu"]) / seconds,
         "loadgen_cpu_cores": (after["loadgen_cpu"] - before["loadgen_cpu"]) / seconds,
+        "machine_cpu_cores": _finite(
+            (after.get("machine_cpu", math.nan) - before.get("machine_cpu", math.nan)) / seconds
+        ),
         "db_xacts": xacts,
         "db_xacts_per_second": xacts / seconds,
         "db_xacts_per_job": xacts / completed if completed else None,
@@ -349,6 +357,8 @@ class Sampler:
             "scheduler_cpu": tree_cpu([self.plane.processes["scheduler"].pid]),
             "loadgen_cpu": tree_cpu([g.pid for g in self.loadgens]),
             "xacts": self._scalar("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :d"),
+            # The whole machine, whatever runs on it: the plane, PostgreSQL, the generators and anything else.
+            "machine_cpu": machine_cpu() or math.nan,
         }
 
     def peaks(self) -> None:
@@ -454,6 +464,7 @@ def one_scale(pg: Postgres, template: str, work: Path, agents: int, workers: int
             "heartbeat_interval": events["heartbeat_interval"],
             "lease_wait": events["lease_wait"],
             "tls": True,
+            "cpus": os.cpu_count(),
             "tokens": agents,
             "plan": asdict(plan),
             "steps": steps,
