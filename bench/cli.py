@@ -22,6 +22,8 @@ from typing import Any
 from bench.dag_processing import PROCESSORS, ProcessingRun, Workload, measure_processor, summary
 from bench.deploy import BENCH, EXECUTORS, VARIANTS, Postgres, deployed, ensure_edge_venv, log, prepare_template
 from bench.measure import DeploymentResult, measure
+from bench.scale import add_options as add_scale_options
+from bench.scale import plan_from as scale_plan
 from bench.task_logs import MODES as LOG_MODES
 from bench.task_logs import LogRun, LogWorkload, measure_logs
 from bench.task_logs import summary as log_summary
@@ -44,10 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "all of them; 'none': none). '--only triggers' alone also turns DAG processing and the scale test off "
         "unless they are asked for",
     )
-    parser.add_argument(
-        "--scale", default=None, help="simulated agent counts (default 100,500,1000); 'none' skips the scale test"
-    )
-    parser.add_argument("--scale-duration", type=float, default=60.0, help="seconds of load per agent count")
+    add_scale_options(parser)
     parser.add_argument("--idle-window", type=float, default=30.0, help="seconds of each idle measurement window")
     parser.add_argument("--dag-timeout", type=float, default=600.0, help="longest wait for one DAG run")
     parser.add_argument(
@@ -97,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dag_processing is None:
         args.dag_processing = "off" if triggers_alone else "on"
     if args.scale is None:
-        args.scale = "none" if triggers_alone else "100,500,1000"
+        args.scale = "none" if triggers_alone else "100,1000,5000"
     if args.task_logs is None:
         args.task_logs = "off" if triggers_alone else "on"
     if args.ceiling is None:
@@ -113,12 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.dag_processing_runs = 1
         args.runs = 1
         args.idle_window = min(args.idle_window, 5.0)
-        args.scale_duration = min(args.scale_duration, 10.0)
         args.scale_counts = [min(n, 20) for n in args.scale_counts[:1]]
         args.trigger_runs = 1
         args.trigger_workload = TriggerWorkload(
             tasks=min(args.trigger_tasks, 10), waiting=min(args.waiting_triggers, 50), settle=5.0, samples=3
         )
+    args.scale_workers_list, args.scale_plan = scale_plan(args, parser)
     if min(args.runs, args.dag_processing_runs, args.trigger_runs, args.task_log_runs) < 1:
         parser.error("--runs, --dag-processing-runs, --trigger-runs and --task-log-runs must be at least 1")
     if args.trigger_workload.tasks < 1 or args.trigger_workload.waiting < 1:
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench.scale import scale_test
 
             template = tether_template("the scale test")
-            scale.extend(scale_test(pg, template, work, args.scale_counts, duration=args.scale_duration))
+            scale.extend(scale_test(pg, template, work, args.scale_counts, args.scale_workers_list, args.scale_plan))
             _save(out, args, results, processing, scale, triggers, task_logs, ceiling)
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         processing=processing,
         triggers=triggers.as_dict(),
         task_logs=task_logs,
-        ceiling=ceiling,
+        scheduler_ceiling=ceiling,
     )
     if triggers.latency or triggers.waiting:
         from bench.report import triggers_section

@@ -1,9 +1,15 @@
-"""Simulated agents: N clients speaking the Tether agent protocol to one plane, for a bounded time.
+"""Simulated agents: N clients speaking the Tether agent protocol to one plane, until told to stop.
 
-Each simulated agent registers, heartbeats at the interval the plane dictates
-(first beat at a random phase, like agents started at different times) and
-keeps one lease long-poll open, exactly as ``tether-agent`` does, but runs no
-task. Run as ``python -m bench.loadgen``; it writes its measurements as JSON.
+Each simulated agent has a worker token of its own and talks HTTPS, verifying
+the plane against the CA it is given. It registers, heartbeats at the interval
+the plane dictates (first beat at a random phase, like agents started at
+different times, and naming the jobs it runs) and keeps one lease long-poll
+open for its free slots, exactly as ``tether-agent`` does. A lease is passed
+through the start gate in one start-many call; each started job "runs" for a
+random time and is reported a success, and its slot is free again.
+
+Run as ``python -m bench.loadgen``; it writes what it saw, each event with its
+wall-clock time, as JSON, so the caller can cut it into the steps of the load.
 Loopback only: it refuses any plane URL that is not on 127.0.0.1/localhost.
 """
 
@@ -27,41 +33,66 @@ import uvloop
 from pydantic import BaseModel
 
 import tether
-from bench.stats import percentile
 from tether import protocol
 from tether.collector import settle_garbage_collector
 
 #: Registrations in flight at once while the simulated agents start.
 REGISTER_CONCURRENCY = 25
+#: Seconds between two looks for the stop file.
+STOP_POLL = 0.5
+#: How often the generator checks its own event loop's lateness.
+LAG_TICK = 0.05
 
 
 @dataclass
 class Stats:
-    heartbeat: list[float] = field(default_factory=list)
-    #: When each measured heartbeat was sent, in seconds since measuring began.
-    heartbeat_sent: list[float] = field(default_factory=list)
-    measuring_since: float = 0.0
-    lease: list[float] = field(default_factory=list)
-    register: list[float] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
-    leases_granted: int = 0
-    measuring: bool = False
-    #: How late the generator's own event loop woke up: its lateness is in every latency above.
-    loop_lag: list[float] = field(default_factory=list)
+    """What the simulated agents saw; each event as (wall-clock time it was sent, seconds it took or what)."""
 
-    def error(self, what: str, detail: str) -> None:
-        self.errors[f"{what}: {detail}"] += 1
+    heartbeat: list[tuple[float, float]] = field(default_factory=list)
+    start: list[tuple[float, float]] = field(default_factory=list)
+    report: list[tuple[float, float]] = field(default_factory=list)
+    register: list[float] = field(default_factory=list)
+    errors: list[tuple[float, str]] = field(default_factory=list)
+    refusals: Counter[str] = field(default_factory=Counter)
+    leases_granted: int = 0
+    jobs_run: int = 0
+    #: How late the generator's own event loop woke up: its lateness is in every latency above.
+    loop_lag: list[tuple[float, float]] = field(default_factory=list)
+
+    def error(self, at: float, what: str, detail: str) -> None:
+        self.errors.append((at, f"{what}: {detail}"))
+
+
+@dataclass(frozen=True)
+class Work:
+    """What each simulated agent serves and how long its tasks take."""
+
+    queue: str
+    slots: int
+    task_min: float
+    task_max: float
 
 
 class SimulatedAgent:
-    def __init__(self, index: int, http: httpx.AsyncClient, stats: Stats) -> None:
-        self.name = f"sim-{index:05d}"
+    def __init__(self, name: str, http: httpx.AsyncClient, stats: Stats, work: Work) -> None:
+        self.name = name
         self.http = http
         self.stats = stats
+        self.work = work
         self.incarnation = uuid.uuid4()
         self.agent_id: uuid.UUID | None = None
         self.interval = 10.0
         self.lease_wait = 20.0
+        #: Jobs leased and not yet reported, each holding one slot (the synthetic tasks take one).
+        self.held: set[uuid.UUID] = set()
+        #: Of those, the ones past the start gate: what its heartbeats name as running.
+        self.running: set[uuid.UUID] = set()
+        self.slot_freed = asyncio.Event()
+        self.jobs: set[asyncio.Task[None]] = set()
+
+    @property
+    def free_slots(self) -> int:
+        return self.work.slots - len(self.held)
 
     async def _post(self, path: str, body: BaseModel, timeout: float = 30.0) -> httpx.Response:
         return await self.http.post(
@@ -71,6 +102,20 @@ class SimulatedAgent:
             timeout=timeout,
         )
 
+    async def _timed(self, what: str, path: str, body: BaseModel, into: list[tuple[float, float]]) -> bytes | None:
+        """One call; its time into ``into``, a failure into the errors. The answer's body if it was 200."""
+        sent, started = time.time(), time.monotonic()
+        try:
+            response = await self._post(path, body)
+        except httpx.HTTPError as exc:
+            self.stats.error(sent, what, type(exc).__name__)
+            return None
+        into.append((sent, time.monotonic() - started))
+        if response.status_code != 200:
+            self.stats.error(sent, what, str(response.status_code))
+            return None
+        return response.content
+
     async def register(self, gate: asyncio.Semaphore) -> bool:
         body = protocol.RegisterRequest(
             name=self.name,
@@ -79,19 +124,19 @@ class SimulatedAgent:
             airflow_version="bench",
             python_version="bench",
             hostname="loadgen",
-            queues=["bench-idle"],
-            slots=16,
+            queues=[self.work.queue],
+            slots=self.work.slots,
         )
         async with gate:
-            started = time.monotonic()
+            sent, started = time.time(), time.monotonic()
             try:
                 response = await self._post("/agents/register", body)
             except httpx.HTTPError as exc:
-                self.stats.error("register", type(exc).__name__)
+                self.stats.error(sent, "register", type(exc).__name__)
                 return False
             self.stats.register.append(time.monotonic() - started)
         if response.status_code != 200:
-            self.stats.error("register", str(response.status_code))
+            self.stats.error(sent, "register", str(response.status_code))
             return False
         answer = protocol.RegisterResponse.model_validate_json(response.content)
         self.agent_id, self.interval, self.lease_wait = answer.agent_id, answer.heartbeat_interval, answer.lease_wait
@@ -102,144 +147,207 @@ class SimulatedAgent:
         ok = await self.register(gate)
         registered.append(ok)
         if ok:
-            await asyncio.gather(self.heartbeats(), self.leases())
+            try:
+                await asyncio.gather(self.heartbeats(), self.leases())
+            finally:
+                for job in list(self.jobs):
+                    job.cancel()
 
     async def heartbeats(self) -> None:
         await asyncio.sleep(random.uniform(0, self.interval))
-        body = protocol.HeartbeatRequest(incarnation=self.incarnation, free_slots=16)
         while True:
             started = time.monotonic()
-            measuring = self.stats.measuring
-            try:
-                response = await self._post(f"/agents/{self.agent_id}/heartbeat", body)
-                if response.status_code != 200:
-                    self.stats.error("heartbeat", str(response.status_code))
-            except httpx.HTTPError as exc:
-                self.stats.error("heartbeat", type(exc).__name__)
-            elapsed = time.monotonic() - started
-            if measuring:
-                self.stats.heartbeat.append(elapsed)
-                self.stats.heartbeat_sent.append(started - self.stats.measuring_since)
-            await asyncio.sleep(max(self.interval - elapsed, 0.0))
+            body = protocol.HeartbeatRequest(
+                incarnation=self.incarnation, running_jobs=sorted(self.running), free_slots=max(self.free_slots, 0)
+            )
+            await self._timed("heartbeat", f"/agents/{self.agent_id}/heartbeat", body, self.stats.heartbeat)
+            await asyncio.sleep(max(self.interval - (time.monotonic() - started), 0.0))
 
     async def leases(self) -> None:
-        body = protocol.LeaseRequest(incarnation=self.incarnation, free_slots=16, queues=["bench-idle"], wait=20.0)
         while True:
-            started = time.monotonic()
+            free = self.free_slots
+            if free < 1:
+                # As the agent: wait for a slot, at most one heartbeat interval, then look again.
+                self.slot_freed.clear()
+                try:
+                    await asyncio.wait_for(self.slot_freed.wait(), self.interval)
+                except TimeoutError:
+                    pass
+                continue
+            body = protocol.LeaseRequest(
+                incarnation=self.incarnation, free_slots=free, queues=[self.work.queue], wait=self.lease_wait
+            )
+            sent = time.time()
             try:
                 response = await self._post(f"/agents/{self.agent_id}/lease", body, timeout=body.wait + 15)
             except httpx.HTTPError as exc:
-                self.stats.error("lease", type(exc).__name__)
+                self.stats.error(sent, "lease", type(exc).__name__)
                 await asyncio.sleep(1.0)
                 continue
-            elapsed = time.monotonic() - started
             if response.status_code != 200:
-                self.stats.error("lease", str(response.status_code))
+                self.stats.error(sent, "lease", str(response.status_code))
                 await asyncio.sleep(1.0)
                 continue
-            self.stats.leases_granted += len(protocol.LeaseResponse.model_validate_json(response.content).leases)
-            if self.stats.measuring:
-                # How long past the plane's hold the answer came: the poll's own cost.
-                self.stats.lease.append(max(elapsed - min(body.wait, self.lease_wait), 0.0))
+            leases = protocol.LeaseResponse.model_validate_json(response.content).leases
+            if not leases:
+                continue
+            self.stats.leases_granted += len(leases)
+            job_ids = [lease.job_id for lease in leases]
+            self.held.update(job_ids)
+            # One start gate for the whole answer, in the background: the next poll goes out at once.
+            task = asyncio.create_task(self.run_jobs(job_ids))
+            self.jobs.add(task)
+            task.add_done_callback(self.jobs.discard)
+
+    async def run_jobs(self, job_ids: list[uuid.UUID]) -> None:
+        started: set[uuid.UUID] = set()
+        try:
+            body = protocol.StartManyRequest(incarnation=self.incarnation, job_ids=job_ids)
+            answer = await self._timed("start", f"/agents/{self.agent_id}/jobs/start", body, self.stats.start)
+            if answer is not None:
+                gate = protocol.StartManyResponse.model_validate_json(answer)
+                started = set(gate.started)
+                for refusal in gate.refused:
+                    self.stats.refusals[refusal.reason] += 1
+            self.running.update(started)
+            await asyncio.gather(*(self.run_one(job_id) for job_id in started))
+        finally:
+            self.running.difference_update(job_ids)
+            self.held.difference_update(job_ids)
+            self.slot_freed.set()
+
+    async def run_one(self, job_id: uuid.UUID) -> None:
+        await asyncio.sleep(random.uniform(self.work.task_min, self.work.task_max))
+        body = protocol.ReportRequest(incarnation=self.incarnation, state=protocol.ReportState.SUCCESS, exit_code=0)
+        if await self._timed("report", f"/agents/{self.agent_id}/jobs/{job_id}/report", body, self.stats.report):
+            self.stats.jobs_run += 1
+        self.running.discard(job_id)
+        self.held.discard(job_id)
+        self.slot_freed.set()
 
 
 async def watch_loop(stats: Stats) -> None:
     while True:
         started = time.monotonic()
-        await asyncio.sleep(0.05)
-        if stats.measuring:
-            stats.loop_lag.append(time.monotonic() - started - 0.05)
+        await asyncio.sleep(LAG_TICK)
+        stats.loop_lag.append((time.time(), time.monotonic() - started - LAG_TICK))
 
 
-def by_second(sent: list[float], latencies: list[float]) -> list[tuple[int, int, float]]:
-    """Per second of the measurement: heartbeats sent, and the slowest of them - where the tail sits in time."""
-    seconds: dict[int, list[float]] = {}
-    for at, latency in zip(sent, latencies, strict=True):
-        seconds.setdefault(int(at), []).append(latency)
-    return [(second, len(values), max(values)) for second, values in sorted(seconds.items())]
+def read_tokens(path: Path, offset: int, count: int) -> list[str]:
+    """Tokens ``offset`` .. ``offset + count`` of a token file (one a line); too few is an error."""
+    tokens = [line.strip() for line in path.read_text().splitlines() if line.strip()][offset : offset + count]
+    if len(tokens) < count:
+        raise ValueError(f"{path} holds {len(tokens)} tokens from line {offset + 1}, not the {count} asked for")
+    return tokens
 
 
 async def run(
-    url: str, token: str, agents: int, duration: float, ramp_limit: float, ready_file: Path
+    url: str,
+    tokens: list[str],
+    first: int,
+    work: Work,
+    ca_file: Path,
+    ready_file: Path,
+    stop_file: Path,
+    *,
+    ramp_limit: float,
+    max_seconds: float,
 ) -> dict[str, object]:
     stats = Stats()
-    context = ssl.create_default_context()
+    # One verifying context for every client: the plane's own CA, nothing else.
+    context = ssl.create_default_context(cafile=str(ca_file))
     clients = [
         httpx.AsyncClient(
             base_url=url + protocol.API_PREFIX,
             headers={"Authorization": f"Bearer {token}", protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)},
             verify=context,
             trust_env=False,
-            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=3),
         )
-        for _ in range(agents)
+        for token in tokens
     ]
-    sims = [SimulatedAgent(i, client, stats) for i, client in enumerate(clients)]
+    sims = [SimulatedAgent(f"sim-{first + i:05d}", client, stats, work) for i, client in enumerate(clients)]
     tasks: list[asyncio.Task[None]] = []
     registered: list[bool] = []
+    ramp = 0.0
+    started = time.monotonic()
     try:
         gate = asyncio.Semaphore(REGISTER_CONCURRENCY)
-        ramp_started = time.monotonic()
         tasks = [asyncio.create_task(s.lifecycle(gate, registered), name=s.name) for s in sims]
         tasks.append(asyncio.create_task(watch_loop(stats), name="loop-lag"))
-        while len(registered) < agents and time.monotonic() - ramp_started < ramp_limit:
+        while len(registered) < len(sims) and time.monotonic() - started < ramp_limit:
             await asyncio.sleep(0.1)
-        ramp = time.monotonic() - ramp_started
+        ramp = time.monotonic() - started
         # The generator holds every simulated agent's requests open, as the API server does: its own
         # full collections would stop it for tenths of a second and count in every latency it measures.
         settle_garbage_collector()
         # A steady state first: every heartbeat phase and every long-poll has come round once.
         await asyncio.sleep(max((max(s.interval, s.lease_wait) for s in sims), default=0.0) + 2)
-        stats.measuring_since = time.monotonic()
-        stats.measuring = True
         ready_file.write_text(str(time.time()))
-        await asyncio.sleep(duration)
-        stats.measuring = False
+        while not stop_file.exists() and time.monotonic() - started < max_seconds:
+            await asyncio.sleep(STOP_POLL)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
     return {
-        "agents": agents,
+        "agents": len(sims),
         "registered": sum(registered),
         "ramp_seconds": ramp,
-        "duration": duration,
-        "heartbeats": len(stats.heartbeat),
-        "heartbeat_p50": percentile(stats.heartbeat, 0.50),
-        "heartbeat_p99": percentile(stats.heartbeat, 0.99),
-        "heartbeat_max": max(stats.heartbeat, default=None),
-        "lease_polls": len(stats.lease),
-        "lease_overrun_p50": percentile(stats.lease, 0.50),
-        "lease_overrun_p99": percentile(stats.lease, 0.99),
-        "register_p50": percentile(stats.register, 0.50),
-        "register_p99": percentile(stats.register, 0.99),
+        "heartbeat_interval": sims[0].interval if sims else None,
+        "lease_wait": sims[0].lease_wait if sims else None,
+        "register_p99": sorted(stats.register)[int(0.99 * (len(stats.register) - 1))] if stats.register else None,
         "leases_granted": stats.leases_granted,
-        "loadgen_loop_lag_p99": percentile(stats.loop_lag, 0.99),
-        "heartbeat_by_second": by_second(stats.heartbeat_sent, stats.heartbeat),
-        "errors": dict(stats.errors),
+        "jobs_run": stats.jobs_run,
+        "refusals": dict(stats.refusals),
+        "heartbeat": stats.heartbeat,
+        "start": stats.start,
+        "report": stats.report,
+        "errors": stats.errors,
+        "loop_lag": stats.loop_lag,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
     parser.add_argument("--url", required=True)
-    parser.add_argument("--token-file", type=Path, required=True)
+    parser.add_argument("--ca-file", type=Path, required=True, help="the CA that signed the plane's certificate")
+    parser.add_argument("--token-file", type=Path, required=True, help="worker tokens, one a line")
+    parser.add_argument("--first", type=int, default=0, help="this generator's first line of the token file")
     parser.add_argument("--agents", type=int, required=True)
-    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--queue", default="bench-scale")
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--task-seconds", default="0.2,1.0", help="min,max seconds a simulated task takes")
     parser.add_argument("--ramp-limit", type=float, default=180.0)
+    parser.add_argument("--max-seconds", type=float, default=900.0, help="stop by then, stop file or not")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if urlsplit(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error("the load generator only talks to a plane on loopback")
-    if not 1 <= args.agents <= 5000 or not 0 < args.duration <= 900:
-        parser.error("--agents must be 1..5000 and --duration 0..900 seconds")
+    if not 1 <= args.agents <= 5000 or not 0 < args.max_seconds <= 1800:
+        parser.error("--agents must be 1..5000 and --max-seconds 0..1800")
+    task_min, task_max = (float(x) for x in args.task_seconds.split(","))
+    if not 0 <= task_min <= task_max <= 60 or not 1 <= args.slots <= 1024:
+        parser.error("--task-seconds must be 0 <= min <= max <= 60 and --slots 1..1024")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    token = args.token_file.read_text().strip()
-    ready = args.out.with_suffix(".measuring")
-    result = uvloop.run(run(args.url, token, args.agents, args.duration, args.ramp_limit, ready))
-    args.out.write_text(json.dumps(result, indent=1))
+    tokens = read_tokens(args.token_file, args.first, args.agents)
+    work = Work(queue=args.queue, slots=args.slots, task_min=task_min, task_max=task_max)
+    result = uvloop.run(
+        run(
+            args.url,
+            tokens,
+            args.first,
+            work,
+            args.ca_file,
+            args.out.with_suffix(".measuring"),
+            args.out.with_suffix(".stop"),
+            ramp_limit=args.ramp_limit,
+            max_seconds=args.max_seconds,
+        )
+    )
+    args.out.write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

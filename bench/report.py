@@ -25,6 +25,7 @@ from bench.dag_processing import NAMES as PROCESSOR_NAMES
 from bench.dag_processing import PROCESSORS
 from bench.deploy import DAG_IDS, EDGE_PACKAGES, EXECUTORS, VARIANTS
 from bench.measure import COMPONENTS
+from bench.report_scale import scale_chart, scale_section, scale_target_rows
 from bench.stats import percentile
 from bench.task_logs import log_section
 from bench.triggers import NAMES as TRIGGERER_NAMES
@@ -206,20 +207,8 @@ def charts(out: Path, res: Results, scale: list[dict[str, Any]]) -> list[str]:
         fig.savefig(out / "memory.png", dpi=110)
         plt.close(fig)
         made.append("memory.png")
-    if scale:
-        fig, ax = plt.subplots(figsize=(8, 4.2))
-        agents = [s["agents"] for s in scale]
-        for key, label in (("heartbeat_p50", "heartbeat p50"), ("heartbeat_p99", "heartbeat p99")):
-            ax.plot(agents, [(s[key] or 0) * 1000 for s in scale], marker="o", label=label)
-        ax.axhline(250, color="grey", linestyle="--", label="target p99 250 ms")
-        ax.set_xlabel("simulated agents")
-        ax.set_ylabel("ms")
-        ax.set_title("Scale test: heartbeat latency, one API server")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "scale.png", dpi=110)
-        plt.close(fig)
-        made.append("scale.png")
+    if scale and (chart := scale_chart(out, scale)):
+        made.append(chart)
     return made
 
 
@@ -260,7 +249,7 @@ def render(
     processing: list[dict[str, Any]] | None = None,
     triggers: dict[str, list[dict[str, Any]]] | None = None,
     task_logs: list[dict[str, Any]] | None = None,
-    ceiling: dict[str, Any] | None = None,
+    scheduler_ceiling: dict[str, Any] | None = None,
 ) -> str:
     lines: list[str] = []
     add = lines.append
@@ -290,7 +279,7 @@ def render(
         for e in res.executors:
             add(f"| {NAMES[e]} | {_runner(e)} | {_settings(res, e)} |")
         add("")
-    targets = target_rows(res, scale, ceiling)
+    targets = target_rows(res, scale, scheduler_ceiling)
     if targets:
         add("## Targets")
         add("")
@@ -392,53 +381,11 @@ def render(
         )
         add("")
     lines.extend(warm_start_section(res))
-    lines.extend(ceiling_section(ceiling))
+    lines.extend(ceiling_section(scheduler_ceiling))
     lines.extend(processing_section(processing))
     lines.extend(triggers_section(triggers))
     lines.extend(log_section(task_logs))
-    if scale:
-        add("## Scale test: simulated agents against one API server")
-        add("")
-        duration = scale[0]["duration"]
-        add(
-            f"Each simulated agent registers, heartbeats every 10 s (the plane's interval) and keeps a 20 s lease "
-            f"long-poll open; no jobs. {duration:.0f} s measured after every agent has gone round once; one API "
-            "server process (`[api] workers` = 1, Airflow's default); the load generator is a separate process "
-            "(asyncio, uvloop, httpx, one client per agent)."
-        )
-        add("")
-        add(
-            "| agents | heartbeats | heartbeat p50 | heartbeat p99 | heartbeat max | in Tether's handler p50 / p99 | "
-            "lease polls | "
-            "lease overrun p99 | errors | API CPU (cores) | API RSS peak (MB) | DB conns peak / mean | "
-            "DB tx/s per agent | generator lag p99 |"
-        )
-        add("|---" * 14 + "|")
-        for s in scale:
-            errors = sum(s["errors"].values())
-            add(
-                f"| {s['agents']} | {s['heartbeats']} "
-                f"| {_fmt(s['heartbeat_p50'] and s['heartbeat_p50'] * 1000, '.0f', ' ms')} "
-                f"| {_fmt(s['heartbeat_p99'] and s['heartbeat_p99'] * 1000, '.0f', ' ms')} "
-                f"| {_fmt(s['heartbeat_max'] and s['heartbeat_max'] * 1000, '.0f', ' ms')} "
-                f"| {_fmt(_ms(s.get('handler_heartbeat_p50')), '.0f')} / "
-                f"{_fmt(_ms(s.get('handler_heartbeat_p99')), '.0f', ' ms')} | {s['lease_polls']} "
-                f"| {_fmt(s['lease_overrun_p99'] and s['lease_overrun_p99'] * 1000, '.0f', ' ms')} "
-                f"| {errors}{' ' + json.dumps(s['errors']) if errors else ''} | {s['api_cpu_cores']:.2f} "
-                f"| {s['api_rss_peak'] * MB:.0f} | {s['db_connections_peak']:.0f} / {s['db_connections_mean']:.1f} "
-                f"| {s['db_xacts_per_agent_second']:.3f} "
-                f"| {_fmt(s.get('loadgen_loop_lag_p99') and s['loadgen_loop_lag_p99'] * 1000, '.0f', ' ms')} |"
-            )
-        add("")
-        add(
-            "Heartbeat latency is measured by the simulated agent, from sending to the whole answer; 'in "
-            "Tether's handler' is what the API server logged for the same calls inside Tether's app, so the "
-            "difference is spent before it (the server's event loop, uvicorn and Airflow's own middleware). "
-            "Lease overrun: how long past the requested 20 s wait an empty long-poll came back (the plane holds "
-            "each poll a random 75-100 % of the wait, so a healthy plane shows 0). Plane limits met: "
-            "none (one token serves every simulated agent; `[tether] max_agent_tokens` limits tokens, not agents)."
-        )
-        add("")
+    lines.extend(scale_section(scale))
     return "\n".join(lines)
 
 
@@ -743,7 +690,7 @@ def ceiling_section(ceiling: dict[str, Any] | None) -> list[str]:
 
 
 def target_rows(
-    res: Results, scale: list[dict[str, Any]], ceiling: dict[str, Any] | None = None
+    res: Results, scale: list[dict[str, Any]], scheduler_ceiling: dict[str, Any] | None = None
 ) -> list[tuple[str, str, bool]]:
     rows = []
     # The wall-time targets are Tether's with its tasks at the agent's own niceness, as the LocalExecutor's run.
@@ -799,18 +746,18 @@ def target_rows(
                     statistics.median(mine) <= statistics.median(local),
                 )
             )
-    big = [s for s in scale if s["agents"] >= 1000]
-    for s in big:
-        errors = sum(s["errors"].values())
-        p99 = s["heartbeat_p99"]
-        rows.append(
-            (
-                f"{s['agents']} simulated agents: heartbeat p99 ≤ 250 ms, zero errors",
-                f"p99 {_fmt(p99 and p99 * 1000, '.0f', ' ms')}, {errors} errors",
-                p99 is not None and p99 <= 0.25 and errors == 0,
-            )
-        )
+    if scale:
+        rows.extend(scale_target_rows(scale, scheduler_ceiling))
     return rows
+
+
+def saved_scheduler_ceiling(out: Path) -> dict[str, Any] | None:
+    """The scheduler's own ceiling, if the run's ``results.json`` has one."""
+    try:
+        value = json.loads((out / "results.json").read_text()).get("scheduler_ceiling")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def write_report(
@@ -823,8 +770,10 @@ def write_report(
     processing: Sequence[Any] = (),
     triggers: dict[str, list[dict[str, Any]]] | None = None,
     task_logs: Sequence[Any] = (),
-    ceiling: dict[str, Any] | None = None,
+    scheduler_ceiling: dict[str, Any] | None = None,
 ) -> Path:
+    if scheduler_ceiling is None:
+        scheduler_ceiling = saved_scheduler_ceiling(out)
     runs = [r.as_dict() if hasattr(r, "as_dict") else r for r in results]
     opts = vars(options) if isinstance(options, argparse.Namespace) else dict(options or {})
     res = Results(runs)
@@ -836,7 +785,7 @@ def write_report(
         [r.as_dict() if hasattr(r, "as_dict") else r for r in processing],
         triggers,
         [r.as_dict() if hasattr(r, "as_dict") else r for r in task_logs],
-        ceiling,
+        scheduler_ceiling,
     )
     made = charts(out, res, scale)
     if made:
@@ -861,7 +810,7 @@ def main() -> None:
             processing=data.get("dag_processing", []),
             triggers=data.get("triggers"),
             task_logs=data.get("task_logs", []),
-            ceiling=data.get("scheduler_ceiling"),
+            scheduler_ceiling=data.get("scheduler_ceiling"),
         )
     )
 

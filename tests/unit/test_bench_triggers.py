@@ -33,7 +33,7 @@ def test_the_whole_suite_includes_triggers_and_naming_executors_leaves_them_out(
     assert whole.triggers and whole.executors == list(EXECUTORS)
     assert {"tether-nice0", "tether-cold", "edge-poll1"} <= set(whole.executors)
     assert whole.ceiling == "on"
-    assert whole.dag_processing == "on" and whole.scale_counts == [100, 500, 1000]
+    assert whole.dag_processing == "on" and whole.scale_counts == [100, 1000, 5000]
     executors = parse_args(["--only", "local,tether"])
     assert not executors.triggers and executors.dag_processing == "on"
 
