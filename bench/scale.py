@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import ipaddress
 import json
 import math
 import os
@@ -28,16 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from sqlalchemy import create_engine, insert, text
 
 from bench.deploy import Postgres, log, make_plane
 from bench.measure import machine_cpu, tree_cpu, tree_rss
 from bench.stats import percentile
-from tether.embedded import ManagedProcess, Plane, spawn
+from tether.embedded import ManagedProcess, Plane, spawn, write_loopback_pki
 from tether.plane import tokens
 from tether.plane.models import AgentToken
 from tether.protocol import JobState
@@ -112,44 +107,6 @@ def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         workers = workers[:1]
         plan = Plan(rates[:3], min(plan.step_seconds, 5.0), task_min, task_max, plan.slots, plan.loadgen_procs)
     return workers, plan
-
-
-def write_pki(folder: Path) -> tuple[Path, Path, Path]:
-    """A CA made for this run and a certificate for 127.0.0.1 it signed: (certificate, key, CA)."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Tether bench CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "server.pem", folder / "server.key", folder / "ca.pem"
-    paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    paths[2].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    return paths
 
 
 def token_rows(count: int, now: dt.datetime) -> tuple[list[dict[str, Any]], list[str]]:
@@ -381,7 +338,7 @@ def one_scale(pg: Postgres, template: str, work: Path, agents: int, workers: int
     name = pg.create(f"bench_scale_{agents}_w{workers}", template=template)
     home = work / f"scale-{agents}-w{workers}"
     plane = make_plane("tether", home, pg.url(name))
-    plane.tls = write_pki(home / "pki")
+    plane.tls = write_loopback_pki(home / "pki")
     plane.extra_env.update(
         {"AIRFLOW__API__WORKERS": str(workers), "AIRFLOW__TETHER__MAX_AGENT_TOKENS": str(agents + 10)}
     )

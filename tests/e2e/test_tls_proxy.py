@@ -8,8 +8,6 @@ through the proxy, which the test runs and watches.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import socket
 import threading
 from collections.abc import Iterator
@@ -17,53 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.e2e.conftest import dump_logs
-from tether.embedded import Plane, start_agent, wait_until
+from tether.embedded import Plane, start_agent, wait_until, write_loopback_pki
 
 DAGS = Path(__file__).parent / "dags"
-
-
-def _write_pki(folder: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 signed by it."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Tether test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "server.pem", folder / "server.key", folder / "ca.pem"
-    paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    paths[2].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    return paths
 
 
 class ConnectProxy:
@@ -136,7 +92,7 @@ def tls_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
         home=home / "plane",
         dags_folder=DAGS,
         sql_alchemy_conn=f"sqlite:///{home / 'plane' / 'airflow.db'}",
-        tls=_write_pki(home / "pki"),
+        tls=write_loopback_pki(home / "pki"),
     )
     try:
         plane.migrate()

@@ -406,6 +406,19 @@ def test_a_long_poll_returns_as_soon_as_a_job_is_queued(
     assert len(result["response"].json()["leases"]) == 1
 
 
+def _count_claims(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The claims the store is asked for from now on, one entry each."""
+    claims: list[object] = []
+    real_claim = store.claim
+
+    def counted_claim(*args: Any, **kwargs: Any) -> Any:
+        claims.append(args)
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(store, "claim", counted_claim)
+    return claims
+
+
 def test_idle_polls_skip_the_database_while_the_queue_is_known_empty(
     client: TestClient,
     store: Store,
@@ -416,14 +429,7 @@ def test_idle_polls_skip_the_database_while_the_queue_is_known_empty(
 ) -> None:
     import time
 
-    claims: list[object] = []
-    real_claim = store.claim
-
-    def counted_claim(*args: Any, **kwargs: Any) -> Any:
-        claims.append(args)
-        return real_claim(*args, **kwargs)
-
-    monkeypatch.setattr(store, "claim", counted_claim)
+    claims = _count_claims(store, monkeypatch)
     _hold_polls_long(store)
     assert agent.lease().json()["leases"] == []  # the first poll starts the listener
     listens = database_url.startswith("postgresql")
@@ -457,14 +463,7 @@ def test_a_job_wakes_every_waiting_poll_but_costs_a_few_claims_not_one_each(
 
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite has no notifications: every poll looks on a timer")
-    claims: list[object] = []
-    real_claim = store.claim
-
-    def counted_claim(*args: Any, **kwargs: Any) -> Any:
-        claims.append(args)
-        return real_claim(*args, **kwargs)
-
-    monkeypatch.setattr(store, "claim", counted_claim)
+    claims = _count_claims(store, monkeypatch)
     _hold_polls_long(store)
     waiting = 3 * CLAIM_THREADS
     agents = [AgentCalls(client, token, name=f"w{i}") for i in range(waiting)]

@@ -283,18 +283,21 @@ class _Jobs:
         )
 
 
+def _shipper(jobs: _Jobs, folder: Path) -> LogShipper:
+    return LogShipper(
+        client=type("Client", (), {"jobs": jobs})(),
+        agent_id=uuid.uuid4,
+        incarnation=uuid.uuid4(),
+        folder=folder,
+        metrics=AgentMetrics(),
+        settings=SETTINGS,
+    )
+
+
 def test_the_shipper_sends_batches_ready_together_in_one_call(tmp_path: Path) -> None:
     async def scenario() -> None:
         jobs = _Jobs()
-        client = type("Client", (), {"jobs": jobs})()
-        shipper = LogShipper(
-            client=client,  # type: ignore[arg-type]
-            agent_id=uuid.uuid4,
-            incarnation=uuid.uuid4(),
-            folder=tmp_path,
-            metrics=AgentMetrics(),
-            settings=SETTINGS,
-        )
+        shipper = _shipper(jobs, tmp_path)
         names = ["one", "refused", "three"]
         for name in names:
             (tmp_path / f"{name}.log").write_text(f"{name}\n")
@@ -318,15 +321,7 @@ def test_while_the_plane_is_away_each_follower_keeps_its_lines_and_sends_them_la
     async def scenario() -> None:
         jobs = _Jobs()
         jobs.down = True
-        client = type("Client", (), {"jobs": jobs})()
-        shipper = LogShipper(
-            client=client,  # type: ignore[arg-type]
-            agent_id=uuid.uuid4,
-            incarnation=uuid.uuid4(),
-            folder=tmp_path,
-            metrics=AgentMetrics(),
-            settings=SETTINGS,
-        )
+        shipper = _shipper(jobs, tmp_path)
         (tmp_path / "a.log").write_text("first\n")
         follower = shipper.follow(uuid.uuid4(), "a.log")
         assert follower is not None
