@@ -66,6 +66,11 @@ class _Answer(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+#: A counter an agent process keeps (of a file's parse results, of a log's batches): stored as the
+#: database's 32-bit integer, which a process does not outgrow.
+Seq = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
 def since(revision: int) -> dict[str, JsonValue]:
     """``json_schema_extra`` of an answer field added in ``revision``: left out for older callers."""
     return {"since": revision}
@@ -351,7 +356,7 @@ class ParseResult(_Request):
     version_data: dict[str, Any] | None = None
     relative_fileloc: RelativeFileloc
     #: Counts this agent process's results for the file: one older than the last written is dropped.
-    seq: int = Field(ge=0)
+    seq: Seq
     run_duration: float = Field(ge=0)
     dags: list[ParsedDag] = Field(default_factory=list, max_length=1000)
     import_errors: dict[RelativeFileloc, str] = Field(default_factory=dict, max_length=1000)
@@ -433,7 +438,7 @@ class LogLines(_Request):
 
     #: Names the run of the task this agent process is following: a task resumed later is a new segment.
     segment: uuid.UUID
-    seq: int = Field(ge=0)
+    seq: Seq
     lines: list[LogLine] = Field(max_length=10_000)
     #: The task process has exited and these are its last lines.
     final: bool = False

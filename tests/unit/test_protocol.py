@@ -74,3 +74,10 @@ def test_a_nul_a_task_printed_reaches_the_plane_as_the_replacement_character() -
         {"incarnation": str(uuid.uuid4()), "segment": str(uuid.uuid4()), "seq": 0, "lines": ["a\x00b", "plain"]}
     )
     assert batch.lines == ["a\ufffdb", "plain"]
+
+
+def test_a_counter_past_the_databases_integer_is_refused() -> None:
+    batch = {"incarnation": str(uuid.uuid4()), "segment": str(uuid.uuid4()), "lines": ["x"]}
+    assert protocol.LogBatch.model_validate({**batch, "seq": 2**31 - 1}).seq == 2**31 - 1
+    with pytest.raises(ValidationError):
+        protocol.LogBatch.model_validate({**batch, "seq": 2**31})
