@@ -51,6 +51,8 @@ MAX_HEADER_BYTES = 32 * 1024
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 QueueName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\s,]+$")]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
+#: A release's version string, as the plane stores it.
+VersionText = Annotated[str, StringConstraints(max_length=64)]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._/-]+$")]
 
 
@@ -164,9 +166,9 @@ class ReportState(enum.StrEnum):
 class RegisterRequest(_Request):
     name: Name
     incarnation: uuid.UUID
-    tether_version: ShortText
-    airflow_version: ShortText
-    python_version: ShortText
+    tether_version: VersionText
+    airflow_version: VersionText
+    python_version: VersionText
     hostname: ShortText
     roles: list[AgentRole] = Field(default_factory=lambda: [AgentRole.WORKER], min_length=1, max_length=4)
     #: The queues a worker serves; an agent in no worker role serves none.

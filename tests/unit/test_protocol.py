@@ -81,3 +81,18 @@ def test_a_counter_past_the_databases_integer_is_refused() -> None:
     assert protocol.LogBatch.model_validate({**batch, "seq": 2**31 - 1}).seq == 2**31 - 1
     with pytest.raises(ValidationError):
         protocol.LogBatch.model_validate({**batch, "seq": 2**31})
+
+
+def test_a_version_longer_than_the_plane_stores_is_refused() -> None:
+    body = {
+        "name": "a",
+        "incarnation": str(uuid.uuid4()),
+        "airflow_version": "3.3.2",
+        "python_version": "3.11",
+        "hostname": "h",
+        "queues": ["default"],
+        "slots": 1,
+    }
+    assert protocol.RegisterRequest.model_validate({**body, "tether_version": "v" * 64}).tether_version == "v" * 64
+    with pytest.raises(ValidationError):
+        protocol.RegisterRequest.model_validate({**body, "tether_version": "v" * 65})
