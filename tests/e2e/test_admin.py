@@ -142,11 +142,9 @@ def test_an_expired_token_is_refused_and_its_agent_fenced(plane: Plane, admin: A
     plane.wait_for_dag("e2e_expire")
     run_id = plane.trigger("e2e_expire")
     wait_until(lambda: _ti_state(plane, "e2e_expire", run_id) == "running", 60, "the task running")
+    # Brought forward to a moment two seconds away: the agent is accepted until then, refused from then on.
     soon = datetime.now(UTC) + timedelta(seconds=2)
-    with plane.db() as engine, engine.begin() as conn:
-        from sqlalchemy import text
-
-        conn.execute(text("UPDATE tether_agent_token SET expires_at = :t WHERE id = :i"), {"t": soon, "i": token["id"]})
+    admin.call("PATCH", f"/tokens/{token['id']}", {"expires": soon.isoformat()})
     wait_until(lambda: "token_expired" in agent.process.log_path.read_text(), 20, "the agent refused for expiry")
     assert admin.call("GET", f"/tokens/{token['id']}")["state"] == "expired"
     assert _agent(admin, "expire-agent")["status"] == "UNHEALTHY"

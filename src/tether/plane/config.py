@@ -63,8 +63,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "example": "50",
     },
     "token_cache_ttl": {
-        "description": "Seconds an accepted agent token is trusted without a new database look-up. Keep it "
-        "short: a revoked or expired token is refused once this has passed.\n",
+        "description": "Seconds before a token revoked or changed anywhere (CLI, REST, another API server) is "
+        "refused by this API server: it checks this often whether any token changed, and keeps each accepted "
+        "token for up to a minute while none did. A token expiring is refused from that moment. 0 looks every "
+        "token up on every call.\n",
         "type": "float",
         "default": "2",
         "example": "2",

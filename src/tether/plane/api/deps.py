@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
 from anyio import CapacityLimiter, to_thread
@@ -26,6 +27,9 @@ from tether.plane.store import Store, TokenIdentity
 DB_THREADS = 32
 #: Seconds a reading of the queues' demand is shared by every caller (``api.demand``).
 DEMAND_TTL = 2.0
+#: Seconds an accepted token is kept while no token changes (``TokenCache``): longer than an
+#: agent's call interval, and as often as a token's ``last_used_at`` is written.
+TOKEN_KEEP = 60.0
 #: Of those, what lease claims may hold: they come in bursts and must leave room for heartbeats.
 CLAIM_THREADS = 8
 
@@ -67,6 +71,10 @@ class SharedLoads(Generic[K, T]):
         self._values.clear()
         self._generation += 1
 
+    def forget(self, key: K) -> None:
+        """Drop one value: the next call loads it again."""
+        self._values.pop(key, None)
+
     def _load(self, key: K, load: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
         pending = self._loading.get(key)
         if pending is None:
@@ -87,10 +95,37 @@ class SharedLoads(Generic[K, T]):
 
 
 class TokenCache(SharedLoads[str, TokenIdentity]):
-    """Accepted tokens, trusted for ``ttl`` seconds so a revocation bites within that time.
+    """Accepted tokens: each kept for ``TOKEN_KEEP`` seconds while no token changes, checked every ``ttl``.
 
-    A fleet shares a handful of tokens: each is looked up once at a time, by one call.
+    Every ``ttl`` seconds one call reads the store's token epoch (``Store.token_epoch``),
+    which moves with every change to a token; a new reading drops every entry. So a
+    revoked or shortened token is refused within ``ttl`` of the change (counted from
+    when the reading began), as when each entry was trusted for ``ttl`` alone, while a
+    fleet whose agents each hold a token of their own costs one look-up per token per
+    ``TOKEN_KEEP``, not one per call: an agent calls every few seconds, less often than
+    ``ttl``. Each token is looked up once at a time, by one call; a token that expires
+    is looked up again (and refused) from that moment.
     """
+
+    def __init__(self, ttl: float, *, keep: float = 0.0) -> None:
+        # A ttl of 0 keeps nothing: every call looks its token up.
+        super().__init__(max(ttl, keep) if ttl > 0 else 0.0)
+        self._epochs: SharedLoads[None, int] = SharedLoads(ttl)
+        self._epoch: int | None = None
+
+    async def identity(
+        self, text: str, load: Callable[[], Awaitable[TokenIdentity]], epoch: Callable[[], Awaitable[int]]
+    ) -> TokenIdentity:
+        current = await self._epochs.get(None, epoch)
+        if current != self._epoch:
+            if self._epoch is not None:
+                self.clear()
+            self._epoch = current
+        identity = await self.get(text, load)
+        if identity.expires_at is not None and identity.expires_at <= datetime.now(UTC):
+            self.forget(text)
+            identity = await self.get(text, load)
+        return identity
 
 
 class RangeCache(SharedLoads[None, list[Network]]):
@@ -138,7 +173,7 @@ class PlaneContext:
         return cls(
             store=store,
             wakeup=Wakeup(probe=store.send_notification),
-            tokens=TokenCache(ttl),
+            tokens=TokenCache(ttl, keep=TOKEN_KEEP),
             ranges=RangeCache(ttl),
             listen_dsn=listen_dsn,
         )
@@ -234,7 +269,9 @@ async def token_of(ctx: PlaneContext, authorization: str | None) -> TokenIdentit
     if not authorization or not authorization.lower().startswith("bearer "):
         raise errors.Unauthorized("an agent token is required (Authorization: Bearer ...)", reason="no_token")
     text = authorization[7:].strip()
-    return await ctx.tokens.get(text, lambda: ctx.db(ctx.store.authenticate, text))
+    return await ctx.tokens.identity(
+        text, lambda: ctx.db(ctx.store.authenticate, text), lambda: ctx.db(ctx.store.token_epoch)
+    )
 
 
 def written(answer: BaseModel, revision: int) -> Any:

@@ -36,6 +36,8 @@ class TokenIdentity:
     scopes: frozenset[str] = frozenset({"worker"})
     #: The DAG bundles its dag-processor agents may write; None: any.
     bundles: frozenset[str] | None = None
+    #: When it stops being accepted; None: never. A cached identity past it is looked up again.
+    expires_at: datetime | None = None
 
     def require(self, scope: str) -> None:
         """Refuse a call this token may not make, naming the scope it lacks."""

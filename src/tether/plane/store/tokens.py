@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from tether import errors
@@ -199,7 +199,19 @@ class TokenStore(Database):
                 name=row.name,
                 scopes=frozenset(row.scopes or (TokenScope.WORKER.value,)),
                 bundles=frozenset(row.bundles) if row.bundles is not None else None,
+                expires_at=row.expires_at,
             )
+
+    def token_epoch(self) -> int:
+        """A number that changes whenever an accepted token may have stopped being accepted.
+
+        Every change to a token (``update_token``, ``revoke_token``) writes an audit entry
+        in its own transaction, so the newest audit entry's id is that number: one
+        primary-key look-up, whatever the count of tokens. Other audited changes move it
+        too; that only costs a few extra look-ups.
+        """
+        with self.statement() as conn:
+            return int(conn.execute(select(func.coalesce(func.max(AuditEntry.id), 0))).scalar_one())
 
     def audit_log(
         self, *, limit: int = 100, target_type: str | None = None, target_id: str | None = None
