@@ -34,6 +34,7 @@ from pydantic import BaseModel
 
 import tether
 from tether import protocol
+from tether.agent.client import KEEPALIVE_EXPIRY
 from tether.collector import settle_garbage_collector
 
 #: Registrations in flight at once while the simulated agents start.
@@ -262,7 +263,8 @@ async def run(
             headers={"Authorization": f"Bearer {token}", protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)},
             verify=context,
             trust_env=False,
-            limits=httpx.Limits(max_connections=4, max_keepalive_connections=3),
+            # As a real agent keeps them (tether.agent.client), in fewer of them.
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=3, keepalive_expiry=KEEPALIVE_EXPIRY),
         )
         for token in tokens
     ]

@@ -47,6 +47,16 @@ class Backoff:
         self.attempt = 0
 
 
+#: Seconds an idle connection to the plane is kept for the next call. Longer than the heartbeat
+#: interval (10 s by default): the heartbeat's connection sits idle while the lease long-poll holds
+#: the other, and with httpx's 5 s every heartbeat opened a new TLS connection, a handshake on both
+#: ends. Shorter than the idle timeouts of the load balancers and proxies in front of planes (60 s
+#: and more) and than the API server's own (``[api] worker_timeout``, 120 s).
+KEEPALIVE_EXPIRY = 30.0
+#: The connections to the plane an agent keeps: httpx's defaults, with the idle time above.
+CONNECTION_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY)
+
+
 def make_http_client(settings: AgentSettings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     verify: ssl.SSLContext | bool = True
     if settings.ca_bundle or settings.client_cert:
@@ -67,6 +77,7 @@ def make_http_client(settings: AgentSettings, transport: httpx.AsyncBaseTranspor
         trust_env=True,
         transport=transport,
         timeout=httpx.Timeout(10.0),
+        limits=CONNECTION_LIMITS,
     )
 
 
