@@ -51,9 +51,13 @@ MAX_HEADER_BYTES = 32 * 1024
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 QueueName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\s,]+$")]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
-#: A release's version string, as the plane stores it.
-VersionText = Annotated[str, StringConstraints(max_length=64)]
+#: The longest release version string the plane stores (its agent table's columns).
+MAX_VERSION_LENGTH = 64
+VersionText = Annotated[str, StringConstraints(max_length=MAX_VERSION_LENGTH)]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._/-]+$")]
+#: A counter an agent process keeps (of a file's parse results, of a log's batches): stored as the
+#: database's 32-bit integer, which a process does not outgrow.
+Seq = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class _Request(BaseModel):
@@ -66,11 +70,6 @@ class _Answer(BaseModel):
     """What the plane sends: fields the reader does not know are ignored."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-#: A counter an agent process keeps (of a file's parse results, of a log's batches): stored as the
-#: database's 32-bit integer, which a process does not outgrow.
-Seq = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 def since(revision: int) -> dict[str, JsonValue]:

@@ -13,6 +13,8 @@ from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Intege
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from tether.protocol import MAX_VERSION_LENGTH
+
 metadata = MetaData(
     naming_convention={
         "ix": "idx_%(table_name)s_%(column_0_N_name)s",
@@ -72,14 +74,14 @@ class Agent(Base):
     incarnation: Mapped[str] = mapped_column(String(36), nullable=False)
     token_id: Mapped[str] = mapped_column(String(16), nullable=False)
     hostname: Mapped[str] = mapped_column(String(256), nullable=False)
-    tether_version: Mapped[str] = mapped_column(String(64), nullable=False)
+    tether_version: Mapped[str] = mapped_column(String(MAX_VERSION_LENGTH), nullable=False)
     #: The protocol revision the agent speaks; agents registered before revisions were recorded spoke 1.
     protocol: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default="1")
     #: ship or local (None: an agent that ships no logs, of a release before log shipping).
     task_logs: Mapped[str | None] = mapped_column(String(16))
     task_log_folder: Mapped[str | None] = mapped_column(String(1024))
-    airflow_version: Mapped[str] = mapped_column(String(64), nullable=False)
-    python_version: Mapped[str] = mapped_column(String(64), nullable=False)
+    airflow_version: Mapped[str] = mapped_column(String(MAX_VERSION_LENGTH), nullable=False)
+    python_version: Mapped[str] = mapped_column(String(MAX_VERSION_LENGTH), nullable=False)
     roles: Mapped[list[str]] = mapped_column(JSON, nullable=False)
     queues: Mapped[list[str]] = mapped_column(JSON, nullable=False)
     labels: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)
