@@ -35,9 +35,21 @@ class Logs:
     second_api: str
     worker: AgentProcess
 
-    def read(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, *, base: str | None = None) -> Any:
+    def read(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        try_number: int = 1,
+        *,
+        base: str | None = None,
+        until_scheduled: bool = False,
+    ) -> Any:
+        """The log's content; with ``until_scheduled``, none while the scheduler has yet to make the try (a 404)."""
         with self.plane.rest_client(base=base) as api:
             response = api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}")
+            if until_scheduled and response.status_code == 404:
+                return []
             response.raise_for_status()
             return response.json()["content"]
 
@@ -125,7 +137,8 @@ def test_a_running_tasks_lines_are_readable_while_it_runs(logs: Logs) -> None:
     delays: list[float] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(seen) < 12:
-        for event in events(logs.read("logs_live", run_id, "tick")):
+        # Read from the trigger on: the try does not exist until the scheduler makes it.
+        for event in events(logs.read("logs_live", run_id, "tick", until_scheduled=True)):
             if event.startswith("tick ") and event not in seen:
                 seen[event] = time.time()
                 delays.append(seen[event] - float(event.rsplit(" ", 1)[1]))
@@ -186,12 +199,7 @@ def test_lines_written_before_an_agent_is_killed_are_readable_and_the_log_says_w
         run_id = _run(logs, "logs_killed")
 
         def lingering() -> list[str]:
-            try:
-                content = logs.read("logs_killed", run_id, "linger")
-            except httpx.HTTPStatusError as exc:
-                if exc.response.status_code != 404:
-                    raise
-                return []  # the try does not exist yet: the scheduler has not queued it
+            content = logs.read("logs_killed", run_id, "linger", until_scheduled=True)
             return [e for e in events(content) if e.startswith("lingering")]
 
         wait_until(lambda: len(lingering()) >= 10, 120, "ten lines shipped")
