@@ -192,6 +192,9 @@ class RegisterResponse(_Answer):
     heartbeat_interval: float
     lease_wait: float
     cordoned: bool
+    #: Seconds for which a lease poll sent with ``heartbeat`` stands in for the agent's heartbeat while it
+    #: holds no job (ADR 8); None: this plane counts only heartbeats.
+    poll_heartbeat_window: float | None = Field(default=None, json_schema_extra=since(2))
 
 
 # -- heartbeat ----------------------------------------------------------------
@@ -234,6 +237,9 @@ class LeaseRequest(_Request):
     free_slots: int = Field(ge=1, le=1024)
     queues: list[QueueName] = Field(min_length=1, max_length=64)
     wait: float = Field(default=20.0, ge=0, le=60)
+    #: The poll is also the agent's heartbeat (ADR 8): sent only to a plane whose registration answer has
+    #: a ``poll_heartbeat_window``.
+    heartbeat: bool = False
 
 
 class Lease(_Answer):
@@ -247,6 +253,8 @@ class Lease(_Answer):
 
 class LeaseResponse(_Answer):
     leases: list[Lease] = Field(default_factory=list)
+    #: The agent is cordoned: answered at once to a poll that is a heartbeat, which leases nothing then.
+    cordoned: bool = Field(default=False, json_schema_extra=since(2))
 
 
 # -- start gate and report ------------------------------------------------------

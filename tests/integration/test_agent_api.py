@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -499,3 +500,61 @@ def test_a_job_wakes_every_waiting_poll_but_costs_a_few_claims_not_one_each(
     for thread in threads:
         thread.join(timeout=30)
     assert sorted(leased) == [1] * waiting
+
+
+# -- ADR 8: an idle agent's lease poll is its heartbeat ---------------------------------
+
+
+def _last_heartbeat(store: Store, agent: AgentCalls) -> tuple[Any, int]:
+    with store.transaction() as session:
+        row = session.get(Agent, agent.agent_id)
+        assert row is not None
+        return row.last_heartbeat, row.free_slots
+
+
+def test_a_poll_marked_as_the_heartbeat_stamps_it_and_a_plain_poll_does_not(
+    client: TestClient, store: Store, token: str
+) -> None:
+    calls = AgentCalls(client, token)
+    answer = calls.register().json()
+    # The health timeout less one interval: 3 x 1 s - 1 s.
+    assert answer["poll_heartbeat_window"] == 2.0
+    registered, _ = _last_heartbeat(store, calls)
+    time.sleep(0.01)
+    plain = calls.lease(free_slots=3)
+    assert plain.status_code == 200 and plain.json() == {"leases": [], "cordoned": False}
+    assert _last_heartbeat(store, calls) == (registered, 4)
+    beat = calls.post("/lease", {"free_slots": 3, "queues": ["default"], "wait": 0, "heartbeat": True})
+    assert beat.status_code == 200 and beat.json() == {"leases": [], "cordoned": False}
+    stamped, free = _last_heartbeat(store, calls)
+    assert stamped > registered and free == 3
+    # The plane judges silence by it: an agent whose only call was that poll is not silent.
+    assert store.sweep(now=stamped + SETTINGS_HEALTH_TIMEOUT - timedelta(seconds=0.5))["unhealthy_agents"] == 0
+
+
+def test_an_agent_of_the_previous_revision_is_not_told_of_the_window(client: TestClient, token: str) -> None:
+    calls = AgentCalls(client, token)
+    calls.headers[PROTOCOL_HEADER] = "1"
+    assert "poll_heartbeat_window" not in calls.register().json()
+    assert "cordoned" not in calls.lease().json()
+
+
+def test_a_heartbeat_poll_of_a_deleted_agent_is_refused_as_its_heartbeat_is(store: Store, agent: AgentCalls) -> None:
+    store.delete_agent(agent.name, actor="test")
+    beat = agent.post("/heartbeat", {"free_slots": 4})
+    poll = agent.post("/lease", {"free_slots": 4, "queues": ["default"], "wait": 0, "heartbeat": True})
+    assert beat.status_code == 404 and beat.json()["reason"] == "agent_deleted"
+    assert (poll.status_code, poll.json()["reason"]) == (404, "agent_deleted")
+
+
+def test_a_cordoned_agents_heartbeat_poll_is_answered_with_the_cordon_and_leases_nothing(
+    store: Store, agent: AgentCalls, make_workload: Callable[..., Any]
+) -> None:
+    _hold_polls_long(store)
+    enqueue(store, make_workload())
+    store.cordon(agent.name, reason="maintenance", actor="test")
+    poll = agent.post("/lease", {"free_slots": 4, "queues": ["default"], "wait": 20, "heartbeat": True})
+    assert poll.json() == {"leases": [], "cordoned": True}
+    store.uncordon(agent.name, actor="test")
+    poll = agent.post("/lease", {"free_slots": 4, "queues": ["default"], "wait": 20, "heartbeat": True})
+    assert len(poll.json()["leases"]) == 1 and poll.json()["cordoned"] is False

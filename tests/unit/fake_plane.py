@@ -33,9 +33,15 @@ class FakePlane:
     #: Calls (the last part of their path: "register", "heartbeat", "lease", ...) answered with a body that
     #: is not the protocol's, as a proxy's error page or a broken plane would answer.
     garbled: set[str] = field(default_factory=set)
+    #: Calls (as for ``garbled``) answered 503, as an overloaded plane or a proxy without a backend answers.
+    unavailable: set[str] = field(default_factory=set)
     #: A refusal (status, body) given to every registration, as a plane that does not serve this agent answers.
     refuse_register: tuple[int, dict[str, Any]] | None = None
     agent_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: Seconds a lease poll stands in for a heartbeat, announced at registration (ADR 8); None: never.
+    poll_heartbeat_window: float | None = None
+    #: The body of every lease poll, in order.
+    polls: list[dict[str, Any]] = field(default_factory=list)
 
     def add_job(self, task_id: str = "t", pool_slots: int = 1) -> str:
         job_id = str(uuid.uuid4())
@@ -49,6 +55,8 @@ class FakePlane:
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
         path = request.url.path.removeprefix("/tether/v1")
+        if path.rsplit("/", 1)[-1] in self.unavailable:
+            return httpx.Response(503, text="no backend")
         if path.rsplit("/", 1)[-1] in self.garbled:
             return httpx.Response(200, json={"status": "fine, thanks"})
         body = json.loads(request.content or b"{}")
@@ -59,7 +67,13 @@ class FakePlane:
                 return httpx.Response(status, json=problem)
             return httpx.Response(
                 200,
-                json={"agent_id": self.agent_id, "heartbeat_interval": 0.05, "lease_wait": 0.05, "cordoned": False},
+                json={
+                    "agent_id": self.agent_id,
+                    "heartbeat_interval": 0.05,
+                    "lease_wait": 0.05,
+                    "cordoned": False,
+                    "poll_heartbeat_window": self.poll_heartbeat_window,
+                },
             )
         if path.endswith("/heartbeat"):
             self.heartbeats.append(body)
@@ -71,6 +85,9 @@ class FakePlane:
                 json={"status": "HEALTHY", "cordoned": self.cordoned, "heartbeat_interval": 0.05, "commands": commands},
             )
         if path.endswith("/lease"):
+            self.polls.append(body)
+            if body.get("heartbeat") and self.cordoned:
+                return httpx.Response(200, json={"leases": [], "cordoned": True})
             leases = []
             free = body["free_slots"]
             while self.queued and self.queued[0]["pool_slots"] <= free and not self.cordoned:

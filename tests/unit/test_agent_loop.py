@@ -302,3 +302,105 @@ def test_a_request_the_plane_finds_malformed_stops_the_agent() -> None:
         assert plane.registrations == 1
 
     run(scenario)
+
+
+# -- ADR 8: an idle agent's lease poll is its heartbeat ---------------------------------
+
+
+def _idle_beats(window: float | None) -> tuple[int, list[dict[str, object]]]:
+    """Heartbeats an idle agent sends while it makes 20 polls, and its polls, with ``window`` announced."""
+    result: tuple[int, list[dict[str, object]]] = (0, [])
+
+    async def scenario() -> None:
+        nonlocal result
+        plane, runner = FakePlane(poll_heartbeat_window=window), FakeRunner()
+        agent = _agent(plane, runner)
+        running = asyncio.create_task(agent.run())
+        await until(lambda: len(plane.polls) >= 2)
+        beats = len(plane.heartbeats)
+        await until(lambda: len(plane.polls) >= 22)
+        result = (len(plane.heartbeats) - beats, list(plane.polls))
+        agent.stop()
+        await running
+
+    run(scenario)
+    return result
+
+
+def test_an_idle_agents_polls_stand_in_for_its_heartbeats_when_the_plane_says_so() -> None:
+    # Polls come every 0.05 s (the fake answers at once and the agent paces them), heartbeats are due
+    # every 0.05 s: over 20 polls, an agent whose plane counts only heartbeats sends about 20.
+    without, polls = _idle_beats(None)
+    assert without >= 10
+    assert not any(poll["heartbeat"] for poll in polls)
+    with_window, polls = _idle_beats(0.3)
+    assert with_window <= 1
+    assert all(poll["heartbeat"] for poll in polls)
+    # A poll that is the heartbeat asks to be answered within the window.
+    assert all(float(str(poll["wait"])) <= 0.3 for poll in polls)
+
+
+def test_an_agent_holding_a_job_heartbeats_and_names_it_and_stops_when_idle_again() -> None:
+    async def scenario() -> None:
+        plane, runner = FakePlane(poll_heartbeat_window=0.3), FakeRunner()
+        agent = _agent(plane, runner)
+        running = asyncio.create_task(agent.run())
+        await until(lambda: len(plane.polls) >= 5)
+        job = plane.add_job()
+        await until(lambda: len(runner.tasks) == 1)
+        beats = len(plane.heartbeats)
+        # The kill commands of a running job come with heartbeats: they go on while it runs.
+        await until(lambda: sum(1 for b in plane.heartbeats[beats:] if job in b["running_jobs"]) >= 3)
+        runner.tasks[0].finish(0)
+        await until(lambda: plane.reports == [(job, "success", 0)])
+        await until(lambda: not agent.state.jobs)
+        # One heartbeat says the agent is idle again; its polls stand in from then on.
+        await until(lambda: plane.heartbeats[-1]["running_jobs"] == [] and plane.heartbeats[-1]["free_slots"] == 2)
+        polls = len(plane.polls)
+        await until(lambda: len(plane.polls) >= polls + 3)
+        beats = len(plane.heartbeats)
+        await until(lambda: len(plane.polls) >= polls + 13)
+        assert len(plane.heartbeats) - beats <= 1
+        agent.stop()
+        await running
+
+    run(scenario)
+
+
+def test_heartbeats_come_back_as_soon_as_polls_fail() -> None:
+    async def scenario() -> None:
+        plane, runner = FakePlane(poll_heartbeat_window=1.0), FakeRunner()
+        agent = _agent(plane, runner)
+        running = asyncio.create_task(agent.run())
+        await until(lambda: len(plane.polls) >= 5)
+        plane.unavailable = {"lease"}
+        beats = len(plane.heartbeats)
+        # Well within the window of the last poll answered: the heartbeats go on as without polls.
+        await until(lambda: len(plane.heartbeats) >= beats + 3, timeout=0.6)
+        plane.unavailable = set()
+        agent.stop()
+        await running
+
+    run(scenario)
+
+
+def test_a_cordon_answered_to_a_poll_stops_the_polls_and_a_heartbeat_learns_the_uncordon() -> None:
+    async def scenario() -> None:
+        plane, runner = FakePlane(poll_heartbeat_window=0.3), FakeRunner()
+        agent = _agent(plane, runner)
+        running = asyncio.create_task(agent.run())
+        await until(lambda: len(plane.polls) >= 5)
+        plane.cordoned = True
+        await until(lambda: agent.state.cordoned)
+        polls, beats = len(plane.polls), len(plane.heartbeats)
+        await until(lambda: len(plane.heartbeats) >= beats + 3)
+        assert len(plane.polls) == polls
+        plane.cordoned = False
+        job = plane.add_job()
+        await until(lambda: len(runner.tasks) == 1)
+        assert plane.started == [job]
+        runner.tasks[0].finish(0)
+        agent.stop()
+        await running
+
+    run(scenario)

@@ -110,6 +110,8 @@ class _Registration:
     agent_id: uuid.UUID
     heartbeat_interval: float
     lease_wait: float
+    #: Seconds a lease poll stands in for the heartbeat of an agent holding no job (ADR 8); None: never.
+    poll_heartbeat_window: float | None = None
 
 
 @dataclass
@@ -118,6 +120,12 @@ class AgentState:
     cordoned: bool = False
     last_contact: float = 0.0
     jobs: dict[uuid.UUID, HeldJob] = field(default_factory=dict)
+    #: When the lease poll that counts as this agent's heartbeat was sent (monotonic): the latest one
+    #: sent while polls were being answered. None while none counts.
+    heartbeat_poll_sent: float | None = None
+    #: The last heartbeat the plane took was an idle agent's (no job, not draining): what a poll
+    #: that stands in for it would have said.
+    idle_beat_taken: bool = False
 
 
 class Agent:
@@ -306,7 +314,10 @@ class Agent:
             agent_id=answer.agent_id,
             heartbeat_interval=answer.heartbeat_interval,
             lease_wait=answer.lease_wait,
+            poll_heartbeat_window=answer.poll_heartbeat_window,
         )
+        self.state.heartbeat_poll_sent = None
+        self.state.idle_beat_taken = False
         self.state.cordoned = answer.cordoned
         self.state.last_contact = time.monotonic()
         self.metrics.connected.set(1)
@@ -370,6 +381,12 @@ class Agent:
             reg = self.state.registration
             assert reg is not None
             interval = reg.heartbeat_interval
+            covered = self._poll_covers_heartbeat()
+            if covered > 0:
+                # The lease poll in flight is this idle agent's heartbeat (ADR 8); look again
+                # within an interval, in case a job arrives or polls stop.
+                await asyncio.sleep(min(covered, interval))
+                continue
             try:
                 await self._heartbeat()
                 backoff.reset()
@@ -387,10 +404,27 @@ class Agent:
                     log.warning("Registering again failed: %s", again)
             await asyncio.sleep(interval)
 
+    def _poll_covers_heartbeat(self) -> float:
+        """Seconds for which the latest lease poll still counts as this agent's heartbeat; 0: it does not.
+
+        Only while the agent holds no job, is neither draining nor cordoned, its polls are
+        being answered, and the plane has taken a heartbeat saying so: anything else a
+        heartbeat says (the jobs it runs, draining) or answers (kill commands, a cordon
+        lifted) needs the heartbeat itself.
+        """
+        reg = self.state.registration
+        sent = self.state.heartbeat_poll_sent
+        if reg is None or reg.poll_heartbeat_window is None or sent is None:
+            return 0.0
+        if self.state.jobs or self._draining or self.state.cordoned or not self.state.idle_beat_taken:
+            return 0.0
+        return max(sent + reg.poll_heartbeat_window - time.monotonic(), 0.0)
+
     async def _heartbeat(self) -> None:
         reg = self.state.registration
         assert reg is not None
         started = time.monotonic()
+        idle = not self.state.jobs and not self._draining
         answer = await self.client.agents.heartbeat(
             reg.agent_id,
             protocol.HeartbeatRequest(
@@ -401,6 +435,7 @@ class Agent:
                 metrics={"running": float(len(self.state.jobs))},
             ),
         )
+        self.state.idle_beat_taken = idle
         self.metrics.heartbeat_seconds.observe(time.monotonic() - started)
         self.state.last_contact = time.monotonic()
         self.metrics.connected.set(1)
@@ -450,6 +485,12 @@ class Agent:
                 await self._wait_for_capacity(reg.heartbeat_interval)
                 continue
             asked_at = time.monotonic()
+            window = reg.poll_heartbeat_window
+            # A poll that is the heartbeat is answered before its stand-in lapses.
+            wait = reg.lease_wait if window is None else min(reg.lease_wait, window)
+            if window is not None and self.state.heartbeat_poll_sent is not None:
+                # Polls are being answered: this one, sent now, is the heartbeat from now on.
+                self.state.heartbeat_poll_sent = asked_at
             try:
                 answer = await self.client.agents.lease(
                     reg.agent_id,
@@ -457,18 +498,23 @@ class Agent:
                         incarnation=self.incarnation,
                         free_slots=free,
                         queues=list(self.settings.queues),
-                        wait=reg.lease_wait,
+                        wait=wait,
+                        heartbeat=window is not None,
                     ),
                 )
                 backoff.reset()
                 self.state.last_contact = time.monotonic()
+                if window is not None and reg is self.state.registration:
+                    self.state.heartbeat_poll_sent = asked_at
             except PlaneUnavailable as exc:
+                self.state.heartbeat_poll_sent = None
                 self.metrics.plane_errors.labels("unavailable").inc()
                 delay = backoff.next_delay()
                 log.warning("Lease failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             except PlaneRefused as exc:
+                self.state.heartbeat_poll_sent = None
                 self.metrics.plane_errors.labels("refused").inc()
                 delay = backoff.next_delay()
                 try:
@@ -477,10 +523,15 @@ class Agent:
                     log.warning("Registering again failed: %s", again)
                 await asyncio.sleep(delay)
                 continue
-            if not answer.leases and time.monotonic() - asked_at < reg.lease_wait / 2:
+            if answer.cordoned:
+                # Learnt from a poll that is the heartbeat: heartbeats take over until uncordoned.
+                log.info("Agent cordoned by the plane")
+                self.state.cordoned = True
+                continue
+            if not answer.leases and time.monotonic() - asked_at < wait / 2:
                 # The plane answered "nothing" without holding the poll open (cordoned, or
                 # configured without long-polls): pace the next ask instead of spinning.
-                await self._sleep_or_stop(max(reg.lease_wait, 0.05))
+                await self._sleep_or_stop(max(wait, 0.05))
             if answer.leases:
                 held_jobs = [HeldJob(lease=lease) for lease in answer.leases]
                 # One start gate for the whole answer: the jobs came together, they start together.

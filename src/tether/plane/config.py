@@ -17,7 +17,8 @@ SECTION = "tether"
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "heartbeat_interval": {
-        "description": "Seconds between two heartbeats of an agent; the plane dictates it to every agent.\n",
+        "description": "Seconds between two heartbeats of an agent; the plane dictates it to every agent. An idle "
+        "agent's lease poll counts as its heartbeat for (missed_heartbeats - 1) intervals.\n",
         "type": "float",
         "default": "10",
         "example": "10",
@@ -153,6 +154,16 @@ class PlaneSettings:
     @property
     def health_timeout(self) -> timedelta:
         return self.heartbeat_interval * self.missed_heartbeats
+
+    @property
+    def poll_heartbeat_window(self) -> timedelta | None:
+        """How long an idle agent's lease poll stands in for its heartbeat (ADR 8), None if it may not.
+
+        The health timeout less one interval: when a stand-in lapses, the heartbeat the
+        agent then sends still lands before the agent counts as silent.
+        """
+        window = self.health_timeout - self.heartbeat_interval
+        return window if window > timedelta(0) else None
 
     @classmethod
     def from_airflow(cls) -> PlaneSettings:

@@ -301,6 +301,11 @@ async def _lease(
     # again in the same instant, every lease_wait, in front of everyone's heartbeats.
     wait = min(body.wait, settings.lease_wait.total_seconds()) * random.uniform(1 - LEASE_JITTER, 1)
     deadline = time.monotonic() + wait
+    if body.heartbeat:
+        # Stamped as the poll arrives: it proves the agent is there now, not when the poll ends (ADR 8).
+        beat = functools.partial(ctx.store.poll_heartbeat, identity, str(agent_id), body)
+        if await ctx.db(beat):
+            return protocol.LeaseResponse(cordoned=True)
     if ctx.listen_dsn is not None:
         ctx.wakeup.start_listening(ctx.listen_dsn, NOTIFY_CHANNEL)
     poll = settings.poll_interval.total_seconds()
@@ -421,6 +426,7 @@ def create_app(
             heartbeat_interval=settings.heartbeat_interval.total_seconds(),
             lease_wait=settings.lease_wait.total_seconds(),
             cordoned=agent.cordoned,
+            poll_heartbeat_window=window.total_seconds() if (window := settings.poll_heartbeat_window) else None,
         )
         return written(answer, revision)
 

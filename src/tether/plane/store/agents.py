@@ -46,6 +46,15 @@ _BEAT = (
     .returning(AGENT.c.cordoned)
 )
 
+#: A lease poll that is also a heartbeat (ADR 8): the time and free slots, nothing of what only
+#: heartbeats carry (draining, metrics). Returns ``cordoned``, or no row.
+_POLL_BEAT = (
+    update(AGENT)
+    .where(CALLER_IS_CURRENT)
+    .values(last_heartbeat=bindparam("now"), free_slots=bindparam("slots_free"))
+    .returning(AGENT.c.cordoned)
+)
+
 RangeChange = Literal["set", "add", "remove"]
 
 
@@ -174,6 +183,31 @@ class AgentStore(Database):
                     why = f"the plane holds this job as {job.state}" if job else "the plane no longer knows this job"
                     commands.append(protocol.KillJob(job_id=job_id, reason=why))
             return self._heartbeat_answer(agent.cordoned if cordoned is None else cordoned, commands)
+
+    def poll_heartbeat(
+        self,
+        identity: TokenIdentity,
+        agent_id: str,
+        request: protocol.LeaseRequest,
+        *,
+        now: datetime | None = None,
+    ) -> bool:
+        """Count a lease poll as the heartbeat of an agent that holds no job (ADR 8); whether it is cordoned.
+
+        One statement; a caller the plane does not know as current is refused as its heartbeat would be.
+        """
+        beat = {
+            **caller_params(identity, agent_id, request.incarnation),
+            "now": now or utcnow(),
+            "slots_free": request.free_slots,
+        }
+        with self.statement() as conn:
+            cordoned = conn.execute(_POLL_BEAT, beat).scalar_one_or_none()
+        if cordoned is not None:
+            return bool(cordoned)
+        with self.transaction() as session:
+            agent = calling_agent(session, identity, agent_id, request.incarnation)
+            return bool(agent.cordoned)
 
     def _heartbeat_answer(self, cordoned: bool, commands: list[protocol.KillJob]) -> protocol.HeartbeatResponse:
         return protocol.HeartbeatResponse(
