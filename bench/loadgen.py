@@ -4,7 +4,9 @@ Each simulated agent has a worker token of its own and talks HTTPS, verifying
 the plane against the CA it is given. It registers, heartbeats at the interval
 the plane dictates (first beat at a random phase, like agents started at
 different times, and naming the jobs it runs) and keeps one lease long-poll
-open for its free slots, exactly as ``tether-agent`` does. A lease is passed
+open for its free slots, exactly as ``tether-agent`` does: while it holds no
+job and its polls are answered, a poll stands in for its heartbeat when the
+plane says so (ADR 8). A lease is passed
 through the start gate in one start-many call; each started job "runs" for a
 random time and is reported a success, and its slot is free again.
 
@@ -57,6 +59,9 @@ class Stats:
     refusals: Counter[str] = field(default_factory=Counter)
     leases_granted: int = 0
     jobs_run: int = 0
+    #: When each lease poll was sent, and each heartbeat not sent because a poll stood in for it (ADR 8).
+    polls: list[float] = field(default_factory=list)
+    beats_by_poll: list[float] = field(default_factory=list)
     #: How late the generator's own event loop woke up: its lateness is in every latency above.
     loop_lag: list[tuple[float, float]] = field(default_factory=list)
 
@@ -84,6 +89,11 @@ class SimulatedAgent:
         self.agent_id: uuid.UUID | None = None
         self.interval = 10.0
         self.lease_wait = 20.0
+        #: As the agent keeps them (``tether.agent.agent``): the plane's stand-in window, when the poll
+        #: that counts as the heartbeat was sent, and whether the last heartbeat taken was an idle one.
+        self.window: float | None = None
+        self.poll_sent: float | None = None
+        self.idle_beat_taken = False
         #: Jobs leased and not yet reported, each holding one slot (the synthetic tasks take one).
         self.held: set[uuid.UUID] = set()
         #: Of those, the ones past the start gate: what its heartbeats name as running.
@@ -141,7 +151,13 @@ class SimulatedAgent:
             return False
         answer = protocol.RegisterResponse.model_validate_json(response.content)
         self.agent_id, self.interval, self.lease_wait = answer.agent_id, answer.heartbeat_interval, answer.lease_wait
+        self.window = answer.poll_heartbeat_window
         return True
+
+    def _poll_covers_heartbeat(self) -> float:
+        if self.window is None or self.poll_sent is None or self.held or not self.idle_beat_taken:
+            return 0.0
+        return max(self.poll_sent + self.window - time.monotonic(), 0.0)
 
     async def lifecycle(self, gate: asyncio.Semaphore, registered: list[bool]) -> None:
         """Register, then heartbeat and long-poll until cancelled - as an agent does from its start."""
@@ -157,11 +173,18 @@ class SimulatedAgent:
     async def heartbeats(self) -> None:
         await asyncio.sleep(random.uniform(0, self.interval))
         while True:
+            covered = self._poll_covers_heartbeat()
+            if covered > 0:
+                self.stats.beats_by_poll.append(time.time())
+                await asyncio.sleep(min(covered, self.interval))
+                continue
             started = time.monotonic()
+            idle = not self.held
             body = protocol.HeartbeatRequest(
                 incarnation=self.incarnation, running_jobs=sorted(self.running), free_slots=max(self.free_slots, 0)
             )
-            await self._timed("heartbeat", f"/agents/{self.agent_id}/heartbeat", body, self.stats.heartbeat)
+            if await self._timed("heartbeat", f"/agents/{self.agent_id}/heartbeat", body, self.stats.heartbeat):
+                self.idle_beat_taken = idle
             await asyncio.sleep(max(self.interval - (time.monotonic() - started), 0.0))
 
     async def leases(self) -> None:
@@ -176,19 +199,29 @@ class SimulatedAgent:
                     pass
                 continue
             body = protocol.LeaseRequest(
-                incarnation=self.incarnation, free_slots=free, queues=[self.work.queue], wait=self.lease_wait
+                incarnation=self.incarnation,
+                free_slots=free,
+                queues=[self.work.queue],
+                wait=self.lease_wait if self.window is None else min(self.lease_wait, self.window),
+                heartbeat=self.window is not None,
             )
-            sent = time.time()
+            sent, asked_at = time.time(), time.monotonic()
+            if self.poll_sent is not None:
+                self.poll_sent = asked_at
+            self.stats.polls.append(sent)
             try:
                 response = await self._post(f"/agents/{self.agent_id}/lease", body, timeout=body.wait + 15)
             except httpx.HTTPError as exc:
+                self.poll_sent = None
                 self.stats.error(sent, "lease", type(exc).__name__)
                 await asyncio.sleep(1.0)
                 continue
             if response.status_code != 200:
+                self.poll_sent = None
                 self.stats.error(sent, "lease", str(response.status_code))
                 await asyncio.sleep(1.0)
                 continue
+            self.poll_sent = asked_at
             leases = protocol.LeaseResponse.model_validate_json(response.content).leases
             if not leases:
                 continue
@@ -302,6 +335,9 @@ async def run(
         "register_p99": sorted(stats.register)[int(0.99 * (len(stats.register) - 1))] if stats.register else None,
         "leases_granted": stats.leases_granted,
         "jobs_run": stats.jobs_run,
+        "polls": stats.polls,
+        "beats_by_poll": stats.beats_by_poll,
+        "poll_heartbeat_window": sims[0].window if sims else None,
         "refusals": dict(stats.refusals),
         "heartbeat": stats.heartbeat,
         "start": stats.start,

@@ -34,10 +34,15 @@ from bench.measure import machine_cpu, tree_cpu, tree_rss
 from bench.stats import percentile
 from tether.embedded import ManagedProcess, Plane, spawn, write_loopback_pki
 from tether.plane import tokens
+from tether.plane.config import PlaneSettings
 from tether.plane.models import AgentToken
 from tether.protocol import JobState
 
 QUEUE = "bench-scale"
+#: The application name of the sampler's connection to the plane's database, left out of its counts.
+SAMPLER_NAME = "bench-scale-sampler"
+#: Seconds since the oldest heartbeat of a registered agent, as the plane's table has it.
+STALEST_HEARTBEAT = "SELECT EXTRACT(EPOCH FROM now() - min(last_heartbeat)) FROM tether_agent WHERE deleted_at IS NULL"
 #: Simulated agents one load generator process holds when ``--loadgen-procs`` is left to choose.
 AGENTS_PER_LOADGEN = 2500
 #: A step passes when queued->leased p99 is under this many seconds ...
@@ -277,6 +282,9 @@ def merge_loadgens(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ramp_seconds=max((p["ramp_seconds"] for p in parts), default=0.0),
         leases_granted=sum(p["leases_granted"] for p in parts),
         jobs_run=sum(p["jobs_run"] for p in parts),
+        polls=[at for p in parts for at in p.get("polls", [])],
+        beats_by_poll=[at for p in parts for at in p.get("beats_by_poll", [])],
+        poll_heartbeat_window=parts[0].get("poll_heartbeat_window") if parts else None,
         refusals=dict(refusals),
         heartbeat_interval=parts[0].get("heartbeat_interval") if parts else None,
         lease_wait=parts[0].get("lease_wait") if parts else None,
@@ -297,11 +305,20 @@ class Sampler:
 
     def __init__(self, pg: Postgres, database: str, plane: Plane, loadgens: list[ManagedProcess]) -> None:
         self.engine = create_engine(pg.admin_url, isolation_level="AUTOCOMMIT", pool_size=1)
+        # The plane's own tables, on a connection the connection count leaves out.
+        self.plane_db = create_engine(
+            pg.url(database),
+            isolation_level="AUTOCOMMIT",
+            pool_size=1,
+            connect_args={"application_name": SAMPLER_NAME},
+        )
         self.database = database
         self.plane = plane
         self.loadgens = loadgens
         self.rss_peak = 0.0
         self.connections_peak = 0
+        #: The plane's view of the fleet's liveness: the oldest heartbeat of a registered agent, at its oldest.
+        self.stalest_heartbeat = 0.0
 
     def _scalar(self, sql: str) -> int:
         with self.engine.connect() as conn:
@@ -321,11 +338,18 @@ class Sampler:
     def peaks(self) -> None:
         self.rss_peak = max(self.rss_peak, tree_rss([self.plane.processes["api-server"].pid]))
         self.connections_peak = max(
-            self.connections_peak, self._scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = :d")
+            self.connections_peak,
+            self._scalar(
+                f"SELECT count(*) FROM pg_stat_activity WHERE datname = :d AND application_name <> '{SAMPLER_NAME}'"
+            ),
         )
+        with self.plane_db.connect() as conn:
+            age = conn.execute(text(STALEST_HEARTBEAT)).scalar()
+        self.stalest_heartbeat = max(self.stalest_heartbeat, float(age or 0.0))
 
     def close(self) -> None:
         self.engine.dispose()
+        self.plane_db.dispose()
 
 
 def _check_alive(processes: Sequence[ManagedProcess]) -> None:
@@ -438,6 +462,12 @@ def one_scale(pg: Postgres, template: str, work: Path, agents: int, workers: int
             "loadgen_loop_lag_p99": _p([lag for at, lag in events["loop_lag"] if at >= boundaries[0]], 0.99),
             "api_rss_peak": sampler.rss_peak,
             "db_connections_peak": sampler.connections_peak,
+            "stalest_heartbeat": sampler.stalest_heartbeat,
+            # The plane runs with Tether's defaults: past this, an agent counts as silent.
+            "health_timeout": PlaneSettings().health_timeout.total_seconds(),
+            "polls": sum(1 for at in events["polls"] if boundaries[0] <= at < boundaries[-1]),
+            "beats_by_poll": sum(1 for at in events["beats_by_poll"] if boundaries[0] <= at < boundaries[-1]),
+            "poll_heartbeat_window": events["poll_heartbeat_window"],
         }
     finally:
         if sampler is not None:

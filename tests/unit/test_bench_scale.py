@@ -174,3 +174,33 @@ def test_targets_judge_the_5000_agent_runs_and_every_ceiling() -> None:
     errors = scale_target_rows([_run(5000, 1, 0.2, {"heartbeat: 503": 1}, 400.0)], {"tasks_per_second": 40.0})
     assert [met for _, _, met in errors] == [False, True]
     assert ceiling_text(scale[0]).startswith("≥ 400")
+
+
+def test_the_fleet_target_needs_every_agent_registered_and_none_looking_silent() -> None:
+    ceiling = {"tasks_per_second": 40.0}
+    fine = {**_run(5000, 1, 0.1, {}, 400.0), "registered": 5000, "stalest_heartbeat": 19.5, "health_timeout": 30.0}
+    assert [met for _, _, met in scale_target_rows([fine], ceiling)] == [True, True]
+    short = {**fine, "registered": 4999}
+    stale = {**fine, "stalest_heartbeat": 31.0}
+    for run in (short, stale):
+        (heartbeat, _) = scale_target_rows([run], ceiling)
+        assert heartbeat[2] is False
+    assert "4999 of 5000 registered" in scale_target_rows([short], ceiling)[0][1]
+    assert "stalest heartbeat 31.0 s" in scale_target_rows([stale], ceiling)[0][1]
+
+
+def test_merge_loadgens_pools_polls_and_the_heartbeats_they_stood_in_for() -> None:
+    part = {
+        **_events(),
+        "agents": 1,
+        "registered": 1,
+        "ramp_seconds": 1.0,
+        "leases_granted": 0,
+        "jobs_run": 0,
+        "polls": [1.0, 2.0],
+        "beats_by_poll": [1.5],
+        "poll_heartbeat_window": 20.0,
+    }
+    merged = merge_loadgens([part, part])
+    assert merged["polls"] == [1.0, 2.0, 1.0, 2.0] and merged["beats_by_poll"] == [1.5, 1.5]
+    assert merged["poll_heartbeat_window"] == 20.0
