@@ -77,6 +77,9 @@ class Work:
     slots: int
     task_min: float
     task_max: float
+    #: Let polls stand in for heartbeats when the plane says so (ADR 8); False: heartbeat every interval, as
+    #: agents before it did.
+    poll_heartbeats: bool = True
 
 
 class SimulatedAgent:
@@ -151,7 +154,7 @@ class SimulatedAgent:
             return False
         answer = protocol.RegisterResponse.model_validate_json(response.content)
         self.agent_id, self.interval, self.lease_wait = answer.agent_id, answer.heartbeat_interval, answer.lease_wait
-        self.window = answer.poll_heartbeat_window
+        self.window = answer.poll_heartbeat_window if self.work.poll_heartbeats else None
         return True
 
     def _poll_covers_heartbeat(self) -> float:
@@ -357,6 +360,12 @@ def main() -> None:
     parser.add_argument("--queue", default="bench-scale")
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--task-seconds", default="0.2,1.0", help="min,max seconds a simulated task takes")
+    parser.add_argument(
+        "--poll-heartbeats",
+        choices=("on", "off"),
+        default="on",
+        help="let polls stand in for an idle agent's heartbeats when the plane says so (ADR 8)",
+    )
     parser.add_argument("--ramp-limit", type=float, default=180.0)
     parser.add_argument("--max-seconds", type=float, default=900.0, help="stop by then, stop file or not")
     parser.add_argument("--out", type=Path, required=True)
@@ -371,7 +380,13 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tokens = read_tokens(args.token_file, args.first, args.agents)
-    work = Work(queue=args.queue, slots=args.slots, task_min=task_min, task_max=task_max)
+    work = Work(
+        queue=args.queue,
+        slots=args.slots,
+        task_min=task_min,
+        task_max=task_max,
+        poll_heartbeats=args.poll_heartbeats == "on",
+    )
     result = uvloop.run(
         run(
             args.url,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ class Plan:
     slots: int = 4
     #: Load generator processes; 0: one per ``AGENTS_PER_LOADGEN`` agents.
     loadgen_procs: int = 0
+    #: Whether simulated agents let polls stand in for heartbeats (ADR 8), each measured.
+    poll_heartbeats: tuple[bool, ...] = (True,)
 
     def procs_for(self, agents: int) -> int:
         return self.loadgen_procs or max(1, math.ceil(agents / AGENTS_PER_LOADGEN))
@@ -91,6 +94,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loadgen-procs", type=int, default=0, help=f"load generator processes (default: one per {AGENTS_PER_LOADGEN})"
     )
+    parser.add_argument(
+        "--scale-poll-heartbeats",
+        default="on",
+        help="'on': simulated agents let polls stand in for idle heartbeats as tether-agent does (ADR 8); 'off': "
+        "they heartbeat every interval, as agents before it; 'on,off': each measured (default on)",
+    )
 
 
 def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[int], Plan]:
@@ -107,10 +116,22 @@ def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         parser.error("--scale-task-seconds must be 0 <= min <= max <= 60, --scale-slots 1..1024, --loadgen-procs >= 0")
     if not 1 <= args.scale_step_seconds <= 600 or any(not 1 <= n <= 5000 for n in args.scale_counts):
         parser.error("--scale-step-seconds must be 1..600 and --scale counts 1..5000")
-    plan = Plan(rates, args.scale_step_seconds, task_min, task_max, args.scale_slots, args.loadgen_procs)
+    settings = {"on": True, "off": False}
+    polls = [p.strip() for p in args.scale_poll_heartbeats.split(",") if p.strip()]
+    if not polls or any(p not in settings for p in polls):
+        parser.error("--scale-poll-heartbeats takes 'on', 'off' or both, comma-separated")
+    plan = Plan(
+        rates,
+        args.scale_step_seconds,
+        task_min,
+        task_max,
+        args.scale_slots,
+        args.loadgen_procs,
+        tuple(dict.fromkeys(settings[p] for p in polls)),
+    )
     if args.quick:
         workers = workers[:1]
-        plan = Plan(rates[:3], min(plan.step_seconds, 5.0), task_min, task_max, plan.slots, plan.loadgen_procs)
+        plan = replace(plan, rates=rates[:3], step_seconds=min(plan.step_seconds, 5.0))
     return workers, plan
 
 
@@ -358,9 +379,12 @@ def _check_alive(processes: Sequence[ManagedProcess]) -> None:
             raise RuntimeError(f"{proc.name} exited during the scale run:\n{proc.tail()}")
 
 
-def one_scale(pg: Postgres, template: str, work: Path, agents: int, workers: int, plan: Plan) -> dict[str, Any]:
-    name = pg.create(f"bench_scale_{agents}_w{workers}", template=template)
-    home = work / f"scale-{agents}-w{workers}"
+def one_scale(
+    pg: Postgres, template: str, work: Path, agents: int, workers: int, plan: Plan, *, poll_heartbeats: bool = True
+) -> dict[str, Any]:
+    tag = f"{agents}_w{workers}" + ("" if poll_heartbeats else "_beats")
+    name = pg.create(f"bench_scale_{tag}", template=template)
+    home = work / f"scale-{tag}"
     plane = make_plane("tether", home, pg.url(name))
     plane.tls = write_loopback_pki(home / "pki")
     plane.extra_env.update(
@@ -381,7 +405,7 @@ def one_scale(pg: Postgres, template: str, work: Path, agents: int, workers: int
             argv = [sys.executable, "-m", "bench.loadgen", "--url", plane.url, "--ca-file", str(plane.tls[2])]
             argv += ["--token-file", str(token_file), "--first", str(first), "--agents", str(count)]
             argv += ["--queue", QUEUE, "--slots", str(plan.slots), "--task-seconds", f"{plan.task_min},{plan.task_max}"]
-            argv += ["--out", str(out)]
+            argv += ["--poll-heartbeats", "on" if poll_heartbeats else "off", "--out", str(out)]
             gen = spawn(f"loadgen-{index}", argv, env, home / "logs")
             plane.processes[gen.name] = gen
             loadgens.append(gen)
@@ -439,6 +463,7 @@ def one_scale(pg: Postgres, template: str, work: Path, agents: int, workers: int
         return {
             "agents": agents,
             "workers": workers,
+            "poll_heartbeats": poll_heartbeats,
             "loadgen_procs": len(loadgens),
             "registered": events["registered"],
             "ramp_seconds": events["ramp_seconds"],
@@ -504,12 +529,13 @@ def scale_test(
 ) -> list[dict[str, Any]]:
     results = []
     for agents in counts:
-        for api_workers in workers:
+        for api_workers, polls in itertools.product(workers, plan.poll_heartbeats):
             log(
-                f"scale: {agents} simulated agents, [api] workers {api_workers}, steps "
-                f"{', '.join(f'{r:g}' for r in plan.rates)} jobs/s x {plan.step_seconds:.0f}s"
+                f"scale: {agents} simulated agents, [api] workers {api_workers}, polls stand in for heartbeats: "
+                f"{'yes' if polls else 'no'}, steps {', '.join(f'{r:g}' for r in plan.rates)} jobs/s x "
+                f"{plan.step_seconds:.0f}s"
             )
-            result = one_scale(pg, template, work, agents, api_workers, plan)
+            result = one_scale(pg, template, work, agents, api_workers, plan, poll_heartbeats=polls)
             for s in result["steps"]:
                 log(
                     f"  {s['rate']:g} jobs/s: completed {s['completed_per_second']:.1f}/s, queued->leased p99 "

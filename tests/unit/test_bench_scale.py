@@ -204,3 +204,12 @@ def test_merge_loadgens_pools_polls_and_the_heartbeats_they_stood_in_for() -> No
     merged = merge_loadgens([part, part])
     assert merged["polls"] == [1.0, 2.0, 1.0, 2.0] and merged["beats_by_poll"] == [1.5, 1.5]
     assert merged["poll_heartbeat_window"] == 20.0
+
+
+def test_runs_whose_agents_heartbeat_every_interval_are_shown_but_not_judged() -> None:
+    ceiling = {"tasks_per_second": 40.0}
+    shipped = {**_run(5000, 1, 0.1, {}, 400.0), "poll_heartbeats": True, "poll_heartbeat_window": 20.0}
+    beats = {**_run(5000, 1, 9.0, {"heartbeat: ReadTimeout": 5}, None), "poll_heartbeats": False}
+    rows = scale_target_rows([shipped, beats], ceiling)
+    assert [met for _, _, met in rows] == [True, True]
+    assert scale_target_rows([beats], ceiling)[0][1] == "not measured"
