@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 import tether
 from tether import protocol
-from tether.agent.client import KEEPALIVE_EXPIRY
+from tether.agent.client import KEEPALIVE_EXPIRY, PLAIN_ANSWER
 from tether.collector import settle_garbage_collector
 
 #: Registrations in flight at once while the simulated agents start.
@@ -296,7 +296,12 @@ async def run(
     clients = [
         httpx.AsyncClient(
             base_url=url + protocol.API_PREFIX,
-            headers={"Authorization": f"Bearer {token}", protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)},
+            # Answers uncompressed, as the agent asks for those of these calls.
+            headers={
+                "Authorization": f"Bearer {token}",
+                protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION),
+                **PLAIN_ANSWER,
+            },
             verify=context,
             trust_env=False,
             # As a real agent keeps them (tether.agent.client), in fewer of them.

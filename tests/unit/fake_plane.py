@@ -42,6 +42,8 @@ class FakePlane:
     poll_heartbeat_window: float | None = None
     #: The body of every lease poll, in order.
     polls: list[dict[str, Any]] = field(default_factory=list)
+    #: The Accept-Encoding of each kind of call (the last part of its path), as last sent.
+    accept_encoding: dict[str, str] = field(default_factory=dict)
 
     def add_job(self, task_id: str = "t", pool_slots: int = 1) -> str:
         job_id = str(uuid.uuid4())
@@ -55,6 +57,7 @@ class FakePlane:
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
         path = request.url.path.removeprefix("/tether/v1")
+        self.accept_encoding[path.rsplit("/", 1)[-1]] = request.headers.get("accept-encoding", "")
         if path.rsplit("/", 1)[-1] in self.unavailable:
             return httpx.Response(503, text="no backend")
         if path.rsplit("/", 1)[-1] in self.garbled:

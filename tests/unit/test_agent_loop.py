@@ -404,3 +404,24 @@ def test_a_cordon_answered_to_a_poll_stops_the_polls_and_a_heartbeat_learns_the_
         await running
 
     run(scenario)
+
+
+def test_the_calls_an_agent_makes_all_the_time_ask_for_answers_uncompressed() -> None:
+    async def scenario() -> None:
+        plane, runner = FakePlane(), FakeRunner()
+        plane.add_job()
+        agent = _agent(plane, runner)
+        running = asyncio.create_task(agent.run())
+        await until(lambda: len(runner.tasks) == 1)
+        runner.tasks[0].finish(0)
+        await until(lambda: len(plane.reports) == 1)
+        agent.stop()
+        await running
+        calls = ("register", "heartbeat", "lease", "start", "report")
+        assert {call: plane.accept_encoding[call] for call in calls} == dict.fromkeys(calls, "identity")
+        # The client's own default, which other calls keep, accepts compressed answers.
+        async with make_http_client(agent.settings, plane.transport()) as http:
+            await http.get("/anything")
+        assert "gzip" in plane.accept_encoding["anything"]
+
+    run(scenario)
