@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from tether.plane.api import wakeup
@@ -94,3 +96,71 @@ def test_what_a_claim_learnt_counts_from_when_it_began(listening: Wakeup, monkey
     assert listening.known_empty(["default"], 4)
     now[0] += wakeup.EMPTY_FOR * 0.5
     assert not listening.known_empty(["default"], 4)
+
+
+# -- whom a notification wakes ----------------------------------------------------------------
+
+
+def _woken(events: list[object]) -> list[int]:
+    return [i for i, event in enumerate(events) if event.is_set()]  # type: ignore[attr-defined]
+
+
+def test_a_notification_wakes_the_longest_waiting_polls_and_each_lease_wakes_as_many_more() -> None:
+    w = Wakeup()
+    with contextlib.ExitStack() as stack:
+        events = [stack.enter_context(w.subscribe(["q"], 4)) for _ in range(3 * wakeup.WAKE_BATCH)]
+        other = stack.enter_context(w.subscribe(["other"], 4))
+        w.wake("q")
+        assert _woken(events) == list(range(wakeup.WAKE_BATCH))
+        assert not other.is_set()
+        # A second notification before they looked wakes the next ones: each notification its own batch.
+        w.wake("q")
+        assert _woken(events) == list(range(2 * wakeup.WAKE_BATCH))
+        # One of them leased: the rest of the queue may hold more.
+        w.leased(["q"])
+        assert _woken(events) == list(range(3 * wakeup.WAKE_BATCH))
+        # The woken go back to waiting; the same polls, still the longest waiting, are woken next.
+        for event in events:
+            event.clear()
+        w.wake("q")
+        assert _woken(events) == list(range(wakeup.WAKE_BATCH))
+
+
+def test_a_poll_that_may_not_lease_passes_the_wake_on() -> None:
+    w = Wakeup()
+    with contextlib.ExitStack() as stack:
+        events = [stack.enter_context(w.subscribe(["q"], 1)) for _ in range(wakeup.WAKE_BATCH + 1)]
+        w.wake("q")
+        assert _woken(events) == list(range(wakeup.WAKE_BATCH))
+        w.cannot_lease(["q"])
+        assert events[-1].is_set()
+
+
+def test_a_claim_that_found_nothing_wakes_only_polls_with_more_free_slots(listening: Wakeup) -> None:
+    with contextlib.ExitStack() as stack:
+        small = [stack.enter_context(listening.subscribe(["q"], 1)) for _ in range(wakeup.WAKE_BATCH + 2)]
+        large = stack.enter_context(listening.subscribe(["q"], 4))
+        listening.wake("q")
+        assert _woken(small) == list(range(wakeup.WAKE_BATCH)) and not large.is_set()
+        # The first found nothing for one slot: a job of more pool slots may still be there, for the large.
+        _found_empty(listening, ["q"], 1)
+        assert large.is_set()
+        assert _woken(small) == list(range(wakeup.WAKE_BATCH))
+
+
+def test_a_new_listen_connection_wakes_everyone() -> None:
+    w = Wakeup()
+    with contextlib.ExitStack() as stack:
+        events = [stack.enter_context(w.subscribe(["q"], 1)) for _ in range(3 * wakeup.WAKE_BATCH)]
+        w.wake_everyone("q")
+        assert all(event.is_set() for event in events)
+
+
+def test_a_poll_that_stopped_waiting_is_not_woken_in_place_of_one_that_waits() -> None:
+    w = Wakeup()
+    with w.subscribe(["q"], 1):
+        pass
+    with w.subscribe(["q"], 1) as waiting:
+        w.wake("q")
+        assert waiting.is_set()
+    assert w._waiters == {}

@@ -311,7 +311,7 @@ async def _lease(
     poll = settings.poll_interval.total_seconds()
     claim = functools.partial(ctx.store.claim, identity, str(agent_id), body)
     queues = list(body.queues)
-    with ctx.wakeup.subscribe(queues) as woken:
+    with ctx.wakeup.subscribe(queues, body.free_slots) as woken:
         # A queue found empty since its last notification needs no second look: a fleet's
         # idle polls then cost the database nothing until a job comes.
         look_now = not ctx.wakeup.known_empty(queues, body.free_slots)
@@ -320,14 +320,23 @@ async def _lease(
             leases: list[protocol.Lease] | None = []
             if look_now:
                 async with ctx.claim_limiter():
-                    # A notification wakes every poll of its queue. Those that get a thread after
+                    # A notification wakes a few polls of its queue. Those that get a thread after
                     # a claim begun since then found the queue empty need not look: one job then
                     # costs a few claims, not one per waiting agent.
                     if not ctx.wakeup.known_empty(queues, body.free_slots):
                         look = ctx.wakeup.look(queues)
-                        leases = await ctx.db(claim)
+                        try:
+                            leases = await ctx.db(claim)
+                        except BaseException:
+                            ctx.wakeup.cannot_lease(queues)
+                            raise
+                        # Pass the wake on to the polls that may take what this one left.
                         if leases == []:
                             ctx.wakeup.found_empty(look, body.free_slots)
+                        elif leases is None:
+                            ctx.wakeup.cannot_lease(queues)
+                        else:
+                            ctx.wakeup.leased(queues)
             look_now = True
             remaining = deadline - time.monotonic()
             if leases or remaining <= 0:
@@ -338,8 +347,9 @@ async def _lease(
             try:
                 await asyncio.wait_for(woken.wait(), pause)
             except TimeoutError:
-                if listening and ctx.wakeup.listening:
+                if listening and ctx.wakeup.listening and not woken.is_set():
                     # Every change that makes a job claimable notifies: not woken, nothing new.
+                    # (Woken as the wait ended, it still looks: the wake is its to pass on.)
                     return protocol.LeaseResponse(leases=[])
 
 

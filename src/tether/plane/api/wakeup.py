@@ -14,6 +14,15 @@ notification to itself sent over another connection, which must come back
 within ``PROBE_TIMEOUT``. When it does not, the listener says so, waiters look
 on the timer, and it connects again; once it hears again, everyone looks.
 
+A notification wakes the longest-waiting polls of its queue, ``WAKE_BATCH`` of
+them, not every one: with a thousand agents waiting, waking all of them for each
+job cost the API server more than the job itself. A woken poll that leases passes
+the wake on to as many more (the notification may have been for more jobs than it
+took); one that may not lease, or finds nothing that fits its free slots, passes it
+on to polls that could (any, or those with more free slots). A poll that comes in
+after a notification looks at once. So a job is looked for by a handful of polls,
+and a burst by as many as it needs.
+
 While listening it also remembers which queues a claim has just found empty:
 a lease request for those needs no trip to the database, only the wait. A
 notification for a queue, a new LISTEN connection or ``EMPTY_FOR`` seconds end
@@ -39,6 +48,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a queue found empty is trusted to stay empty without a notification.
 EMPTY_FOR = 2.0
+#: Waiting polls a notification wakes, longest-waiting first; each that leases wakes as many more.
+#: Also how many claims may run at once (``deps.CLAIM_THREADS``): waking more would only queue them.
+WAKE_BATCH = 8
 #: Seconds without a notification after which the listener checks that notifications still reach it.
 PROBE_IDLE = 3.0
 #: Seconds its own notification has to come back before the LISTEN connection counts as dead.
@@ -83,7 +95,8 @@ class Wakeup:
         self._probe = probe
         #: When the listener stopped hearing (None: it hears, or never listened).
         self.silent_since: float | None = None
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        #: Per queue, each waiting poll's event and its free slots, in the order they began to wait.
+        self._waiters: dict[str, dict[asyncio.Event, int]] = defaultdict(dict)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -113,30 +126,55 @@ class Wakeup:
         self._stop.set()
 
     @contextmanager
-    def subscribe(self, queues: list[str]) -> Iterator[asyncio.Event]:
-        """An event set whenever one of ``queues`` may have new work.
+    def subscribe(self, queues: list[str], free_slots: int = 1) -> Iterator[asyncio.Event]:
+        """An event set when one of ``queues`` may have new work for a poll with ``free_slots``.
 
         Subscribe *before* looking for work: a job queued between the look and
-        the wait still sets the event, so no wake-up is lost.
+        the wait still sets the event, so no wake-up is lost. A poll woken must
+        look, and pass the wake on (``leased``, ``cannot_lease``, ``found_empty``).
         """
         event = asyncio.Event()
         for queue in queues:
-            self._waiters[queue].add(event)
+            self._waiters[queue][event] = free_slots
         try:
             yield event
         finally:
             for queue in queues:
                 waiters = self._waiters.get(queue)
                 if waiters is not None:
-                    waiters.discard(event)
+                    waiters.pop(event, None)
                     if not waiters:
                         del self._waiters[queue]
 
     def wake(self, queue: str) -> None:
-        """Wake the waiters of one queue; call on the event loop."""
+        """A notification for ``queue``: wake its longest-waiting polls; call on the event loop."""
         self._notified[queue] += 1
-        for event in list(self._waiters.get(queue, ())):
+        self._wake_some(queue)
+
+    def wake_everyone(self, queue: str) -> None:
+        """Wake every poll of ``queue``: notifications may have been missed; call on the event loop."""
+        self._notified[queue] += 1
+        for event in list(self._waiters.get(queue, {})):
             event.set()
+
+    def leased(self, queues: list[str]) -> None:
+        """A woken poll leased jobs: more may be there for the next polls."""
+        for queue in queues:
+            self._wake_some(queue)
+
+    def cannot_lease(self, queues: list[str]) -> None:
+        """A woken poll may lease nothing (its agent cordoned or judged silent, its claim failed): others may."""
+        self.leased(queues)
+
+    def _wake_some(self, queue: str, *, more_than: int = 0) -> None:
+        """Wake up to ``WAKE_BATCH`` polls of ``queue`` not woken yet, with more than ``more_than`` free slots."""
+        woken = 0
+        for event, free in list(self._waiters.get(queue, {}).items()):
+            if woken >= WAKE_BATCH:
+                return
+            if free > more_than and not event.is_set():
+                event.set()
+                woken += 1
 
     def look(self, queues: list[str]) -> Look:
         """Note what has been heard so far, just before a claim looks at ``queues``."""
@@ -146,8 +184,11 @@ class Wakeup:
         """A claim begun at ``look`` found nothing for an agent with ``free_slots``.
 
         Known from when the claim began, not from its answer: its query saw the queue
-        at some moment in between, and ``EMPTY_FOR`` counts from the earliest.
+        at some moment in between, and ``EMPTY_FOR`` counts from the earliest. A job
+        too large for those slots may still be there: polls with more are woken.
         """
+        for queue in look.notified:
+            self._wake_some(queue, more_than=free_slots)
         for queue, notified in look.notified.items():
             if notified != self._notified[queue]:
                 continue  # a job came while the claim ran: the queue may not be empty
@@ -249,4 +290,4 @@ class Wakeup:
     def _wake_all_threadsafe(self) -> None:
         if self._loop is not None:
             for queue in list(self._waiters):
-                self._loop.call_soon_threadsafe(self.wake, queue)
+                self._loop.call_soon_threadsafe(self.wake_everyone, queue)

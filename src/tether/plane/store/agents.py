@@ -192,9 +192,11 @@ class AgentStore(Database):
         *,
         now: datetime | None = None,
     ) -> bool:
-        """Count a lease poll as the heartbeat of an agent that holds no job (ADR 8); whether it is cordoned.
+        """Count a lease poll marked ``heartbeat`` as the agent's heartbeat (ADR 8); whether it is cordoned.
 
         One statement; a caller the plane does not know as current is refused as its heartbeat would be.
+        Only the time and free slots are written: what the agent runs and whether it drains come with
+        its heartbeats, which it sends whenever it holds a job.
         """
         beat = {
             **caller_params(identity, agent_id, request.incarnation),
