@@ -136,16 +136,21 @@ def test_a_poll_that_may_not_lease_passes_the_wake_on() -> None:
         assert events[-1].is_set()
 
 
-def test_a_claim_that_found_nothing_wakes_only_polls_with_more_free_slots(listening: Wakeup) -> None:
+def test_a_claim_that_found_nothing_wakes_the_polls_with_the_most_free_slots_once(listening: Wakeup) -> None:
     with contextlib.ExitStack() as stack:
         small = [stack.enter_context(listening.subscribe(["q"], 1)) for _ in range(wakeup.WAKE_BATCH + 2)]
+        middle = stack.enter_context(listening.subscribe(["q"], 2))
         large = stack.enter_context(listening.subscribe(["q"], 4))
         listening.wake("q")
         assert _woken(small) == list(range(wakeup.WAKE_BATCH)) and not large.is_set()
-        # The first found nothing for one slot: a job of more pool slots may still be there, for the large.
+        # The first found nothing for one slot: a job of more pool slots may still be there, for the largest.
         _found_empty(listening, ["q"], 1)
-        assert large.is_set()
+        assert large.is_set() and not middle.is_set()
         assert _woken(small) == list(range(wakeup.WAKE_BATCH))
+        # What the largest finds is the last word: nobody has more.
+        large.clear()
+        _found_empty(listening, ["q"], 4)
+        assert not large.is_set() and not middle.is_set()
 
 
 def test_a_new_listen_connection_wakes_everyone() -> None:

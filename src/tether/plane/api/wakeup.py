@@ -18,8 +18,9 @@ A notification wakes the longest-waiting polls of its queue, ``WAKE_BATCH`` of
 them, not every one: with a thousand agents waiting, waking all of them for each
 job cost the API server more than the job itself. A woken poll that leases passes
 the wake on to as many more (the notification may have been for more jobs than it
-took); one that may not lease, or finds nothing that fits its free slots, passes it
-on to polls that could (any, or those with more free slots). A poll that comes in
+took); one that may not lease passes it on, and one that finds nothing wakes the
+polls with the most free slots, if they have more (a job may need more pool slots
+than it had). A poll that comes in
 after a notification looks at once. So a job is looked for by a handful of polls,
 and a burst by as many as it needs.
 
@@ -166,13 +167,28 @@ class Wakeup:
         """A woken poll may lease nothing (its agent cordoned or judged silent, its claim failed): others may."""
         self.leased(queues)
 
-    def _wake_some(self, queue: str, *, more_than: int = 0) -> None:
-        """Wake up to ``WAKE_BATCH`` polls of ``queue`` not woken yet, with more than ``more_than`` free slots."""
+    def _wake_some(self, queue: str) -> None:
+        """Wake the ``WAKE_BATCH`` longest-waiting polls of ``queue`` not woken yet."""
         woken = 0
-        for event, free in list(self._waiters.get(queue, {}).items()):
+        # Not copied: setting an event changes no subscription, and the walk stops after a batch.
+        for event in self._waiters.get(queue, {}):
             if woken >= WAKE_BATCH:
                 return
-            if free > more_than and not event.is_set():
+            if not event.is_set():
+                event.set()
+                woken += 1
+
+    def _wake_largest(self, queue: str, *, more_than: int) -> None:
+        """Wake up to ``WAKE_BATCH`` of the polls of ``queue`` with the most free slots, if more than ``more_than``."""
+        waiters = self._waiters.get(queue, {})
+        most = max(waiters.values(), default=0)
+        if most <= more_than:
+            return
+        woken = 0
+        for event, free in waiters.items():
+            if woken >= WAKE_BATCH:
+                return
+            if free == most and not event.is_set():
                 event.set()
                 woken += 1
 
@@ -185,10 +201,11 @@ class Wakeup:
 
         Known from when the claim began, not from its answer: its query saw the queue
         at some moment in between, and ``EMPTY_FOR`` counts from the earliest. A job
-        too large for those slots may still be there: polls with more are woken.
+        too large for those slots may still be there: the polls with the most free slots,
+        if they have more, are woken (once: what they find is the last word).
         """
         for queue in look.notified:
-            self._wake_some(queue, more_than=free_slots)
+            self._wake_largest(queue, more_than=free_slots)
         for queue, notified in look.notified.items():
             if notified != self._notified[queue]:
                 continue  # a job came while the claim ran: the queue may not be empty
