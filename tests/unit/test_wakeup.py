@@ -105,58 +105,59 @@ def _woken(events: list[object]) -> list[int]:
     return [i for i, event in enumerate(events) if event.is_set()]  # type: ignore[attr-defined]
 
 
-def test_a_notification_wakes_the_longest_waiting_polls_and_each_lease_wakes_as_many_more() -> None:
+def test_a_notification_wakes_the_longest_waiting_poll_and_each_lease_wakes_two_more() -> None:
     w = Wakeup()
     with contextlib.ExitStack() as stack:
-        events = [stack.enter_context(w.subscribe(["q"], 4)) for _ in range(3 * wakeup.WAKE_BATCH)]
+        events = [stack.enter_context(w.subscribe(["q"], 4)) for _ in range(8)]
         other = stack.enter_context(w.subscribe(["other"], 4))
         w.wake("q")
-        assert _woken(events) == list(range(wakeup.WAKE_BATCH))
+        assert _woken(events) == [0]
         assert not other.is_set()
-        # A second notification before they looked wakes the next ones: each notification its own batch.
+        # A second notification before it looked wakes the next one: each notification a poll of its own.
         w.wake("q")
-        assert _woken(events) == list(range(2 * wakeup.WAKE_BATCH))
-        # One of them leased: the rest of the queue may hold more.
+        assert _woken(events) == [0, 1]
+        # One of them leased: the rest of the queue may hold more, and a burst doubles the polls looking.
         w.leased(["q"])
-        assert _woken(events) == list(range(3 * wakeup.WAKE_BATCH))
-        # The woken go back to waiting; the same polls, still the longest waiting, are woken next.
+        assert _woken(events) == [0, 1, 2, 3]
+        w.leased(["q"])
+        w.leased(["q"])
+        assert _woken(events) == list(range(8))
+        # The woken go back to waiting; the same poll, still the longest waiting, is woken next.
         for event in events:
             event.clear()
         w.wake("q")
-        assert _woken(events) == list(range(wakeup.WAKE_BATCH))
+        assert _woken(events) == [0]
 
 
 def test_a_poll_that_may_not_lease_passes_the_wake_on() -> None:
     w = Wakeup()
     with contextlib.ExitStack() as stack:
-        events = [stack.enter_context(w.subscribe(["q"], 1)) for _ in range(wakeup.WAKE_BATCH + 1)]
+        events = [stack.enter_context(w.subscribe(["q"], 1)) for _ in range(3)]
         w.wake("q")
-        assert _woken(events) == list(range(wakeup.WAKE_BATCH))
         w.cannot_lease(["q"])
-        assert events[-1].is_set()
+        assert _woken(events) == [0, 1]
 
 
-def test_a_claim_that_found_nothing_wakes_the_polls_with_the_most_free_slots_once(listening: Wakeup) -> None:
+def test_a_claim_that_found_nothing_wakes_a_poll_with_the_most_free_slots_once(listening: Wakeup) -> None:
     with contextlib.ExitStack() as stack:
-        small = [stack.enter_context(listening.subscribe(["q"], 1)) for _ in range(wakeup.WAKE_BATCH + 2)]
+        small = [stack.enter_context(listening.subscribe(["q"], 1)) for _ in range(3)]
         middle = stack.enter_context(listening.subscribe(["q"], 2))
-        large = stack.enter_context(listening.subscribe(["q"], 4))
+        large = [stack.enter_context(listening.subscribe(["q"], 4)) for _ in range(2)]
         listening.wake("q")
-        assert _woken(small) == list(range(wakeup.WAKE_BATCH)) and not large.is_set()
-        # The first found nothing for one slot: a job of more pool slots may still be there, for the largest.
+        assert _woken(small) == [0] and _woken(large) == []
+        # It found nothing for one slot: a job of more pool slots may still be there, for the largest.
         _found_empty(listening, ["q"], 1)
-        assert large.is_set() and not middle.is_set()
-        assert _woken(small) == list(range(wakeup.WAKE_BATCH))
+        assert _woken(large) == [0] and not middle.is_set()
+        assert _woken(small) == [0]
         # What the largest finds is the last word: nobody has more.
-        large.clear()
         _found_empty(listening, ["q"], 4)
-        assert not large.is_set() and not middle.is_set()
+        assert _woken(large) == [0] and not middle.is_set()
 
 
 def test_a_new_listen_connection_wakes_everyone() -> None:
     w = Wakeup()
     with contextlib.ExitStack() as stack:
-        events = [stack.enter_context(w.subscribe(["q"], 1)) for _ in range(3 * wakeup.WAKE_BATCH)]
+        events = [stack.enter_context(w.subscribe(["q"], 1)) for _ in range(20)]
         w.wake_everyone("q")
         assert all(event.is_set() for event in events)
 

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 import tether
 from tether import errors, protocol
-from tether.plane.api.wakeup import WAKE_BATCH, Wakeup
+from tether.plane.api.wakeup import Wakeup
 from tether.plane.netaccess import Network, allowed, client_address
 from tether.plane.store import Store, TokenIdentity
 
@@ -31,8 +31,7 @@ DEMAND_TTL = 2.0
 #: agent's call interval, and as often as a token's ``last_used_at`` is written.
 TOKEN_KEEP = 60.0
 #: Of those, what lease claims may hold: they come in bursts and must leave room for heartbeats.
-#: A notification wakes as many waiting polls (``wakeup.WAKE_BATCH``).
-CLAIM_THREADS = WAKE_BATCH
+CLAIM_THREADS = 8
 
 T = TypeVar("T")
 K = TypeVar("K")

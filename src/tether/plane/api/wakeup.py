@@ -14,15 +14,15 @@ notification to itself sent over another connection, which must come back
 within ``PROBE_TIMEOUT``. When it does not, the listener says so, waiters look
 on the timer, and it connects again; once it hears again, everyone looks.
 
-A notification wakes the longest-waiting polls of its queue, ``WAKE_BATCH`` of
-them, not every one: with a thousand agents waiting, waking all of them for each
-job cost the API server more than the job itself. A woken poll that leases passes
-the wake on to as many more (the notification may have been for more jobs than it
-took); one that may not lease passes it on, and one that finds nothing wakes the
-polls with the most free slots, if they have more (a job may need more pool slots
-than it had). A poll that comes in
-after a notification looks at once. So a job is looked for by a handful of polls,
-and a burst by as many as it needs.
+A notification wakes the longest-waiting poll of its queue, not every one: with
+a thousand agents waiting, waking all of them for each job cost the API server
+more than the job itself, and each woken poll that found a thread claimed. A woken
+poll that leases wakes two more (the notification may have been for more jobs than
+it took), so a burst reaches as many polls as it needs in a few rounds; one that
+may not lease passes its wake on; one that finds nothing wakes the poll with the
+most free slots, if it has more (a job may need more pool slots than it had). A
+poll that comes in after a notification looks at once. A job then costs about
+three claims.
 
 While listening it also remembers which queues a claim has just found empty:
 a lease request for those needs no trip to the database, only the wait. A
@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds a queue found empty is trusted to stay empty without a notification.
 EMPTY_FOR = 2.0
-#: Waiting polls a notification wakes, longest-waiting first; each that leases wakes as many more.
-#: Also how many claims may run at once (``deps.CLAIM_THREADS``): waking more would only queue them.
-WAKE_BATCH = 8
+#: Waiting polls a notification wakes, longest-waiting first ...
+WAKE_FIRST = 1
+#: ... and a woken poll that leased: a burst doubles the polls looking at each round.
+WAKE_MORE = 2
 #: Seconds without a notification after which the listener checks that notifications still reach it.
 PROBE_IDLE = 3.0
 #: Seconds its own notification has to come back before the LISTEN connection counts as dead.
@@ -150,7 +151,7 @@ class Wakeup:
     def wake(self, queue: str) -> None:
         """A notification for ``queue``: wake its longest-waiting polls; call on the event loop."""
         self._notified[queue] += 1
-        self._wake_some(queue)
+        self._wake_some(queue, WAKE_FIRST)
 
     def wake_everyone(self, queue: str) -> None:
         """Wake every poll of ``queue``: notifications may have been missed; call on the event loop."""
@@ -161,36 +162,34 @@ class Wakeup:
     def leased(self, queues: list[str]) -> None:
         """A woken poll leased jobs: more may be there for the next polls."""
         for queue in queues:
-            self._wake_some(queue)
+            self._wake_some(queue, WAKE_MORE)
 
     def cannot_lease(self, queues: list[str]) -> None:
-        """A woken poll may lease nothing (its agent cordoned or judged silent, its claim failed): others may."""
-        self.leased(queues)
+        """A woken poll may lease nothing (its agent cordoned or judged silent, its claim failed): another may."""
+        for queue in queues:
+            self._wake_some(queue, WAKE_FIRST)
 
-    def _wake_some(self, queue: str) -> None:
-        """Wake the ``WAKE_BATCH`` longest-waiting polls of ``queue`` not woken yet."""
+    def _wake_some(self, queue: str, count: int) -> None:
+        """Wake the ``count`` longest-waiting polls of ``queue`` not woken yet."""
         woken = 0
-        # Not copied: setting an event changes no subscription, and the walk stops after a batch.
+        # Not copied: setting an event changes no subscription, and the walk stops after ``count``.
         for event in self._waiters.get(queue, {}):
-            if woken >= WAKE_BATCH:
+            if woken >= count:
                 return
             if not event.is_set():
                 event.set()
                 woken += 1
 
     def _wake_largest(self, queue: str, *, more_than: int) -> None:
-        """Wake up to ``WAKE_BATCH`` of the polls of ``queue`` with the most free slots, if more than ``more_than``."""
+        """Wake the longest-waiting of the polls of ``queue`` with the most free slots, if more than ``more_than``."""
         waiters = self._waiters.get(queue, {})
         most = max(waiters.values(), default=0)
         if most <= more_than:
             return
-        woken = 0
         for event, free in waiters.items():
-            if woken >= WAKE_BATCH:
-                return
             if free == most and not event.is_set():
                 event.set()
-                woken += 1
+                return
 
     def look(self, queues: list[str]) -> Look:
         """Note what has been heard so far, just before a claim looks at ``queues``."""
@@ -201,8 +200,8 @@ class Wakeup:
 
         Known from when the claim began, not from its answer: its query saw the queue
         at some moment in between, and ``EMPTY_FOR`` counts from the earliest. A job
-        too large for those slots may still be there: the polls with the most free slots,
-        if they have more, are woken (once: what they find is the last word).
+        too large for those slots may still be there: the poll with the most free slots,
+        if it has more, is woken (once: what it finds is the last word).
         """
         for queue in look.notified:
             self._wake_largest(queue, more_than=free_slots)
