@@ -150,9 +150,10 @@ class PlaneContext:
     def claim_limiter(self) -> CapacityLimiter:
         """Threads that lease claims may hold at once (made on the event loop, at first use).
 
-        Claims come in bursts - every waiting agent looks when a job is queued - and
-        must not take every worker thread and database connection from heartbeats,
-        which then arrive late and make healthy agents look dead.
+        Claims come in bursts - a burst of jobs wakes more polls at each round, and
+        polls that arrive after it look at once - and must not take every worker
+        thread and database connection from heartbeats, which then arrive late and
+        make healthy agents look dead.
         """
         if self._claim_limiter is None:
             self._claim_limiter = CapacityLimiter(CLAIM_THREADS)

@@ -149,7 +149,7 @@ class Wakeup:
                         del self._waiters[queue]
 
     def wake(self, queue: str) -> None:
-        """A notification for ``queue``: wake its longest-waiting polls; call on the event loop."""
+        """A notification for ``queue``: wake its longest-waiting poll; call on the event loop."""
         self._notified[queue] += 1
         self._wake_some(queue, WAKE_FIRST)
 
