@@ -1,10 +1,13 @@
 """A task's supervisor, a spare or a fork of a warmed-up agent, imports nothing the agent did not.
 
 Every module a forked child imports costs each task its load time and a private
-copy of its objects. The check runs in a fresh interpreter (what this test
-process happened to import must not hide a missing warm-up): it starts a task's
-supervisor as the agent does and, when the supervisor is about to tell the
-Execution API the task started, records which modules it loaded after the fork.
+copy of its objects; so does what the SDK works out once per process and keeps
+(msgspec's view of a frame type, the coordinators read from the configuration).
+The check runs in a fresh interpreter (what this test process happened to import
+must not hide a missing warm-up): it starts a task's supervisor as the agent
+does and, when the supervisor is about to tell the Execution API the task
+started, records which modules it loaded after the fork and which of that
+once-per-process work it did.
 """
 
 from __future__ import annotations
@@ -32,17 +35,34 @@ _PROBE = textwrap.dedent(
     before = set()
     real_warm_up = runner_module.warm_up
 
+    #: Work a supervisor would otherwise redo in every task: (pid, what), as it happens.
+    LOOKED_FOR = {"get_class_annotations": "msgspec learning a type", "from_config": "coordinators read"}
+    redone = []
+
+    def watch(frame, event, arg):
+        if event == "call" and frame.f_code.co_name in LOOKED_FOR:
+            redone.append((os.getpid(), LOOKED_FOR[frame.f_code.co_name]))
+
     def warm_up_then_look(availability):
         # A spare is a copy of the agent as it was at the end of its warm-up.
         real_warm_up(availability)
         before.update(sys.modules)
+        sys.setprofile(watch)
 
     runner_module.warm_up = warm_up_then_look
 
     def report_imports(self, **kwargs):
-        # Instead of telling the Execution API: write down what the fork had to import.
+        # Instead of telling the Execution API: write down what the fork had to import or redo,
+        # then do each of the two once more to show that the watch sees them.
+        import msgspec
+        from airflow.sdk.execution_time.coordinator import CoordinatorManager
+
+        redid = [what for pid, what in redone if pid == os.getpid()]
+        msgspec.msgpack.Decoder(type("Control", (msgspec.Struct,), {"__annotations__": {"n": int}}))
+        CoordinatorManager.from_config()
+        control = [what for pid, what in redone if pid == os.getpid()][len(redid):]
         with open(out, "w") as f:
-            json.dump(sorted(set(sys.modules) - before), f)
+            json.dump({"imported": sorted(set(sys.modules) - before), "redone": redid, "control": control}, f)
         self.kill(signal.SIGKILL)
         os._exit(0)
 
@@ -51,6 +71,7 @@ _PROBE = textwrap.dedent(
     if not spares:
         # A fork is a copy of the agent as it is when the task starts.
         before.update(sys.modules)
+        sys.setprofile(watch)
     ti = TaskInstanceDTO(
         id=uuid.uuid4(), task_id="t", dag_id="d", run_id="r", try_number=1, map_index=-1,
         dag_version_id=uuid.uuid4(), queue="default", pool_slots=1, priority_weight=1,
@@ -84,4 +105,8 @@ def test_a_forked_supervisor_imports_nothing_new(tmp_path: Path, spares: int) ->
         timeout=120,
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
-    assert json.loads(out.read_text()) == []
+    assert json.loads(out.read_text()) == {
+        "imported": [],
+        "redone": [],
+        "control": ["msgspec learning a type", "coordinators read"],
+    }

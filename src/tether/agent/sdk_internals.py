@@ -271,13 +271,24 @@ def _preload_unsupported() -> str | None:
 
 
 def preload() -> None:
-    """Load once what each task's supervisor would load: its logging modules and the TLS context it caches."""
+    """Load once what each task's supervisor would load: its logging modules and the TLS context it caches.
+
+    Also what msgspec learns of the two frame types of the supervisor's socket to its
+    task the first time a decoder is made for each, which it keeps for the process:
+    each supervisor makes one for requests, each task process one for responses.
+    """
     from airflow.sdk.api.client import API_SSL_CA_FILE_PATH, API_SSL_CERT_PATH, Client
 
     Client._get_ssl_context_cached(API_SSL_CA_FILE_PATH, API_SSL_CERT_PATH)
     for module in _LOGGING_MODULES:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
+    with contextlib.suppress(ImportError, AttributeError, TypeError):
+        import msgspec
+        from airflow.sdk.execution_time import comms
+
+        for frame in (comms._RequestFrame, comms._ResponseFrame):
+            msgspec.msgpack.Decoder(frame)
 
 
 # -- the trigger runner's watchdog ---------------------------------------------------------
