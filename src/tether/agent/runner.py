@@ -168,7 +168,8 @@ def warm_up(availability: sdk_internals.Availability) -> None:
             importlib.import_module("setproctitle")
         # Which coordinator runs a task, read from the configuration once per process and
         # cached: 1-5 ms of each supervisor's start, on the way to the task's start stamp.
-        with contextlib.suppress(ImportError):
+        # A configuration the SDK refuses is left for each task to report, as before.
+        with contextlib.suppress(Exception):
             from airflow.sdk.execution_time.coordinator import get_coordinator_manager
 
             get_coordinator_manager()
