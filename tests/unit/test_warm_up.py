@@ -110,3 +110,29 @@ def test_a_forked_supervisor_imports_nothing_new(tmp_path: Path, spares: int) ->
         "redone": [],
         "control": ["msgspec learning a type", "coordinators read"],
     }
+
+
+def test_a_coordinator_configuration_the_sdk_refuses_leaves_the_rest_of_the_warm_up(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from tether.agent import runner, sdk_internals
+
+        preloaded = []
+        sdk_internals.preload = lambda: preloaded.append(True)
+        runner.warm_up(sdk_internals.check())
+        from airflow.sdk.execution_time.coordinator import get_coordinator_manager
+        try:
+            get_coordinator_manager()
+            refused = False
+        except ValueError:
+            refused = True
+        print(json.dumps({"refused": refused, "preloaded": preloaded}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(AIRFLOW_HOME=str(tmp_path), AIRFLOW__SDK__QUEUE_TO_COORDINATOR='{"default": "nowhere"}')
+    probe = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    # The SDK still refuses it (each task reports that), and the preload after it ran.
+    assert json.loads(probe.stdout.strip().splitlines()[-1]) == {"refused": True, "preloaded": [True]}
