@@ -10,6 +10,12 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from typing import Any
+
+import psutil
+import pytest
 
 _SCENARIOS = textwrap.dedent(
     """
@@ -202,3 +208,33 @@ def test_a_spare_gets_ready_before_it_is_up_and_is_released_if_let_go() -> None:
         "handed_out": [["ready"]],
         "let_go": [["ready", "released"]],
     }
+
+
+def test_children_are_read_from_proc_and_from_a_scan_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tether.agent import launcher
+
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        # One child started from another thread: it is listed under that thread's tid.
+        thread = threading.Thread(target=lambda: started.append(subprocess.Popen(["sleep", "30"])))
+        thread.start()
+        thread.join()
+        started.append(subprocess.Popen(["sleep", "30"]))
+        exited = subprocess.Popen(["true"])
+        started.append(exited)
+        while psutil.Process(exited.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.01)
+        mine = {p.pid for p in started}
+        from_proc = set(launcher.children())
+        assert mine <= from_proc  # the zombie too: it is reaped from this list
+        assert from_proc == {c.pid for c in psutil.Process().children()}
+
+        def no_proc(path: str) -> Any:
+            raise FileNotFoundError(path)
+
+        monkeypatch.setattr(launcher.os, "scandir", no_proc)
+        assert set(launcher.children()) == from_proc
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()

@@ -510,15 +510,32 @@ def reap_strays(keep: Iterable[int]) -> list[int]:
     """
     kept = set(keep)
     reaped: list[int] = []
-    try:
-        children = psutil.Process().children()
-    except psutil.Error:
-        return reaped
-    for child in children:
-        if child.pid in kept:
+    for child in children():
+        if child in kept:
             continue
         with contextlib.suppress(ChildProcessError):
-            pid, _ = os.waitpid(child.pid, os.WNOHANG)
+            pid, _ = os.waitpid(child, os.WNOHANG)
             if pid:
                 reaped.append(pid)
     return reaped
+
+
+def children() -> list[int]:
+    """The pids of this process's children, exited ones not yet waited for among them.
+
+    Read from ``/proc/self/task/<tid>/children`` (Linux 3.5 with ``CONFIG_PROC_CHILDREN``,
+    as every mainstream kernel has it): microseconds. Where that is missing, from a scan of
+    every process on the machine (``psutil``), about 1 ms per 100 processes. A child that
+    exits while it is read may be missed; the next call finds it.
+    """
+    pids: list[int] = []
+    try:
+        for thread in os.scandir("/proc/self/task"):
+            with open(os.path.join(thread.path, "children"), encoding="ascii") as listed:
+                pids.extend(int(pid) for pid in listed.read().split())
+    except (OSError, ValueError):
+        try:
+            return [child.pid for child in psutil.Process().children()]
+        except psutil.Error:
+            return []
+    return pids
