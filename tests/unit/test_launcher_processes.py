@@ -215,7 +215,7 @@ def test_children_are_read_from_proc_and_from_a_scan_alike(monkeypatch: pytest.M
 
     started: list[subprocess.Popen[bytes]] = []
     try:
-        # One child started from another thread: it is listed under that thread's tid.
+        # One child started from a thread that has ended since: the kernel lists it under another thread.
         thread = threading.Thread(target=lambda: started.append(subprocess.Popen(["sleep", "30"])))
         thread.start()
         thread.join()
@@ -226,7 +226,7 @@ def test_children_are_read_from_proc_and_from_a_scan_alike(monkeypatch: pytest.M
             time.sleep(0.01)
         mine = {p.pid for p in started}
         from_proc = set(launcher.children())
-        assert mine <= from_proc  # the zombie too: it is reaped from this list
+        assert mine <= from_proc  # the zombie too: reap_strays finds what to reap in this list
         assert from_proc == {c.pid for c in psutil.Process().children()}
 
         def no_proc(path: str) -> Any:
