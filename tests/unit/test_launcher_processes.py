@@ -222,18 +222,27 @@ def test_children_are_read_from_proc_and_from_a_scan_alike(monkeypatch: pytest.M
         started.append(subprocess.Popen(["sleep", "30"]))
         exited = subprocess.Popen(["true"])
         started.append(exited)
+        deadline = time.monotonic() + 10
         while psutil.Process(exited.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "a child of `true` did not exit within 10 s"
             time.sleep(0.01)
         mine = {p.pid for p in started}
-        from_proc = set(launcher.children())
+        scanned = {c.pid for c in psutil.Process().children()}
+
+        def refused(*args: Any) -> Any:
+            raise AssertionError("the scan was used")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(launcher.psutil.Process, "children", refused)
+            from_proc = set(launcher.children())
         assert mine <= from_proc  # the zombie too: reap_strays finds what to reap in this list
-        assert from_proc == {c.pid for c in psutil.Process().children()}
+        assert from_proc == scanned
 
         def no_proc(path: str) -> Any:
             raise FileNotFoundError(path)
 
         monkeypatch.setattr(launcher.os, "scandir", no_proc)
-        assert set(launcher.children()) == from_proc
+        assert set(launcher.children()) == scanned
     finally:
         for process in started:
             process.kill()
