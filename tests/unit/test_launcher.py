@@ -2,7 +2,8 @@
 
 The stand-in answers each byte asked with a socket whose far end the test holds,
 and announces this test process's own pid on it: a spare that is not a process,
-so the pool's bookkeeping can be driven without forking.
+so the pool's bookkeeping can be driven without forking. The launcher's pid is a
+``sleep`` the test starts: the agent's side stops a launcher it gives up on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import os
 import socket
 import struct
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ class StandInLauncher:
         self.asked = 0
         self.kinds = b""  # every byte asked: b"h" with a head start, b"+" without
         self.spares: list[socket.socket] = []
+        self.process = subprocess.Popen(["sleep", "300"])
 
     def read_asks(self) -> int:
         while True:
@@ -73,12 +76,19 @@ def _pool(*, min_spares: int = 2, max_spares: int = 8) -> Iterator[Pool]:
     """A launcher's agent side on a stand-in, closed at the end."""
     stand_in, clock = StandInLauncher(), Clock()
     launcher = Launcher(
-        pid=os.getpid(), channel=stand_in.agents_end, min_spares=min_spares, max_spares=max_spares, clock=clock
+        pid=stand_in.process.pid,
+        pidfd=os.pidfd_open(stand_in.process.pid),
+        channel=stand_in.agents_end,
+        min_spares=min_spares,
+        max_spares=max_spares,
+        clock=clock,
     )
     try:
         yield Pool(stand_in, clock, launcher)
     finally:
         launcher.close(wait=0)
+        stand_in.process.kill()
+        stand_in.process.wait()
 
 
 def test_a_burst_of_starts_is_served_and_the_pool_follows_demand() -> None:
@@ -197,5 +207,30 @@ def test_a_spare_that_comes_after_its_start_gave_up_is_kept() -> None:
             pool.stand_in.send_spare()
             await until(lambda: pool.launcher.ready == 1)
             assert await pool.launcher.take(1) is not None
+
+    run(scenario)
+
+
+def test_a_spares_exit_status_comes_from_the_launcher_and_is_lost_only_with_it() -> None:
+    async def scenario() -> None:
+        with _pool(min_spares=1) as pool:
+            take = asyncio.create_task(pool.launcher.take(5))
+            await until(lambda: pool.stand_in.read_asks() > 0)
+            pool.stand_in.send_spare()
+            spare = await take
+            assert spare is not None
+            status = asyncio.create_task(pool.launcher.exit_status(spare.pid))
+            await asyncio.sleep(0.05)
+            assert not status.done()  # not the agent's child: it waits for the launcher to pass it on
+            pool.stand_in.end.send(struct.pack("=cii", b"X", 999_999, 0))  # a spare never handed out
+            pool.stand_in.end.send(struct.pack("=cii", b"X", spare.pid, 3 << 8))
+            assert await asyncio.wait_for(status, 5) == 3 << 8
+            assert pool.launcher._exits == {}  # the idle spare's status is nobody's outcome: dropped
+            # The launcher exits holding a status it never passed on: once it is reaped, the
+            # agent knows the status is lost rather than waiting for it.
+            lost = asyncio.create_task(pool.launcher.exit_status(spare.pid))
+            pool.stand_in.end.close()
+            assert await asyncio.wait_for(lost, 5) is None
+            assert pool.stand_in.process.poll() is not None  # stopped, and reaped by the agent's side
 
     run(scenario)

@@ -23,6 +23,7 @@ _SCENARIOS = textwrap.dedent(
 
     import psutil
 
+    from tether.agent import launcher as launcher_module
     from tether.agent.launcher import Launcher, reap_strays
     from tether.agent.runner import ForkedTask
 
@@ -47,13 +48,24 @@ _SCENARIOS = textwrap.dedent(
         return [c.pid for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
 
 
-    async def spare_runs_as_our_child(launcher):
+    async def spare_runs_as_the_launchers_child(launcher):
         spare = await launcher.take(10)
         parent = psutil.Process(spare.pid).ppid()
         spare.hand(b"exit 7")
-        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd).wait()
+        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd, _exit_status=launcher.exit_status).wait()
         title = " ".join(psutil.Process(launcher.pid).cmdline()).strip()
-        return {"parent_is_agent": parent == os.getpid(), "exit_code": code, "title": title}
+        return {"parent_is_launcher": parent == launcher.pid, "exit_code": code, "title": title}
+
+
+    async def launcher_holds_status_back(launcher):
+        # A launcher that stops answering while a spare it made exits: stopped, so the spare becomes ours.
+        launcher_module._STATUS_WAIT = 1.0
+        spare = await launcher.take(10)
+        os.kill(launcher.pid, signal.SIGSTOP)
+        spare.hand(b"exit 5")
+        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd, _exit_status=launcher.exit_status).wait()
+        gone = not psutil.pid_exists(launcher.pid)
+        return {"exit_code": code, "launcher_usable": launcher.usable, "launcher_gone": gone}
 
 
     async def launcher_killed(launcher):
@@ -61,12 +73,12 @@ _SCENARIOS = textwrap.dedent(
         os.kill(launcher.pid, signal.SIGKILL)
         await until(lambda: not launcher.usable)
         spare.hand(b"exit 3")
-        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd).wait()
+        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd, _exit_status=launcher.exit_status).wait()
         # Spares made before still serve; then the agent is told to fork for itself.
         left = 0
         while (more := await launcher.take(1)) is not None:
             more.hand(b"exit 0")
-            await ForkedTask(pid=more.pid, _pidfd=more.pidfd).wait()
+            await ForkedTask(pid=more.pid, _pidfd=more.pidfd, _exit_status=launcher.exit_status).wait()
             left += 1
         reap_strays(launcher.pids())
         return {"handed_out_spare_ran": code == 3, "spares_left": left <= 4, "zombies": zombies()}
@@ -92,7 +104,7 @@ _SCENARIOS = textwrap.dedent(
     async def strays_are_reaped(launcher):
         spare = await launcher.take(10)
         spare.hand(b"orphan 300")
-        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd).wait()
+        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd, _exit_status=launcher.exit_status).wait()
         await until(lambda: zombies())  # the grandchild, adopted, exited
         reaped = reap_strays(launcher.pids())
         return {"exit_code": code, "reaped": len(reaped), "zombies": zombies()}
@@ -136,7 +148,7 @@ _SCENARIOS = textwrap.dedent(
         for _ in range(3):
             spare = await launcher.take(10)
             spare.hand(b"exit 0")
-            assert await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd).wait() == 0
+            assert await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd, _exit_status=launcher.exit_status).wait() == 0
             handed.append(marks(spare.pid))
         await until(lambda: launcher.ready == 3)
         idle = launcher.pids() - {launcher.pid}
@@ -174,12 +186,16 @@ def _scenario(name: str) -> dict[str, object]:
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def test_a_spare_is_the_agents_own_child_and_its_exit_code_is_the_outcome() -> None:
-    assert _scenario("spare_runs_as_our_child") == {
-        "parent_is_agent": True,
+def test_a_spare_is_the_launchers_child_and_its_exit_code_is_the_outcome() -> None:
+    assert _scenario("spare_runs_as_the_launchers_child") == {
+        "parent_is_launcher": True,
         "exit_code": 7,
         "title": "tether-agent launcher",
     }
+
+
+def test_a_launcher_that_holds_an_exit_status_back_is_stopped_and_the_agent_reaps_the_spare() -> None:
+    assert _scenario("launcher_holds_status_back") == {"exit_code": 5, "launcher_usable": False, "launcher_gone": True}
 
 
 def test_a_killed_launcher_takes_no_task_with_it() -> None:

@@ -27,7 +27,7 @@ from tether import protocol
 from tether.agent.client import NO_REASON, PlaneClient, backoff_for
 from tether.agent.health import AgentMetrics, HealthServer
 from tether.agent.logs import LogFollower, LogShipper
-from tether.agent.runner import Runner, TaskProcess
+from tether.agent.runner import EXIT_STATUS_LOST, Runner, TaskProcess
 from tether.agent.settings import AgentSettings
 from tether.errors import PlaneRefused, PlaneUnavailable, TetherError
 
@@ -577,7 +577,7 @@ class Agent:
             outcome = protocol.ReportState.SUCCESS if exit_code == 0 else protocol.ReportState.FAILED
             self.metrics.jobs.labels(outcome.value).inc()
             log.info("Job %s finished with exit code %d", job_id, exit_code)
-            reason = held.kill_reason or (None if exit_code == 0 else f"exit code {exit_code}")
+            reason = held.kill_reason or (None if exit_code == 0 else _failure(exit_code))
             await self._report(reg.agent_id, job_id, outcome, exit_code, reason)
         finally:
             self.state.jobs.pop(job_id, None)
@@ -736,3 +736,9 @@ def _airflow_version() -> str:
         return version("apache-airflow-task-sdk")
     except Exception:
         return "unknown"
+
+
+def _failure(exit_code: int) -> str:
+    if exit_code == EXIT_STATUS_LOST:
+        return f"exit code {exit_code}: its exit status was lost with the task launcher"
+    return f"exit code {exit_code}"

@@ -13,13 +13,13 @@ the agent keeps one ready when idle and as many as it started tasks in the
 last ``DEMAND_WINDOW`` when busy (at most its slots), so a burst of starts finds
 them made; spares beyond that are let go once the burst is over.
 
-A spare is made with a double fork: the launcher forks an intermediate, which
-forks the spare and exits (the kernel reaps it: the launcher ignores SIGCHLD).
-The agent is a child subreaper, so the orphaned spare becomes the agent's own
-child: the agent waits for it (pidfd, ``waitpid``) exactly as for a child it
-forked itself, and a launcher that dies takes no running task with it. Being a
-subreaper, the agent also adopts what tasks leave behind (daemons whose parent
-exited); ``reap_strays`` collects them once they exit.
+A spare is the launcher's own child, made with one fork. The agent watches it
+through a pidfd, which tells any process of another's exit, and the launcher,
+its parent, reaps it and passes its exit status on. The agent is a child
+subreaper: a launcher that dies takes no running task with it, for its children
+become the agent's, and the agent then waits for them itself (``waitpid``).
+Being a subreaper, the agent also adopts what tasks leave behind (daemons whose
+parent exited); ``reap_strays`` collects them once they exit.
 
 Wire format, over ``SOCK_SEQPACKET`` socketpairs (one message per packet):
 
@@ -27,8 +27,10 @@ Wire format, over ``SOCK_SEQPACKET`` socketpairs (one message per packet):
   start (``tether.agent.headstart``), ``b"+"`` for one without;
 - launcher -> agent: ``b"H"`` or ``b"S"`` (with a head start or not) carrying one
   file descriptor, the agent's end of the new spare's socket;
-- spare -> agent: its pid (4 bytes, native order), once the agent is its parent
-  and the spare is ready (see ``tether.agent.headstart``);
+- launcher -> agent: ``b"X"``, a spare's pid and its wait status (4 bytes each,
+  native order), once the launcher has reaped it;
+- spare -> agent: its pid (4 bytes, native order), once the spare is ready (see
+  ``tether.agent.headstart``);
 - agent -> spare: the workload (JSON), once the plane's start gate confirmed
   the lease. The end of the socket instead (the agent let the spare go, or
   exited) ends the spare.
@@ -41,6 +43,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import selectors
 import signal
 import socket
 import struct
@@ -67,9 +70,10 @@ DEMAND_WINDOW = 10.0
 _MAX_FAILED_SPARES = 3
 #: Starts in a row that waited in vain for a spare before the agent stops asking the launcher.
 _MAX_MISSED_TAKES = 3
-#: How long a new spare waits to be adopted by the agent before it gives up.
-_ADOPTION_TIMEOUT = 10.0
+#: How long the agent waits for the launcher to pass on the exit status of a spare that exited.
+_STATUS_WAIT = 10.0
 _PID = struct.Struct("=i")
+_EXIT = struct.Struct("=cii")  # b"X", pid, wait status
 _HEADSTART, _PLAIN = b"h"[0], b"+"[0]
 
 #: What a spare does with its workload; it never returns.
@@ -118,21 +122,15 @@ def leave_agents_signals() -> None:
 
 
 def _launcher_main(channel: socket.socket, agent_pid: int, run: SpareRun, prepare: SparePrepare | None) -> NoReturn:
-    """Make a spare for every byte the agent sends; exit when the agent closes the channel or dies."""
+    """Make the spares the agent asks for and pass on their exits; exit when the agent closes the channel or dies."""
     try:
         leave_agents_signals()
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != agent_pid:  # the agent died before we could ask to die with it
             os._exit(0)
         set_title("tether-agent launcher")
-        # Intermediates are reaped by the kernel as they exit: the next spare need not wait for one.
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-        while True:
-            wanted = channel.recv(64)
-            if not wanted:
-                break
-            for kind in wanted:
-                _make_spare(channel, agent_pid, run, prepare if kind == _HEADSTART else None)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # its spares' exits are waited for, and passed on
+        _serve(_Spares(channel), run, prepare)
     except (BrokenPipeError, ConnectionResetError):
         pass
     except BaseException:
@@ -142,34 +140,79 @@ def _launcher_main(channel: socket.socket, agent_pid: int, run: SpareRun, prepar
         os._exit(0)
 
 
-def _make_spare(channel: socket.socket, agent_pid: int, run: SpareRun, prepare: SparePrepare | None) -> None:
+def _serve(spares: _Spares, run: SpareRun, prepare: SparePrepare | None) -> None:
+    """Until the agent closes the channel: make the spares it asks for, pass on the exits of those that end."""
+    while True:
+        for key, _ in spares.selector.select():
+            if key.data is not None:
+                spares.pass_on_exits()
+                continue
+            wanted = spares.channel.recv(64)
+            if not wanted:
+                return
+            for kind in wanted:
+                _make_spare(spares, run, prepare if kind == _HEADSTART else None)
+
+
+class _Spares:
+    """In the launcher: its children, the spares, each watched by a pidfd, and the channel to the agent."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(channel, selectors.EVENT_READ, None)
+        self._pidfds: dict[int, int] = {}
+
+    def add(self, pid: int) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return  # reaped at the next exit or request that wakes the launcher
+        self._pidfds[pid] = pidfd
+        self.selector.register(pidfd, selectors.EVENT_READ, pid)
+
+    def pass_on_exits(self) -> None:
+        """Reap every spare that exited and tell the agent its wait status."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            pidfd = self._pidfds.pop(pid, None)
+            if pidfd is not None:
+                self.selector.unregister(pidfd)
+                os.close(pidfd)
+            self.channel.send(_EXIT.pack(b"X", pid, status))
+
+    def close_in_spare(self) -> None:
+        """In a new spare: let go of the launcher's descriptors."""
+        for pidfd in self._pidfds.values():
+            os.close(pidfd)
+        self.selector.close()
+        self.channel.close()
+
+
+def _make_spare(spares: _Spares, run: SpareRun, prepare: SparePrepare | None) -> None:
     agents_end, spares_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        if os.fork() == 0:  # the intermediate
-            try:
-                if os.fork() == 0:
-                    agents_end.close()
-                    channel.close()
-                    _spare_main(spares_end, agent_pid, run, prepare)
-            finally:
-                os._exit(0)
-        socket.send_fds(channel, [b"H" if prepare is not None else b"S"], [agents_end.fileno()])
+        pid = os.fork()
+        if pid == 0:
+            agents_end.close()
+            spares.close_in_spare()
+            _spare_main(spares_end, run, prepare)
+        spares.add(pid)
+        socket.send_fds(spares.channel, [b"H" if prepare is not None else b"S"], [agents_end.fileno()])
     finally:
         agents_end.close()
         spares_end.close()
 
 
-def _spare_main(channel: socket.socket, agent_pid: int, run: SpareRun, prepare: SparePrepare | None) -> NoReturn:
+def _spare_main(channel: socket.socket, run: SpareRun, prepare: SparePrepare | None) -> NoReturn:
     release: Callable[[], None] | None = None
     workload = b""
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a supervisor waits for its task process
-        # The agent adopts us when the intermediate has exited; only then can it wait for us.
-        deadline = time.monotonic() + _ADOPTION_TIMEOUT
-        while os.getppid() != agent_pid:
-            if time.monotonic() > deadline:
-                os._exit(0)
-            time.sleep(0.001)
         set_title("tether-agent spare")
         if prepare is not None:
             release = prepare(channel)
@@ -191,7 +234,7 @@ def _spare_main(channel: socket.socket, agent_pid: int, run: SpareRun, prepare: 
 
 @dataclass
 class Spare:
-    """A warm child of the agent, waiting for one workload."""
+    """A warm copy of the agent, the launcher's child, waiting for one workload."""
 
     pid: int
     pidfd: int
@@ -222,12 +265,14 @@ class Launcher:
         self,
         *,
         pid: int,
+        pidfd: int,
         channel: socket.socket,
         min_spares: int,
         max_spares: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pid = pid
+        self._pidfd: int | None = pidfd
         self._channel: socket.socket | None = channel
         self.min_spares = min_spares
         self.max_spares = max(max_spares, min_spares)
@@ -240,6 +285,11 @@ class Launcher:
         self._failed_in_a_row = 0
         self._missed_in_a_row = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Exit statuses: of the spares handed out, those the launcher passed on and not yet asked for.
+        self._handed: set[int] = set()
+        self._exits: dict[int, int] = {}
+        self._news: asyncio.Future[None] | None = None
+        self._adopted = False  # the launcher is gone and reaped: its children are the agent's
 
     @classmethod
     def fork(
@@ -267,10 +317,18 @@ class Launcher:
             ours.close()
             _launcher_main(theirs, agent_pid, run, prepare)
         theirs.close()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            log.warning("Cannot watch the task launcher (%s); tasks are started by forking the agent", exc)
+            ours.close()  # it exits when it reads the end of the channel
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            return None
         # The first spares are made now, while the agent starts up: the first task need not wait.
         ours.send(b"+" * min_spares)
         ours.setblocking(False)
-        launcher = cls(pid=pid, channel=ours, min_spares=min_spares, max_spares=max_spares)
+        launcher = cls(pid=pid, pidfd=pidfd, channel=ours, min_spares=min_spares, max_spares=max_spares)
         launcher._asked = min_spares
         return launcher
 
@@ -302,7 +360,7 @@ class Launcher:
             spare = self._ready.popleft()
             self._unwatch(spare.pidfd)
             self._top_up()
-            return spare
+            return self._hand_out(spare)
         if not self.usable:
             return None
         assert self._loop is not None
@@ -321,7 +379,8 @@ class Launcher:
                 self._waiters.remove(waiter)
         if waiter.done():
             self._missed_in_a_row = 0
-            return waiter.result()
+            came = waiter.result()
+            return None if came is None else self._hand_out(came)
         waiter.cancel()
         self._missed_in_a_row += 1
         if self._missed_in_a_row >= _MAX_MISSED_TAKES:
@@ -360,16 +419,15 @@ class Launcher:
                     os.close(sock.fileno())
 
     def close(self, *, wait: float = 1.0) -> None:
-        """Stop the launcher and every spare not handed out, waiting up to ``wait`` s to reap them.
+        """Stop the launcher and every spare not handed out, waiting up to ``wait`` s for them to exit.
 
-        Safe to call twice.
+        Spares handed out run on; once the launcher is gone the agent waits for them
+        itself. Safe to call twice.
         """
-        stopping = {spare.pid for spare in self._ready}
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            stopping.add(self.pid)
-            self._unwatch(channel)
-            channel.close()
+        deadline = time.monotonic() + wait
+        # The ready spares first: each exits as soon as it reads the end of its socket, and
+        # the launcher, their parent, is still there to reap them.
+        idle = {spare.pid for spare in self._ready}
         for spare in self._ready:
             self._unwatch(spare.pidfd)
             spare.discard()
@@ -379,16 +437,61 @@ class Launcher:
             sock.close()
         self._coming.clear()
         self._release_waiters()
-        # Each of them exits as soon as it reads the end of its socket.
-        deadline = time.monotonic() + wait
-        while stopping and time.monotonic() < deadline:
-            for pid in list(stopping):
-                with contextlib.suppress(ChildProcessError):
-                    if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                        continue
-                stopping.discard(pid)
-            if stopping:
+        while idle and time.monotonic() < deadline:
+            idle = {pid for pid in idle if not _gone(pid)}
+            if idle:
                 time.sleep(0.01)
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            self._unwatch(channel)
+            channel.close()
+        # The launcher exits as soon as it reads the end of its channel.
+        while self._pidfd is not None and time.monotonic() < deadline:
+            if _gone(self.pid):
+                self._launcher_reaped()
+            else:
+                time.sleep(0.01)
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self._launcher_reaped()
+
+    def forget(self, pid: int) -> None:
+        """A spare taken and then let go without its workload: its exit status is not wanted."""
+        self._handed.discard(pid)
+        self._exits.pop(pid, None)
+
+    async def exit_status(self, pid: int) -> int | None:
+        """The wait status of a spare handed out, once it has exited; None if it was lost with the launcher.
+
+        While the launcher lives it is the spare's parent, reaps it and passes the status
+        on; once it is gone the spare is the agent's child (the agent is its subreaper)
+        and the agent reaps it itself. A launcher that holds a status back is stopped.
+        """
+        waited = 0.0
+        try:
+            while True:
+                if pid in self._exits:
+                    return self._exits.pop(pid)
+                try:
+                    reaped, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    if self._adopted:
+                        log.warning("The exit status of process %d was lost with the task launcher", pid)
+                        return None
+                else:
+                    if reaped:
+                        return status
+                if waited >= _STATUS_WAIT:
+                    self._launcher_gone(f"it did not pass on the exit of process {pid} within {_STATUS_WAIT:.0f}s")
+                began = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._changed()), 1.0)
+                waited += time.monotonic() - began
+        finally:
+            self._handed.discard(pid)
 
     # -- event loop callbacks -----------------------------------------------------
 
@@ -431,6 +534,8 @@ class Launcher:
             return
         if not message and not fds:
             self._launcher_gone("it exited")
+            return
+        if self._take_exit(message):
             return
         for fd in fds:
             self._asked = max(self._asked - 1, 0)
@@ -486,20 +591,85 @@ class Launcher:
             os.waitpid(spare.pid, os.WNOHANG)
         self._top_up()
 
+    def _take_exit(self, message: bytes) -> bool:
+        """Keep the exit status a launcher's message passes on; whether it was one."""
+        if message[:1] != b"X" or len(message) != _EXIT.size:
+            return False
+        _, pid, status = _EXIT.unpack(message)
+        if pid in self._handed:  # an idle spare's exit is nobody's outcome
+            self._exits[pid] = status
+            self._tell()
+        return True
+
+    def _hand_out(self, spare: Spare) -> Spare:
+        self._handed.add(spare.pid)
+        return spare
+
+    def _changed(self) -> asyncio.Future[None]:
+        """Done when an exit status is passed on or the launcher's children become the agent's."""
+        if self._news is None or self._news.done():
+            self._news = asyncio.get_running_loop().create_future()
+        return self._news
+
+    def _tell(self) -> None:
+        news, self._news = self._news, None
+        if news is not None and not news.done():
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                news.set_result(None)
+
     def _launcher_gone(self, why: str) -> None:
         if self._channel is None:
             return
         log.warning("The task launcher stopped (%s); tasks are started by forking the agent", why)
         self._unwatch(self._channel)
+        # Exit statuses it sent before it stopped still count; new spares' sockets in the
+        # queue are closed unread, which lets those spares go.
+        with contextlib.suppress(OSError):
+            while message := self._channel.recv(16):
+                self._take_exit(message)
         self._channel.close()
         self._channel = None
         self._release_waiters()
+        # Its children, the spares handed out among them, become the agent's once it has
+        # exited; one that no longer answers must not live on holding their exit statuses.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        if self._loop is not None and self._pidfd is not None:
+            self._loop.add_reader(self._pidfd, self._on_launcher_exit)
+
+    def _on_launcher_exit(self) -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, os.WNOHANG)
+        self._launcher_reaped()
+
+    def _launcher_reaped(self) -> None:
+        if self._pidfd is not None:
+            self._unwatch(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._adopted = True
+        self._tell()
 
     def _release_waiters(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _gone(pid: int) -> bool:
+    """Whether a process has exited: reaped here if it is this process's child, else by its parent."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
 
 
 def reap_strays(keep: Iterable[int]) -> list[int]:

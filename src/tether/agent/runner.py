@@ -3,8 +3,9 @@
 The child is a warm copy of the agent, which has already imported the Task SDK,
 so a task does not pay interpreter start-up: a spare made ahead of time by the
 launcher (``tether.agent.launcher``), or a fork of the agent when none is
-ready. Either way it is the agent's child, with its own process group and
-default signal handlers; its outcome is its exit code, nothing else. The task
+ready: the launcher's child or the agent's, watched by the agent either way,
+with its own process group and default signal handlers; its outcome is its exit
+code, nothing else. The task
 process under the supervisor runs ``task_nice`` steps below the agent's CPU
 priority, so the processes that start, watch and report tasks stay responsive
 while tasks use every CPU.
@@ -27,7 +28,7 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Exit code the child uses when the supervisor could not even be started.
 EXIT_SETUP_FAILED = 125
+#: Exit code given to a supervisor whose exit status died with the task launcher before it was passed on.
+EXIT_STATUS_LOST = 255
 #: Spares an idle agent keeps ready; a busy one keeps more (see ``tether.agent.launcher``).
 MIN_SPARES = 1
 #: Longest wait for a spare before the agent forks the task itself.
@@ -68,10 +71,17 @@ class Runner(Protocol):
 
 @dataclass
 class ForkedTask:
+    """A task's supervisor, watched through its pidfd.
+
+    The agent's own child is reaped here; a spare, the launcher's child, is given
+    ``_exit_status``, which learns its status from the launcher (``Launcher.exit_status``).
+    """
+
     pid: int
     _pidfd: int
     _exit_code: int | None = None
     _on_reaped: Callable[[int], None] | None = None
+    _exit_status: Callable[[int], Awaitable[int | None]] | None = None
 
     async def wait(self) -> int:
         if self._exit_code is not None:
@@ -88,9 +98,13 @@ class ForkedTask:
             await exited
         finally:
             loop.remove_reader(self._pidfd)
-        _, status = os.waitpid(self.pid, 0)
+        if self._exit_status is None:
+            _, status = os.waitpid(self.pid, 0)
+            known: int | None = status
+        else:
+            known = await self._exit_status(self.pid)
         os.close(self._pidfd)
-        self._exit_code = os.waitstatus_to_exitcode(status)
+        self._exit_code = EXIT_STATUS_LOST if known is None else os.waitstatus_to_exitcode(known)
         if self._on_reaped is not None:
             self._on_reaped(self.pid)
         return self._exit_code
@@ -183,7 +197,7 @@ def warm_up(availability: sdk_internals.Availability) -> None:
 
 
 class ForkRunner:
-    """Runs a supervisor per workload in a warm child of the agent: a spare, or a fork when none is ready."""
+    """Runs a supervisor per workload in a warm copy of the agent: a spare, or a fork when none is ready."""
 
     def __init__(
         self,
@@ -261,8 +275,11 @@ class ForkRunner:
                 except OSError as exc:
                     log.warning("Spare process %d could not take its task (%s); forking instead", spare.pid, exc)
                     spare.discard()
+                    self._launcher.forget(spare.pid)
                 else:
-                    return self._track(ForkedTask(pid=spare.pid, _pidfd=spare.pidfd))
+                    return self._track(
+                        ForkedTask(pid=spare.pid, _pidfd=spare.pidfd, _exit_status=self._launcher.exit_status)
+                    )
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             try:
