@@ -299,7 +299,7 @@ class Launcher:
 
         ``prepare``, when given, runs in each new spare before the spare says it is up.
 
-        None when this system cannot make the agent its spares' parent, or cannot fork now.
+        None when the agent cannot become its spares' subreaper, watch the launcher, or fork now.
         """
         if not become_subreaper():
             log.warning("Cannot become a child subreaper; tasks are started by forking the agent")
