@@ -234,3 +234,23 @@ def test_a_spares_exit_status_comes_from_the_launcher_and_is_lost_only_with_it()
             assert pool.stand_in.process.poll() is not None  # stopped, and reaped by the agent's side
 
     run(scenario)
+
+
+def test_a_lost_exit_status_is_told_apart_from_a_process_that_exits_255() -> None:
+    from tether.agent.runner import EXIT_STATUS_LOST, ForkedTask
+
+    async def scenario() -> None:
+        async def lost(pid: int) -> int | None:
+            os.waitpid(pid, 0)  # reaped elsewhere, its status never passed on
+            return None
+
+        async def passed_on(pid: int) -> int | None:
+            return os.waitpid(pid, 0)[1]
+
+        for status_from, expected_lost in ((lost, True), (passed_on, False)):
+            child = subprocess.Popen(["sh", "-c", "exit 255"])
+            task = ForkedTask(pid=child.pid, _pidfd=os.pidfd_open(child.pid), _exit_status=status_from)
+            assert await task.wait() == EXIT_STATUS_LOST == 255
+            assert task.status_lost is expected_lost
+
+    run(scenario)

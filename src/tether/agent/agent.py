@@ -27,7 +27,7 @@ from tether import protocol
 from tether.agent.client import NO_REASON, PlaneClient, backoff_for
 from tether.agent.health import AgentMetrics, HealthServer
 from tether.agent.logs import LogFollower, LogShipper
-from tether.agent.runner import EXIT_STATUS_LOST, Runner, TaskProcess
+from tether.agent.runner import Runner, TaskProcess
 from tether.agent.settings import AgentSettings
 from tether.errors import PlaneRefused, PlaneUnavailable, TetherError
 
@@ -577,7 +577,8 @@ class Agent:
             outcome = protocol.ReportState.SUCCESS if exit_code == 0 else protocol.ReportState.FAILED
             self.metrics.jobs.labels(outcome.value).inc()
             log.info("Job %s finished with exit code %d", job_id, exit_code)
-            reason = held.kill_reason or (None if exit_code == 0 else _failure(exit_code))
+            lost = getattr(held.process, "status_lost", False)
+            reason = held.kill_reason or (None if exit_code == 0 else _failure(exit_code, lost=lost))
             await self._report(reg.agent_id, job_id, outcome, exit_code, reason)
         finally:
             self.state.jobs.pop(job_id, None)
@@ -738,7 +739,7 @@ def _airflow_version() -> str:
         return "unknown"
 
 
-def _failure(exit_code: int) -> str:
-    if exit_code == EXIT_STATUS_LOST:
+def _failure(exit_code: int, *, lost: bool) -> str:
+    if lost:
         return f"exit code {exit_code}: its exit status was lost with the task launcher"
     return f"exit code {exit_code}"

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Exit code the child uses when the supervisor could not even be started.
 EXIT_SETUP_FAILED = 125
-#: Exit code given to a supervisor whose exit status died with the task launcher before it was passed on.
+#: Exit code given to a supervisor whose exit status died with the task launcher before it was passed on
+#: (``ForkedTask.status_lost`` says so; a process may exit 255 itself).
 EXIT_STATUS_LOST = 255
 #: Spares an idle agent keeps ready; a busy one keeps more (see ``tether.agent.launcher``).
 MIN_SPARES = 1
@@ -82,6 +83,8 @@ class ForkedTask:
     _exit_code: int | None = None
     _on_reaped: Callable[[int], None] | None = None
     _exit_status: Callable[[int], Awaitable[int | None]] | None = None
+    #: The exit status was lost with the task launcher: the exit code is ``EXIT_STATUS_LOST``.
+    status_lost: bool = False
 
     async def wait(self) -> int:
         if self._exit_code is not None:
@@ -104,6 +107,7 @@ class ForkedTask:
         else:
             known = await self._exit_status(self.pid)
         os.close(self._pidfd)
+        self.status_lost = known is None
         self._exit_code = EXIT_STATUS_LOST if known is None else os.waitstatus_to_exitcode(known)
         if self._on_reaped is not None:
             self._on_reaped(self.pid)
