@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Table, bindparam, delete, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,6 +24,12 @@ from tether import errors, protocol
 from tether.plane.models import Job, TaskLog, TaskLogChunk
 from tether.plane.store.base import Database, TokenIdentity, utcnow
 from tether.plane.store.rules import calling_agent
+
+LOG: Table = TaskLog.__table__  # type: ignore[assignment]
+CHUNK: Table = TaskLogChunk.__table__  # type: ignore[assignment]
+
+#: What a log batch needs of its job: whose it is, and the try it is of.
+_JOB_TRY = select(Job.id, Job.agent_id, Job.ti_id, Job.try_number, Job.dag_id, Job.task_id, Job.run_id, Job.map_index)
 
 #: Chunks read at a time when a log is read back.
 _READ_PAGE = 200
@@ -59,7 +66,7 @@ class LogStore(Database):
         try:
             with self.transaction() as session:
                 agent = calling_agent(session, identity, agent_id, batch.incarnation)
-                job = session.get(Job, job_id)
+                job = session.execute(_JOB_TRY.where(Job.id == job_id)).one_or_none()
                 if job is None:
                     raise errors.NotFound(f"no job {job_id}", reason="job_not_found")
                 if job.agent_id != agent.id:
@@ -82,21 +89,27 @@ class LogStore(Database):
     def _append_logs(
         self, identity: TokenIdentity, agent_id: str, request: protocol.JobLogBatches, now: datetime
     ) -> protocol.JobLogBatchesResponse:
-        answers = []
+        refused: list[protocol.LogBatchResponse | None] = []
+        taken: list[tuple[TryOf, protocol.LogLines]] = []
         with self.transaction() as session:
             agent = calling_agent(session, identity, agent_id, request.incarnation)
             ids = list({str(batch.job_id) for batch in request.batches})
-            jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+            jobs = {job.id: job for job in session.execute(_JOB_TRY.where(Job.id.in_(ids)))}
             for batch in request.batches:
                 job = jobs.get(str(batch.job_id))
                 if job is None:
-                    answer = protocol.LogBatchResponse(stop=True, reason=f"no job {batch.job_id}")
+                    refused.append(protocol.LogBatchResponse(stop=True, reason=f"no job {batch.job_id}"))
                 elif job.agent_id != agent.id:
-                    answer = protocol.LogBatchResponse(stop=True, reason="the job is no longer this agent's")
+                    refused.append(protocol.LogBatchResponse(stop=True, reason="the job is no longer this agent's"))
                 else:
+                    refused.append(None)
                     try_of = TryOf(job.ti_id, job.try_number, job.dag_id, job.task_id, job.run_id, job.map_index)
-                    answer = append_lines(session, try_of, agent.name, batch, self.settings.task_log_max_bytes, now)
-                answers.append(protocol.JobLogAnswer(job_id=batch.job_id, stop=answer.stop, reason=answer.reason))
+                    taken.append((try_of, batch))
+            kept = iter(append_batches(session, taken, agent.name, self.settings.task_log_max_bytes, now))
+        answers = []
+        for batch, refusal in zip(request.batches, refused, strict=True):
+            answer = refusal or next(kept)
+            answers.append(protocol.JobLogAnswer(job_id=batch.job_id, stop=answer.stop, reason=answer.reason))
         return protocol.JobLogBatchesResponse(answers=answers)
 
     def task_log_state(self, ti_id: str, try_number: int) -> TaskLogState | None:
@@ -177,6 +190,10 @@ class TryOf:
     run_id: str
     map_index: int
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.ti_id, self.try_number)
+
 
 def append_lines(
     session: Session,
@@ -187,72 +204,155 @@ def append_lines(
     now: datetime | None = None,
 ) -> protocol.LogBatchResponse:
     """Keep a batch of lines of a try's log, once, within ``limit`` bytes (a race raises ``IntegrityError``)."""
+    return append_batches(session, [(try_of, batch)], agent_name, limit, now)[0]
+
+
+@dataclass
+class _LogSoFar:
+    """A try's log as one call has it: read once, then moved on by each of the call's batches."""
+
+    bytes: int
+    lines: int
+    truncated: bool
+    closed: bool = False
+    #: Whether this call keeps a batch of it, and what that adds to the stored counters.
+    grown: bool = False
+    added_bytes: int = 0
+    added_lines: int = 0
+
+
+def append_batches(
+    session: Session,
+    batches: Sequence[tuple[TryOf, protocol.LogLines]],
+    agent_name: str,
+    limit: int,
+    now: datetime | None = None,
+) -> list[protocol.LogBatchResponse]:
+    """Keep batches of lines of tries' logs, each once and within ``limit`` bytes; an answer per batch, in order.
+
+    A few statements whatever the number of batches (read the logs, read which of the
+    batches are kept already, write the new logs, the chunks, the grown logs), not a
+    few per batch: an agent's call carries a batch of each task it runs. Counters grow
+    by what the call adds, so calls for one try do not undo each other. Two calls
+    starting the same log, or keeping the same batch, at once: ``IntegrityError``.
+    """
     now = now or utcnow()
-    log = session.get(TaskLog, (try_of.ti_id, try_of.try_number))
-    if log is None:
-        log = TaskLog(
-            ti_id=try_of.ti_id,
-            try_number=try_of.try_number,
-            dag_id=try_of.dag_id,
-            task_id=try_of.task_id,
-            run_id=try_of.run_id,
-            map_index=try_of.map_index,
-            agent_name=agent_name,
-            bytes=0,
-            lines=0,
-            truncated=False,
-            closed=False,
-            first_at=now,
-        )
-        session.add(log)
-    elif log.truncated:
-        return protocol.LogBatchResponse(stop=True, reason=f"the log reached its limit of {limit} bytes")
-    elif _has_batch(session, log, batch):
-        return protocol.LogBatchResponse()  # sent again after a lost answer: kept already
-    lines, size, cut = _fit(batch.lines, limit - log.bytes)
-    if cut:
-        lines.append(
-            tether_line(
-                f"Tether cut this log here: it reached [tether] task_log_max_bytes ({limit} bytes). "
-                f"The whole log stays on agent {agent_name}.",
-                at=now,
-            )
-        )
-    session.add(
-        TaskLogChunk(
-            ti_id=log.ti_id,
-            try_number=log.try_number,
-            segment=str(batch.segment),
-            seq=batch.seq,
-            data="\n".join(lines),
-            lines=len(lines),
-            received_at=now,
+    keys = list(dict.fromkeys(try_of.key for try_of, _ in batches))
+    if not keys:
+        return []
+    rows = session.execute(
+        select(TaskLog.ti_id, TaskLog.try_number, TaskLog.bytes, TaskLog.lines, TaskLog.truncated).where(
+            tuple_(TaskLog.ti_id, TaskLog.try_number).in_(keys)
         )
     )
-    log.agent_name = agent_name
-    log.bytes += size
-    log.lines += len(lines)
-    log.truncated = cut
-    log.closed = batch.final
-    log.last_at = now
-    session.flush()
-    if cut:
-        return protocol.LogBatchResponse(stop=True, reason=f"the log reached its limit of {limit} bytes")
-    return protocol.LogBatchResponse()
-
-
-def _has_batch(session: Session, log: TaskLog, batch: protocol.LogLines) -> bool:
-    return (
-        session.scalar(
-            select(TaskLogChunk.id).where(
-                TaskLogChunk.ti_id == log.ti_id,
-                TaskLogChunk.try_number == log.try_number,
-                TaskLogChunk.segment == str(batch.segment),
-                TaskLogChunk.seq == batch.seq,
+    logs = {(row.ti_id, row.try_number): _LogSoFar(row.bytes, row.lines, row.truncated) for row in rows}
+    started = [key for key in keys if key not in logs]
+    sent = [(try_of.ti_id, try_of.try_number, str(batch.segment), batch.seq) for try_of, batch in batches]
+    kept: set[tuple[str, int, str, int]] = set()
+    if again := [key for key in sent if key[:2] in logs]:
+        columns = (TaskLogChunk.ti_id, TaskLogChunk.try_number, TaskLogChunk.segment, TaskLogChunk.seq)
+        kept = {(r[0], r[1], r[2], r[3]) for r in session.execute(select(*columns).where(tuple_(*columns).in_(again)))}
+    full = protocol.LogBatchResponse(stop=True, reason=f"the log reached its limit of {limit} bytes")
+    answers: list[protocol.LogBatchResponse] = []
+    chunks: list[dict[str, Any]] = []
+    for (try_of, batch), key in zip(batches, sent, strict=True):
+        log = logs.setdefault(key[:2], _LogSoFar(bytes=0, lines=0, truncated=False))
+        if log.truncated:
+            answers.append(full)
+            continue
+        if key in kept:
+            answers.append(protocol.LogBatchResponse())  # sent again after a lost answer: kept already
+            continue
+        kept.add(key)
+        lines, size, cut = _fit(batch.lines, limit - log.bytes)
+        if cut:
+            lines.append(
+                tether_line(
+                    f"Tether cut this log here: it reached [tether] task_log_max_bytes ({limit} bytes). "
+                    f"The whole log stays on agent {agent_name}.",
+                    at=now,
+                )
             )
+        chunks.append(
+            {
+                "ti_id": try_of.ti_id,
+                "try_number": try_of.try_number,
+                "segment": key[2],
+                "seq": batch.seq,
+                "data": "\n".join(lines),
+                "lines": len(lines),
+                "received_at": now,
+            }
         )
-        is not None
-    )
+        log.bytes, log.added_bytes = log.bytes + size, log.added_bytes + size
+        log.lines, log.added_lines = log.lines + len(lines), log.added_lines + len(lines)
+        log.truncated, log.closed, log.grown = cut, batch.final, True
+        answers.append(full if cut else protocol.LogBatchResponse())
+    if chunks:
+        _write(session, {try_of.key: try_of for try_of, _ in batches}, logs, started, chunks, agent_name, now)
+    return answers
+
+
+def _write(
+    session: Session,
+    tries: dict[tuple[str, int], TryOf],
+    logs: dict[tuple[str, int], _LogSoFar],
+    started: list[tuple[str, int]],
+    chunks: list[dict[str, Any]],
+    agent_name: str,
+    now: datetime,
+) -> None:
+    """The logs a call starts, the chunks it keeps and what it adds to the logs it grows: a statement each."""
+    if started:
+        session.execute(
+            insert(LOG),
+            [
+                {
+                    "ti_id": key[0],
+                    "try_number": key[1],
+                    "dag_id": tries[key].dag_id,
+                    "task_id": tries[key].task_id,
+                    "run_id": tries[key].run_id,
+                    "map_index": tries[key].map_index,
+                    "agent_name": agent_name,
+                    "bytes": logs[key].bytes,
+                    "lines": logs[key].lines,
+                    "truncated": logs[key].truncated,
+                    "closed": logs[key].closed,
+                    "first_at": now,
+                    "last_at": now,
+                }
+                for key in started
+            ],
+        )
+    session.execute(insert(CHUNK), chunks)
+    new = set(started)
+    grown = [
+        {
+            "b_ti_id": key[0],
+            "b_try_number": key[1],
+            "b_bytes": log.added_bytes,
+            "b_lines": log.added_lines,
+            "b_truncated": log.truncated,
+            "b_closed": log.closed,
+        }
+        for key, log in logs.items()
+        if key not in new and log.grown
+    ]
+    if grown:
+        session.execute(
+            update(LOG)
+            .where(LOG.c.ti_id == bindparam("b_ti_id"), LOG.c.try_number == bindparam("b_try_number"))
+            .values(
+                agent_name=agent_name,
+                bytes=LOG.c.bytes + bindparam("b_bytes"),
+                lines=LOG.c.lines + bindparam("b_lines"),
+                truncated=bindparam("b_truncated"),
+                closed=bindparam("b_closed"),
+                last_at=now,
+            ),
+            grown,
+        )
 
 
 def _fit(lines: list[str], room: int) -> tuple[list[str], int, bool]:
