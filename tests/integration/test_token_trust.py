@@ -113,3 +113,21 @@ def test_a_token_brought_forward_elsewhere_is_refused_from_its_new_expiry(
         time.sleep(0.05)
     _refused_within(lambda: _beat(agent), "token_expired", 10 * TTL + 0.2)
     assert utcnow() >= expires_at
+
+
+def test_last_used_is_written_for_many_tokens_at_once_and_never_moved_back(store: Store) -> None:
+    rows = [store.create_token(name=f"fleet{i}")[1] for i in range(4)]
+    untouched = rows.pop()
+    # More tokens than one statement takes (most of them unknown here), the real ones spread over them.
+    ids = [f"{n:010x}" for n in range(1200)]
+    ids[0], ids[600], ids[1199] = (row.id for row in rows)
+    later = utcnow()
+    store.mark_tokens_used(ids[:1], now=later)
+    store.mark_tokens_used(ids, now=later - timedelta(minutes=5))  # an older time, from another API server
+    seen = {token.name: token.last_used_at for token in store.list_tokens()}
+    assert seen == {
+        "fleet0": later,
+        "fleet1": later - timedelta(minutes=5),
+        "fleet2": later - timedelta(minutes=5),
+        untouched.name: None,
+    }

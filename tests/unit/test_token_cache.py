@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tether import errors
-from tether.plane.api.deps import TokenCache
+from tether.plane.api.deps import TOKEN_KEEP, TokenCache
 from tether.plane.store import TokenIdentity
 
 
@@ -104,3 +104,82 @@ def test_a_clear_discards_what_a_load_begun_before_it_finds() -> None:
 
     # The call that was waiting gets its answer, but it is not kept: the next call looks again.
     assert asyncio.run(main()) == ["before", "after"]
+
+
+def test_an_entry_outlives_the_old_minute_while_the_epoch_holds_and_goes_with_a_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("tether.plane.api.deps.time.monotonic", lambda: now[0])
+    epoch = [7]
+    loads = 0
+
+    async def load() -> TokenIdentity:
+        nonlocal loads
+        loads += 1
+        return TokenIdentity(id="abc", name="fleet")
+
+    async def read_epoch() -> int:
+        return epoch[0]
+
+    async def main() -> None:
+        cache = TokenCache(2, keep=TOKEN_KEEP)
+        for _ in range(30):  # half an hour of an agent's calls, a minute apart
+            await cache.identity("secret", load, read_epoch)
+            now[0] += 60
+            await asyncio.sleep(0)
+        assert loads == 1
+        epoch[0] += 1  # a token changed somewhere: the next reading of the epoch drops every entry
+        now[0] += 3
+        await cache.identity("secret", load, read_epoch)
+        assert loads == 2
+
+    asyncio.run(main())
+
+
+def test_tokens_used_are_written_together_once_a_minute_and_kept_when_the_write_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("tether.plane.api.deps.time.monotonic", lambda: now[0])
+    writes: list[list[str]] = []
+    fail = [False]
+    gate = asyncio.Event()
+
+    async def write(used: list[str]) -> None:
+        await gate.wait()
+        if fail[0]:
+            raise OSError("the database is away")
+        writes.append(used)
+
+    async def settle() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        gate.set()
+        cache = TokenCache(2, keep=TOKEN_KEEP, used_every=60)
+        for token in ("a", "b", "a", "c"):
+            cache.note_use(token, write)
+            now[0] += 10
+        await settle()
+        assert writes == []  # 40 s in: nothing written yet
+        now[0] += 20
+        cache.note_use("d", write)
+        await settle()
+        assert writes == [["a", "b", "c", "d"]]  # every token used since, in one write
+        # A write that fails keeps its tokens for the next, with those used meanwhile.
+        gate.clear()
+        fail[0] = True
+        now[0] += 60
+        cache.note_use("e", write)
+        cache.note_use("f", write)  # while the write is under way: counted for the next
+        gate.set()
+        await settle()
+        fail[0] = False
+        now[0] += 60
+        cache.note_use("g", write)
+        await settle()
+        assert writes == [["a", "b", "c", "d"], ["e", "f", "g"]]
+
+    asyncio.run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from tether import errors, protocol
 from tether.plane.api.wakeup import Wakeup
 from tether.plane.netaccess import Network, allowed, client_address
 from tether.plane.store import Store, TokenIdentity
+from tether.plane.store.tokens import LAST_USED_EVERY
 
 #: Database calls the agent API makes at once, each in a worker thread with a connection of
 #: its own: the size of its connection pool (``app.agent_api_session_factory``), so no call
@@ -27,11 +29,14 @@ from tether.plane.store import Store, TokenIdentity
 DB_THREADS = 32
 #: Seconds a reading of the queues' demand is shared by every caller (``api.demand``).
 DEMAND_TTL = 2.0
-#: Seconds an accepted token is kept while no token changes (``TokenCache``): longer than an
-#: agent's call interval, and as often as a token's ``last_used_at`` is written.
-TOKEN_KEEP = 60.0
+#: Seconds an accepted token is kept while no token changes (``TokenCache``). Every change to a
+#: token moves the epoch, which drops every entry within ``token_cache_ttl``: this only bounds how
+#: long a change made around the store (an edit of the table by hand) may go unseen.
+TOKEN_KEEP = 3600.0
 #: Of those, what lease claims may hold: they come in bursts and must leave room for heartbeats.
 CLAIM_THREADS = 8
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -101,17 +106,23 @@ class TokenCache(SharedLoads[str, TokenIdentity]):
     which moves with every change to a token; a new reading drops every entry. So a
     revoked or shortened token is refused within ``ttl`` of the change (counted from
     when the reading began), as when each entry was trusted for ``ttl`` alone, while a
-    fleet whose agents each hold a token of their own costs one look-up per token per
-    ``TOKEN_KEEP``, not one per call: an agent calls every few seconds, less often than
-    ``ttl``. Each token is looked up once at a time, by one call; a token that expires
-    is looked up again (and refused) from that moment.
+    fleet whose agents each hold a token of their own costs one look-up per token, not
+    one per call. Each token is looked up once at a time, by one call; a token that
+    expires is looked up again (and refused) from that moment.
+
+    A token's ``last_used_at`` is not written by its look-ups, which are rare now:
+    ``note_use`` collects the tokens accepted, and one write a minute records them all.
     """
 
-    def __init__(self, ttl: float, *, keep: float = 0.0) -> None:
+    def __init__(self, ttl: float, *, keep: float = 0.0, used_every: float = LAST_USED_EVERY.total_seconds()) -> None:
         # A ttl of 0 keeps nothing: every call looks its token up.
         super().__init__(max(ttl, keep) if ttl > 0 else 0.0)
         self._epochs: SharedLoads[None, int] = SharedLoads(ttl)
         self._epoch: int | None = None
+        self._used: set[str] = set()
+        self._used_every = used_every
+        self._used_since = time.monotonic()
+        self._writing: asyncio.Future[None] | None = None
 
     async def identity(
         self, text: str, load: Callable[[], Awaitable[TokenIdentity]], epoch: Callable[[], Awaitable[int]]
@@ -126,6 +137,28 @@ class TokenCache(SharedLoads[str, TokenIdentity]):
             self.forget(text)
             identity = await self.get(text, load)
         return identity
+
+    def note_use(self, token_id: str, write: Callable[[list[str]], Awaitable[object]]) -> None:
+        """Count the token as used now; once ``used_every`` seconds have passed, write every token counted since.
+
+        One write at a time, in the background: no call waits for it. A write that fails
+        leaves its tokens counted for the next one.
+        """
+        self._used.add(token_id)
+        if self._writing is not None or time.monotonic() - self._used_since < self._used_every:
+            return
+        used, self._used = sorted(self._used), set()
+        self._used_since = time.monotonic()
+        self._writing = asyncio.ensure_future(self._write_used(used, write))
+
+    async def _write_used(self, used: list[str], write: Callable[[list[str]], Awaitable[object]]) -> None:
+        try:
+            await write(used)
+        except Exception as exc:
+            log.warning("Could not record when %d agent tokens were last used (tried again later): %s", len(used), exc)
+            self._used.update(used)
+        finally:
+            self._writing = None
 
 
 class RangeCache(SharedLoads[None, list[Network]]):
@@ -270,9 +303,11 @@ async def token_of(ctx: PlaneContext, authorization: str | None) -> TokenIdentit
     if not authorization or not authorization.lower().startswith("bearer "):
         raise errors.Unauthorized("an agent token is required (Authorization: Bearer ...)", reason="no_token")
     text = authorization[7:].strip()
-    return await ctx.tokens.identity(
+    identity = await ctx.tokens.identity(
         text, lambda: ctx.db(ctx.store.authenticate, text), lambda: ctx.db(ctx.store.token_epoch)
     )
+    ctx.tokens.note_use(identity.id, lambda used: ctx.db(ctx.store.mark_tokens_used, used))
+    return identity
 
 
 def written(answer: BaseModel, revision: int) -> Any:
