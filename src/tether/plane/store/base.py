@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from tether import errors
@@ -119,6 +119,7 @@ class Database:
         self._session_factory = session_factory
         self.settings = settings
         self._checked_dialect = False
+        self._bound: Engine | None = None
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -152,14 +153,14 @@ class Database:
         """A connection for one statement that commits as it runs: no BEGIN and COMMIT round trips.
 
         For the agent API's hot paths, each a single conditional statement: atomic on its own.
+        Taken from the engine's pool directly, without a session (its identity map and
+        state) around one statement.
         """
-        session = self._session_factory()
-        try:
-            self._check_dialect(session)
-            if session.get_bind().dialect.driver != "psycopg2":
-                yield session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        engine = self._engine()
+        with engine.connect() as conn:
+            if engine.dialect.driver != "psycopg2":
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
                 return
-            conn = session.connection()
             driver = conn.connection.dbapi_connection
             assert driver is not None
             # psycopg2's own switch, which sends nothing. SQLAlchemy's AUTOCOMMIT isolation level
@@ -172,8 +173,18 @@ class Database:
             finally:
                 if not driver.closed:  # a lost connection is discarded by the pool
                     driver.autocommit = False
-        finally:
-            session.close()
+
+    def _engine(self) -> Engine:
+        """The engine the store's sessions are bound to, found (and its dialect checked) once."""
+        if self._bound is None:
+            session = self._session_factory()
+            try:
+                self._check_dialect(session)
+                bind = session.get_bind()
+            finally:
+                session.close()
+            self._bound = bind if isinstance(bind, Engine) else bind.engine
+        return self._bound
 
     def _check_dialect(self, session: Session) -> None:
         if self._checked_dialect:
