@@ -85,8 +85,9 @@ def scale_section(scale: list[dict[str, Any]]) -> list[str]:
         f"window shifted by the mean task time ({(plan['task_min'] + plan['task_max']) / 2:g} s); *queued→leased* "
         "is read from the job table (`leased_at - queued_at` of the jobs queued in the step; a job never leased "
         "counts as infinitely late). Heartbeat latency and errors are the simulated agents' own, from sending to "
-        "the whole answer, for calls sent in the step; *in handler* is what the API server logged for the same "
-        "heartbeats inside Tether's app. API CPU is the whole `airflow api-server` process tree (every uvicorn "
+        "the whole answer, for calls sent in the step; *in API server* is the time Airflow's access log "
+        "recorded for the same heartbeats, from the request read to the answer sent. API CPU is the whole "
+        "`airflow api-server` process tree (every uvicorn "
         "worker); DB transactions are `xact_commit + xact_rollback` of the run's database in `pg_stat_database`, "
         "everything on it (heartbeats, token look-ups, claims, the scheduler); both per completed job. The load "
         "generator shares the machine with the plane and PostgreSQL: its event-loop lag p99 is in every latency "
@@ -123,7 +124,7 @@ def scale_section(scale: list[dict[str, Any]]) -> list[str]:
         add("")
         add(
             "| step jobs/s | offered/s | completed/s | queued→leased p50 / p99 (ms) | not leased | heartbeats "
-            "| heartbeat p50 / p99 / max (ms) | in handler p99 (ms) | start-many p99 / report p99 (ms) | errors "
+            "| heartbeat p50 / p99 / max (ms) | in API server p99 (ms) | start-many p99 / report p99 (ms) | errors "
             "| API CPU cores | API CPU ms/job | DB tx/job | scheduler CPU cores | generator CPU cores "
             "| machine busy cores | generator lag p99 (ms) | passed |"
         )

@@ -501,26 +501,32 @@ def one_scale(
         pg.drop(name)
 
 
-_HANDLED = re.compile(r"^(\S+) .*POST /tether/v1/agents/\S+/heartbeat -> \d+ in ([0-9.]+) ms")
+_ACCESS = re.compile(r"^(\S+) .*\[http\.access\]")
+_HEARTBEAT_PATH = re.compile(r" path=/tether/v1/agents/\S+/heartbeat ")
+_DURATION = re.compile(r" duration_us=(\d+)")
 
 
 def handler_times(log_path: Path) -> list[tuple[float, float]]:
-    """Heartbeats the API server logged itself (inside Tether's app): (Unix time, seconds) each.
+    """Heartbeats as the API server's access log has them: (Unix time, seconds in the API server) each.
 
-    Set against the client's figures they show where time goes: in Tether's
-    handler, or before it (the API server's event loop and Airflow's middleware).
+    Set against the client's figures they show where time goes: in the API server
+    (Airflow's middleware and Tether's handler), or before it (the connection, the
+    event loop's queue).
     """
     times = []
     with log_path.open(errors="replace") as lines:
         for line in lines:
-            match = _HANDLED.match(line)
-            if match is None:
+            match = _ACCESS.match(line)
+            if match is None or _HEARTBEAT_PATH.search(line) is None:
+                continue
+            duration = _DURATION.search(line)
+            if duration is None:
                 continue
             try:
                 at = dt.datetime.fromisoformat(match.group(1).replace("Z", "+00:00")).timestamp()
             except ValueError:
                 continue
-            times.append((at, float(match.group(2)) / 1000))
+            times.append((at, int(duration.group(1)) / 1e6))
     return times
 
 

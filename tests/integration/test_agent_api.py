@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -378,6 +379,28 @@ def test_every_response_carries_a_request_id(client: TestClient) -> None:
     response = client.get("/v1/health", headers={"X-Request-Id": "abc123"})
     assert response.headers["X-Request-Id"] == "abc123"
     assert client.get("/v1/health").headers["X-Request-Id"]
+
+
+def test_answered_requests_are_logged_at_debug_and_refused_ones_at_info(client: TestClient) -> None:
+    # On the logger itself: the first refusal loads Airflow's metrics, whose logging set-up replaces
+    # the root logger's handlers (and with them pytest's).
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("tether.api")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        client.get("/v1/health", headers={"X-Request-Id": "answered1"})
+        client.post("/v1/agents/register", json={}, headers={"X-Request-Id": "refused1"})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    requests = [r for r in records if " -> " in r.getMessage()]
+    lines = {r.getMessage().rsplit("=", 1)[-1].rstrip("]"): r.levelname for r in requests}
+    # Airflow's access log has every request with its id; Tether's own line is for when something went wrong.
+    assert lines == {"answered1": "DEBUG", "refused1": "INFO"}
 
 
 def test_openapi_document_describes_every_agent_route(client: TestClient) -> None:

@@ -14,6 +14,7 @@ from bench.scale import (
     Plan,
     aggregate_step,
     dispatch_ceiling,
+    handler_times,
     merge_loadgens,
     split,
     step_passes,
@@ -213,3 +214,21 @@ def test_runs_whose_agents_heartbeat_every_interval_are_shown_but_not_judged() -
     rows = scale_target_rows([shipped, beats], ceiling)
     assert [met for _, _, met in rows] == [True, True]
     assert scale_target_rows([beats], ceiling)[0][1] == "not measured"
+
+
+def test_heartbeats_time_in_the_api_server_is_read_from_airflows_access_log(tmp_path: Path) -> None:
+    agent = "490f4b4a-0a42-4e6b-b418-b452a410f26e"
+    log = tmp_path / "api-server.log"
+    log.write_text(
+        "2026-12-07T09:18:05.937410Z [info     ] request finished               [http.access] "
+        f"client_addr=127.0.0.1:42460 duration_us=5965 loc=http_access_log.py:130 method=POST "
+        f"path=/tether/v1/agents/{agent}/heartbeat query= request_id=da8b status_code=200\n"
+        # Another call, and a line of Tether's own about a heartbeat: neither is counted.
+        "2026-12-07T09:18:06.000000Z [info     ] request finished               [http.access] "
+        f"client_addr=127.0.0.1:42460 duration_us=700 method=POST path=/tether/v1/agents/{agent}/lease "
+        "query= status_code=200\n"
+        f"2026-12-07T09:18:07.000000Z [debug    ] POST /tether/v1/agents/{agent}/heartbeat -> 200 in 5.3 ms "
+        "[request_id=da8b] [tether.api]\n"
+    )
+    at = dt.datetime(2026, 12, 7, 9, 18, 5, 937410, tzinfo=dt.UTC).timestamp()
+    assert handler_times(log) == [(at, 0.005965)]

@@ -147,6 +147,10 @@ class RequestLog:
     A plain ASGI middleware: Starlette's ``@app.middleware("http")`` runs every
     request through a task group and memory streams, which with a thousand agents
     holding long-polls cost the API server more CPU than the requests themselves.
+
+    Answered requests are logged at DEBUG: Airflow's access log (``http.access``)
+    has each of them already, with the request id agents send, and a fleet's polls
+    need not be logged twice. Refused and failed ones are logged at INFO.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -172,7 +176,8 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            log.info(
+            log.log(
+                logging.INFO if status >= 400 else logging.DEBUG,
                 "%s %s -> %d in %.1f ms [request_id=%s]",
                 scope.get("method"),
                 scope.get("path"),
