@@ -25,8 +25,8 @@ from tether.plane.models import Job, TaskLog, TaskLogChunk
 from tether.plane.store.base import Database, TokenIdentity, utcnow
 from tether.plane.store.rules import calling_agent
 
-LOG: Table = TaskLog.__table__  # type: ignore[assignment]
-CHUNK: Table = TaskLogChunk.__table__  # type: ignore[assignment]
+_LOG: Table = TaskLog.__table__  # type: ignore[assignment]
+_CHUNK: Table = TaskLogChunk.__table__  # type: ignore[assignment]
 
 #: What a log batch needs of its job: whose it is, and the try it is of.
 _JOB_TRY = select(Job.id, Job.agent_id, Job.ti_id, Job.try_number, Job.dag_id, Job.task_id, Job.run_id, Job.map_index)
@@ -305,7 +305,7 @@ def _write(
     """The logs a call starts, the chunks it keeps and what it adds to the logs it grows: a statement each."""
     if started:
         session.execute(
-            insert(LOG),
+            insert(_LOG),
             [
                 {
                     "ti_id": key[0],
@@ -325,7 +325,7 @@ def _write(
                 for key in started
             ],
         )
-    session.execute(insert(CHUNK), chunks)
+    session.execute(insert(_CHUNK), chunks)
     new = set(started)
     grown = [
         {
@@ -341,12 +341,12 @@ def _write(
     ]
     if grown:
         session.execute(
-            update(LOG)
-            .where(LOG.c.ti_id == bindparam("b_ti_id"), LOG.c.try_number == bindparam("b_try_number"))
+            update(_LOG)
+            .where(_LOG.c.ti_id == bindparam("b_ti_id"), _LOG.c.try_number == bindparam("b_try_number"))
             .values(
                 agent_name=agent_name,
-                bytes=LOG.c.bytes + bindparam("b_bytes"),
-                lines=LOG.c.lines + bindparam("b_lines"),
+                bytes=_LOG.c.bytes + bindparam("b_bytes"),
+                lines=_LOG.c.lines + bindparam("b_lines"),
                 truncated=bindparam("b_truncated"),
                 closed=bindparam("b_closed"),
                 last_at=now,
