@@ -99,8 +99,8 @@ def test_job_states_become_executor_events(executor: Any, store: Store, make_wor
     for job_id in jobs:
         agent.start(job_id)
     executor.sync()
-    events = executor.get_event_buffer()
-    assert {key.task_id: state for key, (state, _) in events.items()} == {"ok": "running", "bad": "running"}
+    # Running is not an event for a task instance: the task says so itself, through the Execution API.
+    assert executor.get_event_buffer() == {}
     with store.transaction() as session:
         by_task = {session.get(Job, job_id).task_id: job_id for job_id in jobs}  # type: ignore[union-attr]
     agent.report(by_task["ok"], protocol.ReportState.SUCCESS)
@@ -109,6 +109,31 @@ def test_job_states_become_executor_events(executor: Any, store: Store, make_wor
     events = executor.get_event_buffer()
     assert {key.task_id: state for key, (state, _) in events.items()} == {"ok": "success", "bad": "failed"}
     assert executor.running == set()
+
+
+def test_a_callback_is_marked_running_and_a_task_is_not(
+    executor: Any, store: Store, make_workload: Callable[..., Any]
+) -> None:
+    from airflow.executors.workloads import BundleInfo
+    from airflow.executors.workloads.callback import CallbackDTO, CallbackFetchMethod, ExecuteCallback
+
+    callback = ExecuteCallback(
+        callback=CallbackDTO(id=str(uuid.uuid4()), fetch_method=CallbackFetchMethod.IMPORT_PATH, data={"path": "m.f"}),
+        dag_rel_path="d.py",
+        bundle_info=BundleInfo(name="dags-folder"),
+        token="jwt",
+        log_path=None,
+    )
+    task = make_workload(task_id="t")
+    _queue(executor, store, callback)
+    _queue(executor, store, task)
+    agent = Agent(store)
+    for job_id in agent.take():
+        agent.start(job_id)
+    executor.sync()
+    # As with Airflow's own executors: a callback's running state is Airflow's to record from the
+    # event; a task records its own, through the Execution API.
+    assert {key: state for key, (state, _) in executor.get_event_buffer().items()} == {callback.key: "running"}
 
 
 def test_a_dead_agents_running_job_is_reported_failed(

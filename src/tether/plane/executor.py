@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
+from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.state import TaskInstanceState
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -312,7 +313,12 @@ class TetherExecutor(BaseExecutor):
                 continue
             info = view.agent_name
             if view.state is JobState.RUNNING:
-                self.running_state(key, info)
+                # As Airflow's own executors do (an ExecuteTask's running_state is None): a callback
+                # is marked running from its event, a task marks itself. For a task the event would
+                # only set its external_executor_id, at the cost of a locked read of the task
+                # instance and one more scheduler loop before it sleeps: in a chain, every step.
+                if not isinstance(key, TaskInstanceKey):
+                    self.running_state(key, info)
                 self._tracked[view.key.ti_id] = (key, try_number, view.state)
             elif view.state is JobState.SUCCESS:
                 self.success(key, info)
