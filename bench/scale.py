@@ -446,7 +446,7 @@ def one_scale(
                 raise RuntimeError(f"{gen.name} wrote no result:\n{gen.tail()}")
             parts.append(json.loads(out.read_text()))
         events = merge_loadgens(parts)
-        events["handled"] = handler_times(plane.processes["api-server"].log_path)
+        events["handled"] = api_server_times(plane.processes["api-server"].log_path)
         jobs = [
             (queued.timestamp(), leased and leased.timestamp(), finished and finished.timestamp(), state)
             for queued, leased, finished, state in plane.query(
@@ -506,7 +506,7 @@ _HEARTBEAT_PATH = re.compile(r" path=/tether/v1/agents/\S+/heartbeat ")
 _DURATION = re.compile(r" duration_us=(\d+)")
 
 
-def handler_times(log_path: Path) -> list[tuple[float, float]]:
+def api_server_times(log_path: Path) -> list[tuple[float, float]]:
     """Heartbeats as the API server's access log has them: (Unix time, seconds in the API server) each.
 
     Set against the client's figures they show where time goes: in the API server

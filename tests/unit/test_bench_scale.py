@@ -13,8 +13,8 @@ from bench.report_scale import ceiling_text, scale_target_rows
 from bench.scale import (
     Plan,
     aggregate_step,
+    api_server_times,
     dispatch_ceiling,
-    handler_times,
     merge_loadgens,
     split,
     step_passes,
@@ -231,4 +231,4 @@ def test_heartbeats_time_in_the_api_server_is_read_from_airflows_access_log(tmp_
         "[request_id=da8b] [tether.api]\n"
     )
     at = dt.datetime(2026, 12, 7, 9, 18, 5, 937410, tzinfo=dt.UTC).timestamp()
-    assert handler_times(log) == [(at, 0.005965)]
+    assert api_server_times(log) == [(at, 0.005965)]
