@@ -236,7 +236,7 @@ class TriggerStore(Database):
         now = utcnow()
         with self.transaction() as session:
             agent = _triggerer_agent(session, identity, agent_id, request.incarnation)
-            row = session.get(Triggerer, agent.id)
+            row = session.get(Triggerer, agent.id, with_for_update=True)  # before the job row, as everywhere
             if row is not None and row.incarnation == agent.incarnation:
                 _end_job(session, row.job_id, now)
                 session.delete(row)
@@ -280,6 +280,10 @@ def settle_triggerers(session: Session, *, now: datetime, cutoff: datetime, judg
         )
         .outerjoin(Agent, Agent.id == Triggerer.agent_id)
         .outerjoin(AgentToken, AgentToken.id == Agent.token_id)
+        # Triggerer rows before Airflow's job rows, in one order, as the agent API takes them: a
+        # sweep that wrote a job's heartbeat first deadlocked with a triggerer's own beat.
+        .order_by(Triggerer.agent_id)
+        .with_for_update(of=Triggerer)
     ).all()
     gone: list[str] = []
     kept: list[int] = []
