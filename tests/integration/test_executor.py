@@ -136,6 +136,44 @@ def test_a_callback_is_marked_running_and_a_task_is_not(
     assert {key: state for key, (state, _) in executor.get_event_buffer().items()} == {callback.key: "running"}
 
 
+def test_a_sweep_that_fails_is_tried_again_and_does_not_stop_the_scheduler(
+    store: Store, make_workload: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep or purge PostgreSQL ended (a deadlock, a lost connection) must not end the scheduler's loop."""
+    from sqlalchemy.exc import OperationalError
+
+    from tether.plane.executor import TetherExecutor
+
+    now = [1000.0]
+    executor = TetherExecutor(parallelism=3, store=store, clock=lambda: now[0])
+    sweeps: list[str] = []
+    real_sweep = store.sweep
+
+    def sweep(**kwargs: Any) -> dict[str, int]:
+        if not sweeps:
+            sweeps.append("failed")
+            raise OperationalError("UPDATE job ...", {}, Exception("deadlock detected"))
+        sweeps.append("swept")
+        return real_sweep(**kwargs)
+
+    def purge(**kwargs: Any) -> int:
+        raise OperationalError("DELETE FROM tether_job ...", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(store, "sweep", sweep)
+    monkeypatch.setattr(store, "purge", purge)  # the first loop purges too
+    _queue(executor, store, make_workload(task_id="ok"))
+    agent = Agent(store)
+    [job_id] = agent.take()
+    agent.start(job_id)
+    agent.report(job_id, protocol.ReportState.SUCCESS)
+    executor.sync()  # the sweep fails; the loop goes on and reports what finished
+    assert sweeps == ["failed"]
+    assert {key.task_id: state for key, (state, _) in executor.get_event_buffer().items()} == {"ok": "success"}
+    now[0] += 1.0
+    executor.sync()
+    assert sweeps == ["failed", "swept"]
+
+
 def test_a_dead_agents_running_job_is_reported_failed(
     executor: Any, store: Store, make_workload: Callable[..., Any]
 ) -> None:

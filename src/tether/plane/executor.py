@@ -257,7 +257,14 @@ class TetherExecutor(BaseExecutor):
         now = self._clock()
         if now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_EVERY.total_seconds()
-            counts = self.store.sweep(judge_silence=self.watch.silence_counts())
+            try:
+                counts = self.store.sweep(judge_silence=self.watch.silence_counts())
+            except SQLAlchemyError as exc:
+                # A sweep that lost a lock conflict (PostgreSQL ends one side of a deadlock) is
+                # tried again next loop; it must not end the scheduler. A database that is gone
+                # fails the loop below.
+                self.log.warning("Tether sweep failed (tried again next loop): %s", exc)
+                counts = {}
             if any(counts.values()):
                 self.log.warning("Tether sweep: %s", counts)
                 for name, count in counts.items():
@@ -277,7 +284,10 @@ class TetherExecutor(BaseExecutor):
                 self.log.warning("Could not clean unused triggers: %s", exc)
         if now >= self._next_purge:
             self._next_purge = now + _PURGE_EVERY.total_seconds()
-            self.store.purge()
+            try:
+                self.store.purge()
+            except SQLAlchemyError as exc:
+                self.log.warning("Could not delete finished Tether jobs (tried again later): %s", exc)
             try:
                 self.store.purge_task_logs()
             except SQLAlchemyError as exc:
