@@ -270,7 +270,7 @@ class Plane:
                 if self.query("SELECT 1 FROM serialized_dag WHERE dag_id = :d", d=dag_id):
                     return
             time.sleep(1)
-        raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout:.0f}s")
+        raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout:.0f}s{self.exited()}")
 
     def trigger(self, dag_id: str, run_id: str | None = None) -> str:
         run_id = run_id or f"tether_{secrets.token_hex(4)}"
@@ -286,7 +286,14 @@ class Plane:
             if state in ("success", "failed"):
                 return str(state)
             time.sleep(0.5)
-        raise TimeoutError(f"DAG run {dag_id}/{run_id} still {state} after {timeout:.0f}s")
+        raise TimeoutError(f"DAG run {dag_id}/{run_id} still {state} after {timeout:.0f}s{self.exited()}")
+
+    def exited(self) -> str:
+        """The plane's processes that are no longer running, each with the end of its log; empty if none."""
+        ended = [proc for proc in self.processes.values() if not proc.alive()]
+        return "".join(
+            f"\n{proc.name} exited ({proc.popen.returncode}); its log ends:\n{proc.tail(30)}" for proc in ended
+        )
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
         rows = self.query(
