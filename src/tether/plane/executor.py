@@ -257,42 +257,38 @@ class TetherExecutor(BaseExecutor):
         now = self._clock()
         if now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_EVERY.total_seconds()
-            try:
-                counts = self.store.sweep(judge_silence=self.watch.silence_counts())
-            except SQLAlchemyError as exc:
-                # A sweep that lost a lock conflict (PostgreSQL ends one side of a deadlock) is
-                # tried again next loop; it must not end the scheduler. A database that is gone
-                # fails the loop below.
-                self.log.warning("Tether sweep failed (tried again next loop): %s", exc)
-                counts = {}
-            if any(counts.values()):
-                self.log.warning("Tether sweep: %s", counts)
-                for name, count in counts.items():
-                    if count:
-                        metrics.incr(f"sweeps.{name}", count)
+            self._upkeep(self._sweep, "Tether sweep failed")
         if now >= self._next_gauges:
             self._next_gauges = now + _GAUGES_EVERY.total_seconds()
-            try:
-                self._send_gauges()
-            except SQLAlchemyError as exc:
-                self.log.warning("Could not count jobs and agents for the plane's metrics: %s", exc)
+            self._upkeep(self._send_gauges, "Could not count jobs and agents for the plane's metrics")
         if now >= self._next_trigger_clean:
             self._next_trigger_clean = now + _TRIGGER_CLEAN_EVERY.total_seconds()
-            try:
-                self.store.clean_triggers()
-            except SQLAlchemyError as exc:
-                self.log.warning("Could not clean unused triggers: %s", exc)
+            self._upkeep(self.store.clean_triggers, "Could not clean unused triggers")
         if now >= self._next_purge:
             self._next_purge = now + _PURGE_EVERY.total_seconds()
-            try:
-                self.store.purge()
-            except SQLAlchemyError as exc:
-                self.log.warning("Could not delete finished Tether jobs (tried again later): %s", exc)
-            try:
-                self.store.purge_task_logs()
-            except SQLAlchemyError as exc:
-                self.log.warning("Could not delete the logs of tries Airflow no longer has: %s", exc)
+            self._upkeep(self.store.purge, "Could not delete finished Tether jobs")
+            self._upkeep(self.store.purge_task_logs, "Could not delete the logs of tries Airflow no longer has")
         self._report_changes()
+
+    def _upkeep(self, work: Callable[[], object], failure: str) -> None:
+        """One piece of the executor's upkeep; a database error is a warning, and it runs again at its next turn.
+
+        Airflow's scheduler exits on any exception from an executor: a sweep PostgreSQL
+        ended as a deadlock's victim, or a purge whose connection dropped, must not end it.
+        A database that is gone still fails the job read ``sync`` ends with.
+        """
+        try:
+            work()
+        except SQLAlchemyError as exc:
+            self.log.warning("%s (tried again at its next turn): %s", failure, exc)
+
+    def _sweep(self) -> None:
+        counts = self.store.sweep(judge_silence=self.watch.silence_counts())
+        if any(counts.values()):
+            self.log.warning("Tether sweep: %s", counts)
+            for name, count in counts.items():
+                if count:
+                    metrics.incr(f"sweeps.{name}", count)
 
     def _send_gauges(self) -> None:
         counts = self.store.fleet_counts()
