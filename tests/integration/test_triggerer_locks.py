@@ -10,12 +10,12 @@ scheduler.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, insert, select, text, update
+from sqlalchemy import Connection, Engine, create_engine, insert, select, text, update
 from sqlalchemy.orm import sessionmaker
 
 from tests.conftest import create_pg_database, drop_pg_database
@@ -77,6 +77,39 @@ def _waiting_on_a_lock(engine: Engine) -> int:
         )
 
 
+def _sweep_behind_the_agent_api(
+    engine: Engine, store: Store, agent_id: str, then: Callable[[Connection], None], **sweep: Any
+) -> dict[str, int]:
+    """A sweep started while the agent API holds the agent's triggerer row, which then runs ``then``.
+
+    Returns the sweep's counts; fails if either side met a deadlock.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["counts"] = store.sweep(**sweep)
+        except Exception as exc:  # asserted below
+            outcome["error"] = exc
+
+    sweeping = threading.Thread(target=run)
+    with engine.connect() as api:
+        # What the agent API's calls do first (TriggerStore._triggerer_job, release_triggerer): lock the row.
+        api.execute(select(Triggerer.job_id).where(Triggerer.agent_id == agent_id).with_for_update()).scalar_one()
+        sweeping.start()
+        # The sweep is held up by that lock: it must be, or the test shows nothing.
+        wait_until(lambda: _waiting_on_a_lock(engine) >= 1, 30, "the sweep to wait on the triggerer's row")
+        # A sweep that wrote the job row first would hold it now: PostgreSQL would end
+        # ``then``'s statement or the sweep as a deadlock.
+        then(api)
+        api.commit()
+    sweeping.join(timeout=60)
+    assert not sweeping.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    counts: dict[str, int] = outcome["counts"]
+    return counts
+
+
 def test_a_sweep_writing_heartbeats_waits_behind_a_triggerers_own_beat_without_a_deadlock(
     pg_engine: Engine,
 ) -> None:
@@ -84,39 +117,20 @@ def test_a_sweep_writing_heartbeats_waits_behind_a_triggerers_own_beat_without_a
 
     store = Store(sessionmaker(bind=pg_engine, expire_on_commit=False), settings=SETTINGS)
     agent_id, job_id = _triggerer_with_an_old_beat(pg_engine, store)
-    outcome: dict[str, Any] = {}
+    job = Job.__table__
 
-    def sweep() -> None:
-        try:
-            outcome["counts"] = store.sweep(judge_silence=False)
-        except Exception as exc:  # asserted below
-            outcome["error"] = exc
+    def beat(api: Connection) -> None:  # the load call's heartbeat of the job
+        api.execute(update(job).where(job.c.id == job_id).values(latest_heartbeat=utcnow()))
 
-    sweeping = threading.Thread(target=sweep)
-    with pg_engine.connect() as api:
-        # What the agent API's load call does first (TriggerStore._triggerer_job): lock the row.
-        locked = api.execute(
-            select(Triggerer.job_id).where(Triggerer.agent_id == agent_id).with_for_update()
-        ).scalar_one()
-        assert locked == job_id
-        sweeping.start()
-        # The sweep is held up by that lock: it must be, or this test shows nothing.
-        wait_until(lambda: _waiting_on_a_lock(pg_engine) >= 1, 30, "the sweep to wait on the triggerer's row")
-        # ...and then writes the job's heartbeat. A sweep that wrote the job row first would
-        # hold it now: PostgreSQL would end this statement or the sweep as a deadlock.
-        api.execute(update(Job.__table__).where(Job.__table__.c.id == job_id).values(latest_heartbeat=utcnow()))
-        api.commit()
-    sweeping.join(timeout=60)
-    assert not sweeping.is_alive()
-    assert "error" not in outcome, outcome.get("error")
-    assert outcome["counts"]["triggerers_ended"] == 0
+    counts = _sweep_behind_the_agent_api(pg_engine, store, agent_id, beat, judge_silence=False)
+    assert counts["triggerers_ended"] == 0
     with pg_engine.connect() as conn:
         beat_at = conn.execute(select(Triggerer.beat_at).where(Triggerer.agent_id == agent_id)).scalar_one()
     assert utcnow() - beat_at < timedelta(minutes=1), "the sweep wrote the beat the agent API was not there to"
 
 
 def test_a_stopping_triggerer_and_a_sweep_ending_its_job_do_not_deadlock(pg_engine: Engine) -> None:
-    """The sweep ending a silent triggerer's job while the agent says it stops: one ends it, once."""
+    """The sweep ending a silent triggerer's job while the agent says it stops: the release ends it."""
     from airflow.jobs.job import Job
     from airflow.models.team import Team
     from airflow.models.trigger import Trigger
@@ -125,24 +139,11 @@ def test_a_stopping_triggerer_and_a_sweep_ending_its_job_do_not_deadlock(pg_engi
         table.create(pg_engine)
     store = Store(sessionmaker(bind=pg_engine, expire_on_commit=False), settings=SETTINGS)
     agent_id, job_id = _triggerer_with_an_old_beat(pg_engine, store)
-    outcome: dict[str, Any] = {}
+    job = Job.__table__
 
-    def sweep() -> None:
-        try:
-            outcome["counts"] = store.sweep(now=utcnow() + timedelta(hours=1))
-        except Exception as exc:  # asserted below
-            outcome["error"] = exc
-
-    sweeping = threading.Thread(target=sweep)
-    with pg_engine.connect() as api:
-        # The agent API's release (TriggerStore.release_triggerer) holds the row, then ends the job.
-        api.execute(select(Triggerer.job_id).where(Triggerer.agent_id == agent_id).with_for_update()).scalar_one()
-        sweeping.start()
-        wait_until(lambda: _waiting_on_a_lock(pg_engine) >= 1, 30, "the sweep to wait on the triggerer's row")
-        api.execute(update(Job.__table__).where(Job.__table__.c.id == job_id).values(state="success"))
+    def release(api: Connection) -> None:  # release_triggerer: the job ends, the row goes
+        api.execute(update(job).where(job.c.id == job_id).values(state="success"))
         api.execute(text("DELETE FROM tether_triggerer WHERE agent_id = :a"), {"a": agent_id})
-        api.commit()
-    sweeping.join(timeout=60)
-    assert not sweeping.is_alive()
-    assert "error" not in outcome, outcome.get("error")
-    assert outcome["counts"]["triggerers_ended"] == 0, "the release ended the job; the sweep found nothing left"
+
+    counts = _sweep_behind_the_agent_api(pg_engine, store, agent_id, release, now=utcnow() + timedelta(hours=1))
+    assert counts["triggerers_ended"] == 0, "the release ended the job; the sweep found nothing left"
