@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -69,3 +74,36 @@ def test_loading_example_dags_finds_the_providers_package_without_an_error(caplo
         _add_provider_example_dags_to_bundle(bundles)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert not [b for b in bundles if "tether" in getattr(b, "name", "")]
+
+
+PLUGIN_PROBE = """
+import json, sys
+from airflow.sdk.listener import get_listener_manager
+
+get_listener_manager()  # what each task's process does with the installed plugins
+loaded = {m: m in sys.modules for m in ("tether.plane.plugin", "tether.plane.api.app", "fastapi")}
+
+from airflow.plugins_manager import get_fastapi_plugins
+
+apps = [a for a in get_fastapi_plugins()[0] if a.get("url_prefix") == "/tether"]
+paths = sorted({getattr(r, "path", "") for r in apps[0]["app"].routes}) if apps else []
+print(json.dumps({"loaded": loaded, "apps": len(apps), "agent_api": "/v1/agents/register" in paths}))
+"""
+
+
+def test_loading_the_plugin_builds_the_api_only_for_the_api_server(tmp_path: Path) -> None:
+    """A task's process loads every plugin for its listeners; only the API server reads the API app.
+
+    Built at import, the app cost every Airflow process (each task's too) FastAPI's
+    modules and about a quarter of a CPU-second.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(AIRFLOW_HOME=str(tmp_path), AIRFLOW__CORE__LOAD_EXAMPLES="False")
+    probe = subprocess.run([sys.executable, "-c", PLUGIN_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    # The plugin is loaded, without the API or FastAPI...
+    assert found["loaded"] == {"tether.plane.plugin": True, "tether.plane.api.app": False, "fastapi": False}
+    # ...and the API server, reading the plugin's apps, gets the agent API under /tether.
+    assert found["apps"] == 1
+    assert found["agent_api"] is True
