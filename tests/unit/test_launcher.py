@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.unit.scenarios import run, until
-from tether.agent.launcher import DEMAND_WINDOW, Launcher
+from tether.agent.launcher import DEMAND_WINDOW, REPLACE_AFTER, Launcher
 
 
 class StandInLauncher:
@@ -142,6 +142,30 @@ def test_spares_get_a_head_start_while_tasks_start_and_an_idle_agent_keeps_none(
             await until(lambda: pool.launcher.ready == 1)
             pool.launcher.trim()
             assert pool.launcher.ready == 1 and pool.stand_in.read_asks() == 3
+
+    run(scenario)
+
+
+def test_a_taken_spare_is_replaced_after_its_start_not_during_it() -> None:
+    """The launcher's fork of a replacement would take the CPU from the start the taken spare makes."""
+
+    async def scenario() -> None:
+        with _pool(min_spares=1) as pool:
+            # A first start attaches the pool and, finding no spare yet, gives up at once.
+            assert await pool.launcher.take(0) is None
+            await until(lambda: pool.stand_in.read_asks() >= 1)
+            for _ in range(pool.stand_in.read_asks()):
+                pool.stand_in.send_spare()
+            await until(lambda: pool.launcher.ready >= 1)
+            asked = pool.stand_in.read_asks()
+            taken_at = asyncio.get_running_loop().time()
+            assert await pool.launcher.take(5) is not None
+            # Handed out with nothing asked of the launcher yet...
+            assert pool.stand_in.read_asks() == asked
+            # ...and its replacement asked for a moment later, with a head start: tasks are starting.
+            await until(lambda: pool.stand_in.read_asks() > asked)
+            assert asyncio.get_running_loop().time() - taken_at >= REPLACE_AFTER
+            assert pool.stand_in.kinds.endswith(b"h")
 
     run(scenario)
 
