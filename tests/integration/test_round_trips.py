@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
@@ -91,6 +91,39 @@ def test_heartbeats_starts_and_reports_are_one_transaction_each(
     # The backend the pool starts counts one transaction of its own (reading its settings); the
     # calls come one at a time, so there is one.
     assert calls <= server.transactions(engine) - before <= calls + 1
+
+
+def test_a_claim_commits_without_waiting_for_its_wal_and_the_start_gate_waits(
+    pg: tuple[Engine, Server], make_workload: Callable[..., Any]
+) -> None:
+    """A claim lost in a crash leaves its jobs queued and the gate refuses their start (ADR 1).
+
+    So only the gate's commit waits for the WAL flush (which takes the claim's with it). The
+    setting is read on the server as each statement that writes a job runs.
+    """
+    engine, _ = pg
+    store = Store(sessionmaker(bind=engine, expire_on_commit=False), settings=SETTINGS)
+    agent = StoreAgent(store)
+    seen: list[str] = []
+
+    def read_setting(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE TETHER_JOB"):
+            with cursor.connection.cursor() as own:  # in the same transaction, leaving its rows alone
+                own.execute("SHOW synchronous_commit")
+                seen.append(own.fetchone()[0])
+
+    event.listen(engine, "after_cursor_execute", read_setting)
+    enqueue(store, make_workload(task_id="t0"))
+    job_ids = agent.take()
+    assert len(job_ids) == 1
+    agent.start(job_ids[0])
+    event.remove(engine, "after_cursor_execute", read_setting)
+
+    # The lease, then the start.
+    assert seen == ["off", "on"]
+    # The claim's setting ended with its transaction: the connection went back to the pool as it came.
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"
 
 
 def test_the_agent_apis_pool_checks_only_connections_left_unused(pg: tuple[Engine, Server]) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, exists, func, select, update
+from sqlalchemy import bindparam, exists, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
@@ -65,6 +65,9 @@ _LEASE = (
     )
     .returning(JOB.c.id)
 )
+
+#: A claim's transaction commits without waiting for the flush of its WAL (PostgreSQL).
+_NO_FLUSH_WAIT = text("SET LOCAL synchronous_commit TO OFF")
 
 #: The start gate: each of the jobs whose unexpired lease the current caller holds becomes a start.
 _START = (
@@ -391,6 +394,11 @@ class JobStore(Database):
                 "expires": expires,
                 "job_ids": [c.id for c in picked],
             }
+            if conn.dialect.name == "postgresql":
+                # The claim commits without waiting for its WAL to reach the disk (ADR 1): a
+                # claim a crash loses leaves its jobs queued, and the gate then refuses their
+                # start. The gate's own commit waits, and flushes this one with it.
+                conn.execute(_NO_FLUSH_WAIT)
             leased = set(conn.execute(_LEASE, lease).scalars())
             for c in picked:
                 if c.id in leased:
