@@ -2,7 +2,9 @@
 
 Every module a forked child imports costs each task its load time and a private
 copy of its objects; so does what the SDK works out once per process and keeps
-(msgspec's view of a frame type, the coordinators read from the configuration).
+(msgspec's view of a frame type, the coordinators read from the configuration),
+and so does an Airflow at-fork hook while the metadata-database engine that
+importing Airflow configures is kept: it disposes the engine in every child.
 The check runs in a fresh interpreter (what this test process happened to import
 must not hide a missing warm-up): it starts a task's supervisor as the agent
 does and, when the supervisor is about to tell the Execution API the task
@@ -36,7 +38,11 @@ _PROBE = textwrap.dedent(
     real_warm_up = runner_module.warm_up
 
     #: Work a supervisor would otherwise redo in every task: (pid, what), as it happens.
-    LOOKED_FOR = {"get_class_annotations": "msgspec learning a type", "from_config": "coordinators read"}
+    LOOKED_FOR = {
+        "get_class_annotations": "msgspec learning a type",
+        "from_config": "coordinators read",
+        "dispose": "metadata engine disposed",
+    }
     redone = []
 
     def watch(frame, event, arg):
@@ -55,11 +61,13 @@ _PROBE = textwrap.dedent(
         # Instead of telling the Execution API: write down what the fork had to import or redo,
         # then do each of the two once more to show that the watch sees them.
         import msgspec
+        import sqlalchemy
         from airflow.sdk.execution_time.coordinator import CoordinatorManager
 
         redid = [what for pid, what in redone if pid == os.getpid()]
         msgspec.msgpack.Decoder(type("Control", (msgspec.Struct,), {"__annotations__": {"n": int}}))
         CoordinatorManager.from_config()
+        sqlalchemy.create_engine("sqlite://").dispose(close=False)
         control = [what for pid, what in redone if pid == os.getpid()][len(redid):]
         with open(out, "w") as f:
             json.dump({"imported": sorted(set(sys.modules) - before), "redone": redid, "control": control}, f)
@@ -108,7 +116,7 @@ def test_a_forked_supervisor_imports_nothing_new(tmp_path: Path, spares: int) ->
     assert json.loads(out.read_text()) == {
         "imported": [],
         "redone": [],
-        "control": ["msgspec learning a type", "coordinators read"],
+        "control": ["msgspec learning a type", "coordinators read", "metadata engine disposed"],
     }
 
 
