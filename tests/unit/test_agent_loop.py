@@ -280,13 +280,19 @@ def test_a_version_refusal_is_logged_once_and_asked_again_until_it_ends(
         plane, runner = FakePlane(refuse_register=refusal), FakeRunner()
         agent = _agent(plane, runner)
         running = asyncio.create_task(agent.run())
+        polls_at_start: list[int] = []
+        runner.start = lambda: polls_at_start.append(len(plane.polls))  # type: ignore[method-assign]
         await until(lambda: plane.registrations >= 5)
         assert not running.done()
         refused = [r for r in caplog.records if "refuses this agent's registration" in r.getMessage()]
         assert len(refused) == 1 and refusal[1]["detail"] in refused[0].getMessage()
+        # The task launcher is forked once the agent is registered, not while it is refused.
+        assert polls_at_start == []
         plane.refuse_register = None  # the plane (or the agent) was upgraded
         await until(lambda: agent.state.registration is not None)
         assert "accepts this agent's calls again" in caplog.text
+        await until(lambda: len(plane.polls) >= 1)
+        assert polls_at_start == [0]  # once, before the first lease poll
         agent.stop()
         assert await running == 0
 

@@ -117,7 +117,7 @@ _SCENARIOS = textwrap.dedent(
         spare = next(iter(launcher.pids() - {launcher.pid}))
         child = os.fork()
         if child == 0:
-            launcher.close_inherited()
+            launcher_module.leave_agents_descriptors()
             time.sleep(5)
             os._exit(0)
         launcher.close(wait=2)
@@ -162,6 +162,27 @@ _SCENARIOS = textwrap.dedent(
         }
 
 
+    #: A descriptor of the agent's, open before the launcher is forked: a pipe's ends.
+    AGENTS_READ, AGENTS_WRITE = os.pipe()
+
+
+    async def agents_descriptors_stay_the_agents(launcher):
+        spare = await launcher.take(10)
+        os.close(AGENTS_WRITE)  # the agent closes its end: the reader sees the end unless another process holds it
+        os.set_blocking(AGENTS_READ, False)
+
+        def ended():
+            try:
+                return os.read(AGENTS_READ, 1) == b""
+            except BlockingIOError:
+                return False
+
+        await until(ended)
+        spare.hand(b"exit 0")
+        code = await ForkedTask(pid=spare.pid, _pidfd=spare.pidfd, _exit_status=launcher.exit_status).wait()
+        return {"end_seen": True, "exit_code": code}
+
+
     async def main(name):
         launcher = Launcher.fork(
             min_spares=2, max_spares=4, run=run, prepare=prepare if name.startswith("prepared") else None
@@ -196,6 +217,10 @@ def test_a_spare_is_the_launchers_child_and_its_exit_code_is_the_outcome() -> No
 
 def test_a_launcher_that_holds_an_exit_status_back_is_stopped_and_the_agent_reaps_the_spare() -> None:
     assert _scenario("launcher_holds_status_back") == {"exit_code": 5, "launcher_usable": False, "launcher_gone": True}
+
+
+def test_the_launcher_and_its_spares_hold_none_of_the_agents_descriptors() -> None:
+    assert _scenario("agents_descriptors_stay_the_agents") == {"end_seen": True, "exit_code": 0}
 
 
 def test_a_killed_launcher_takes_no_task_with_it() -> None:

@@ -76,6 +76,7 @@ _PROBE = textwrap.dedent(
 
     supervisor.ActivitySubprocess._on_child_started = report_imports
     runner = runner_module.ForkRunner(execution_api_url="http://127.0.0.1:9/execution/", max_spares=spares)
+    runner.start()
     if not spares:
         # A fork is a copy of the agent as it is when the task starts.
         before.update(sys.modules)

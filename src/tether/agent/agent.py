@@ -213,6 +213,8 @@ class Agent:
         try:
             if not await self._register_until_done():
                 return 0
+            if self.runner is not None:
+                self.runner.start()
             heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
             leasing = asyncio.create_task(
                 self._lease_loop() if self.worker else self._stop_requested.wait(), name="lease"

@@ -159,20 +159,13 @@ async def _check(settings: agent_settings.AgentSettings) -> int:
 
 
 async def _run(settings: agent_settings.AgentSettings) -> int:
-    import anyio
-
     from tether.agent.agent import Agent
     from tether.agent.client import PlaneClient, make_http_client
     from tether.agent.health import AgentMetrics
     from tether.agent.runner import MIN_SPARES, ForkRunner
 
     log = logging.getLogger("tether.agent")
-    # Made before the runner forks the task launcher, so that it and its spares share
-    # them rather than the agent copying them after the fork: the client with its TLS
-    # context (it opens no connection yet), and the asyncio backend httpx loads on its
-    # first connection. Some 3 MB of the agent tree's memory.
     client = PlaneClient(make_http_client(settings))
-    await anyio.sleep(0)
     runner = ForkRunner(
         execution_api_url=settings.execution_api_url,
         ca_bundle=settings.ca_bundle,

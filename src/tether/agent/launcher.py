@@ -6,12 +6,14 @@ machine), and while the child lives every page the agent writes is copied
 first. With many tasks starting at once the forks queue up on the loop, and the
 start-gate answers of the other jobs wait behind them.
 
-So the agent forks one **launcher** right after its warm-up, before it opens a
-socket. The launcher makes **spares**: processes with the warm image, each
-waiting on a socket for one workload. Like a pre-fork server's spare servers,
-the agent keeps one ready when idle and as many as it started tasks in the
-last ``DEMAND_WINDOW`` when busy (at most its slots), so a burst of starts finds
-them made; spares beyond that are let go once the burst is over.
+So the agent forks one **launcher** once it has registered, before it leases
+its first job; the launcher closes the agent's descriptors it inherited (the
+connection to the plane, the health server's socket). The launcher makes
+**spares**: processes with the warm image, each waiting on a socket for one
+workload. Like a pre-fork server's spare servers, the agent keeps one ready
+when idle and as many as it started tasks in the last ``DEMAND_WINDOW`` when
+busy (at most its slots), so a burst of starts finds them made; spares beyond
+that are let go once the burst is over.
 
 A spare is the launcher's own child, made with one fork. The agent watches it
 through a pidfd, which tells any process of another's exit, and the launcher,
@@ -41,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import selectors
@@ -123,6 +126,26 @@ def leave_agents_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
+def leave_agents_descriptors(*keep: int) -> None:
+    """In a process forked from the agent: close every descriptor but the standard streams and ``keep``.
+
+    Held open in the launcher, in spares or in tasks' supervisors, the agent's
+    sockets would outlive their use: a connection the agent closed would stay
+    open at the plane, a spare the agent let go would wait on, and the health
+    port would stay taken after the agent exited.
+
+    The agent's objects, which may hold those descriptors, are frozen first: the
+    collector then never finalizes one here, which would close a descriptor
+    number this process may have reused.
+    """
+    gc.freeze()
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
 # -- in the launcher and the spares ---------------------------------------------------
 
 
@@ -130,6 +153,7 @@ def _launcher_main(channel: socket.socket, agent_pid: int, run: SpareRun, prepar
     """Make the spares the agent asks for and pass on their exits; exit when the agent closes the channel or dies."""
     try:
         leave_agents_signals()
+        leave_agents_descriptors(channel.fileno())
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != agent_pid:  # the agent died before we could ask to die with it
             os._exit(0)
@@ -412,17 +436,6 @@ class Launcher:
                 self._unwatch(spare.pidfd)
                 spare.discard()
             self._top_up()
-
-    def close_inherited(self) -> None:
-        """In a child forked from the agent: close its copies of the launcher's and the spares' sockets.
-
-        Held open by a task's supervisor, they would keep a spare the agent let go
-        waiting, and the launcher alive, for as long as that task runs.
-        """
-        for sock in (self._channel, *(spare.channel for spare in self._ready), *self._coming):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    os.close(sock.fileno())
 
     def close(self, *, wait: float = 1.0) -> None:
         """Stop the launcher and every spare not handed out, waiting up to ``wait`` s for them to exit.

@@ -37,7 +37,14 @@ import psutil
 
 from tether.agent import sdk_internals
 from tether.agent.headstart import Headstart
-from tether.agent.launcher import MAX_WORKLOAD_BYTES, Launcher, leave_agents_signals, reap_strays, set_title
+from tether.agent.launcher import (
+    MAX_WORKLOAD_BYTES,
+    Launcher,
+    leave_agents_descriptors,
+    leave_agents_signals,
+    reap_strays,
+    set_title,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,9 @@ class TaskProcess(Protocol):
 
 
 class Runner(Protocol):
+    def start(self) -> None:
+        """Called once the agent has registered, before its first lease; safe to call twice."""
+
     async def spawn(self, workload: dict[str, Any]) -> TaskProcess: ...
 
     def close(self) -> None: ...
@@ -242,19 +252,32 @@ class ForkRunner:
         warm_up(self.availability)
         self._headstart: Headstart | None = None
         self._no_headstart = self.availability[sdk_internals.Feature.HEAD_START] if max_spares > 0 else None
-        # Forked now, before the agent opens any socket: the spares inherit none.
-        self._launcher = (
-            Launcher.fork(
+        self._spares = (min_spares, max_spares)
+        self._launcher: Launcher | None = None
+        self._started = False
+        self._children: set[int] = set()
+        self._housekeeping: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Fork the task launcher (``tether.agent.launcher``), unless warm start is off.
+
+        Called once the agent has registered: what registering made (the plane's
+        connection, its TLS session, the answers' models) is then in the image
+        the launcher and its spares share, rather than copied by the agent alone
+        - some 5 MiB of the agent tree's memory. The launcher closes the agent's
+        descriptors it inherits.
+        """
+        if self._started:
+            return
+        self._started = True
+        min_spares, max_spares = self._spares
+        if max_spares > 0:
+            self._launcher = Launcher.fork(
                 min_spares=min_spares,
                 max_spares=max_spares,
                 run=self._run_in_spare,
                 prepare=self._prepare_spare if self._no_headstart is None else None,
             )
-            if max_spares > 0
-            else None
-        )
-        self._children: set[int] = set()
-        self._housekeeping: asyncio.TimerHandle | None = None
 
     def supervisor_arguments(self, workload: dict[str, Any]) -> dict[str, Any]:
         """``supervise_task``'s arguments for a task's workload, as Airflow's own executors give them.
@@ -305,8 +328,8 @@ class ForkRunner:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             try:
-                if self._launcher is not None:
-                    self._launcher.close_inherited()
+                leave_agents_signals()  # first: the wake-up byte of a signal goes to a descriptor of the agent's
+                leave_agents_descriptors()
             finally:
                 _child_main(kwargs, self.task_nice, self.availability)
         try:

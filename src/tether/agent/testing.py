@@ -49,6 +49,9 @@ class FakeRunner:
     spawned: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
 
+    def start(self) -> None:
+        """Nothing is made ahead of the tasks."""
+
     async def spawn(self, workload: dict[str, Any]) -> FakeTask:
         task = FakeTask(pid=10_000 + len(self.tasks), workload=workload)
         if self.ignore_sigterm:
