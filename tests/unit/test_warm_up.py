@@ -59,7 +59,7 @@ _PROBE = textwrap.dedent(
 
     def report_imports(self, **kwargs):
         # Instead of telling the Execution API: write down what the fork had to import or redo,
-        # then do each of the two once more to show that the watch sees them.
+        # then do each of them once more to show that the watch sees them.
         import msgspec
         import sqlalchemy
         from airflow.sdk.execution_time.coordinator import CoordinatorManager
